@@ -1,0 +1,142 @@
+//! RabbitMQ: connections, queue declaration, and a publisher that reports a message as
+//! delivered only when the broker confirmed it and routed it to a queue.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::config::{AmqpConfig, QueueType, SecretUrl};
+use crate::telemetry::Metrics;
+
+/// Bounds how long opening a connection may take, so an unreachable broker is retried
+/// instead of hanging start-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the message was returned as unroutable: {reply_code} {reply_text}")]
+    Returned { reply_code: u16, reply_text: String },
+    #[error("the publishing channel failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// True when the channel itself is gone, so the whole session must be rebuilt.
+    pub fn is_channel_lost(&self) -> bool {
+        matches!(self, PublishError::Channel(_))
+    }
+}
+
+/// Opens one connection, named so operators can tell the gate's connections apart.
+pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::Error> {
+    let name = format!("konstruct-gate {role} {}", std::process::id());
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(url.expose(), properties),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting to the broker timed out",
+        ))),
+    }
+}
+
+/// Declares the inbound and the three output queues as durable.
+pub async fn declare_queues(channel: &Channel, config: &AmqpConfig) -> Result<(), lapin::Error> {
+    let mut arguments = FieldTable::default();
+    if config.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(config.delivery_limit)),
+        );
+    }
+    for queue in [
+        &config.inbound_queue,
+        &config.orchestrator_queue,
+        &config.notification_queue,
+        &config.dead_letter_queue,
+    ] {
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions::durable(),
+                arguments.clone(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Publishes on one confirm-mode channel. Many messages may be awaiting their confirms at
+/// once; each caller awaits only its own.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    metrics: Metrics,
+}
+
+impl Publisher {
+    pub async fn new(channel: Channel, metrics: Metrics) -> Result<Self, lapin::Error> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel, metrics })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes to `queue` through the default exchange and waits for the broker's
+    /// confirm. `mandatory` makes a missing queue a returned message, not a silent drop.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        self.metrics
+            .publish_confirm_seconds
+            .record(started.elapsed());
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Returned {
+                    reply_code: returned.reply_code,
+                    reply_text: returned.reply_text.to_string(),
+                })
+            }
+            Confirmation::Nack(None) => Err(PublishError::Nacked),
+            // The channel is put in confirm mode before any publish; an unconfirmed
+            // publish cannot be called delivered.
+            Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
+    }
+}

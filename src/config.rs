@@ -1,0 +1,520 @@
+//! Typed configuration, loaded in layers: built-in defaults, then a TOML file, then
+//! `KONSTRUCT_GATE__SECTION__KEY` environment variables. Every struct denies unknown keys,
+//! so a typo stops start-up instead of being silently ignored.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::message::{valid_channel, valid_tenant_id};
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "KONSTRUCT_GATE__";
+
+/// A configuration that cannot be used, described in one sentence naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub redis: RedisConfig,
+    pub limits: LimitsConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub url: SecretUrl,
+    pub inbound_queue: String,
+    pub orchestrator_queue: String,
+    pub notification_queue: String,
+    pub dead_letter_queue: String,
+    /// Unacknowledged deliveries the broker may push to one consumer; also the number of
+    /// messages processed concurrently.
+    pub prefetch: u16,
+    /// Declare all four queues as durable at start-up (and after every reconnect), so a
+    /// fresh broker works without a separate provisioning step.
+    pub declare_queues: bool,
+    /// Queue type used when declaring queues.
+    pub queue_type: QueueType,
+    /// With quorum queues: deliveries after which a message that keeps failing is
+    /// dead-lettered by the broker instead of looping forever.
+    pub delivery_limit: u32,
+    /// Seconds in-flight messages get to finish after SIGTERM before they are handed back.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            inbound_queue: "konstruct.inbound".into(),
+            orchestrator_queue: "konstruct.orchestrator".into(),
+            notification_queue: "konstruct.notifications".into(),
+            dead_letter_queue: "konstruct.dead-letter".into(),
+            prefetch: 256,
+            declare_queues: true,
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
+            shutdown_grace_seconds: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: SecretUrl,
+    /// Prepended to every key, so several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+    /// Upper bound on one rate-limit check, so a slow Redis cannot stall the pipeline.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("redis://127.0.0.1:6379/0".into()),
+            key_prefix: String::new(),
+            timeout_ms: 250,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub algorithm: Algorithm,
+    pub requests: u64,
+    pub window_seconds: u64,
+    pub max_message_bytes: usize,
+    /// What to do with a message whose check failed because Redis did not answer in time.
+    pub on_redis_error: OnRedisError,
+    pub overrides: Vec<Override>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::FixedWindow,
+            requests: 30,
+            window_seconds: 60,
+            max_message_bytes: 1024 * 1024,
+            on_redis_error: OnRedisError::Allow,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    FixedWindow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    /// Forward unchecked, marked with `x-ratelimit-degraded: true`.
+    Allow,
+    /// Keep the message unacknowledged and retry until Redis answers.
+    Hold,
+}
+
+/// A limit for one tenant, or for one (tenant, channel). Fields left out fall back to the
+/// tenant-wide override, then to the global limit.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A connection URL that may carry a password. It prints (Debug, Display, Serialize) with
+/// the password replaced, so it can appear in logs and `check-config` output.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The real URL, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or_default();
+    if !userinfo.contains(':') {
+        return url.to_owned();
+    }
+    format!(
+        "{}{}:***{}",
+        &url[..authority_start],
+        user,
+        &url[authority_start + at..]
+    )
+}
+
+impl Config {
+    /// Loads defaults, then `path` (which must exist when given), then the environment,
+    /// and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "configuration file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|error| ConfigError(describe_figment_error(error)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document on its own (no environment), for tests and reloads.
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        let config: Config = Figment::new()
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|error| ConfigError(describe_figment_error(error)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let amqp = &self.amqp;
+        if let Err(e) = amqp.url.expose().parse::<lapin::uri::AMQPUri>() {
+            return fail(format!(
+                "amqp.url is not a valid AMQP URL ({}): {e}",
+                amqp.url
+            ));
+        }
+        for (key, name) in [
+            ("amqp.inbound_queue", &amqp.inbound_queue),
+            ("amqp.orchestrator_queue", &amqp.orchestrator_queue),
+            ("amqp.notification_queue", &amqp.notification_queue),
+            ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 255 {
+                return fail(format!("{key} must be a queue name of 1 to 255 bytes"));
+            }
+        }
+        if [
+            &amqp.orchestrator_queue,
+            &amqp.notification_queue,
+            &amqp.dead_letter_queue,
+        ]
+        .contains(&&amqp.inbound_queue)
+        {
+            return fail(
+                "amqp.inbound_queue must differ from the output queues, or messages would loop"
+                    .into(),
+            );
+        }
+        if amqp.prefetch == 0 {
+            return fail("amqp.prefetch must be at least 1".into());
+        }
+        if amqp.delivery_limit == 0 {
+            return fail("amqp.delivery_limit must be at least 1".into());
+        }
+        if let Err(e) = redis::Client::open(self.redis.url.expose()) {
+            return fail(format!(
+                "redis.url is not a valid Redis URL ({}): {e}",
+                self.redis.url
+            ));
+        }
+        if self.redis.timeout_ms == 0 {
+            return fail("redis.timeout_ms must be at least 1".into());
+        }
+        let limits = &self.limits;
+        if limits.requests == 0 {
+            return fail("limits.requests must be at least 1".into());
+        }
+        if limits.window_seconds == 0 {
+            return fail("limits.window_seconds must be at least 1".into());
+        }
+        if limits.max_message_bytes == 0 {
+            return fail("limits.max_message_bytes must be at least 1".into());
+        }
+        for (i, o) in limits.overrides.iter().enumerate() {
+            let key = format!("limits.overrides[{i}]");
+            if !valid_tenant_id(&o.tenant) {
+                return fail(format!(
+                    "{key}.tenant {:?} is not a valid tenant_id (1-128 of A-Z a-z 0-9 . _ -, first alphanumeric)",
+                    o.tenant
+                ));
+            }
+            if let Some(channel) = &o.channel
+                && !valid_channel(channel)
+            {
+                return fail(format!(
+                    "{key}.channel {channel:?} is not a valid channel (1-32 of a-z 0-9 _ -)"
+                ));
+            }
+            if o.requests == Some(0) {
+                return fail(format!("{key}.requests must be at least 1"));
+            }
+            if o.window_seconds == Some(0) {
+                return fail(format!("{key}.window_seconds must be at least 1"));
+            }
+            let duplicate = limits.overrides[..i]
+                .iter()
+                .any(|p| p.tenant == o.tenant && p.channel == o.channel);
+            if duplicate {
+                return fail(format!(
+                    "{key} repeats an earlier override for the same tenant and channel"
+                ));
+            }
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return fail(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration always serializes")
+    }
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    // figment chains one error per failing key; the first is the one to fix first.
+    let first = error.into_iter().next();
+    match first {
+        Some(e) => {
+            let key = e.path.join(".");
+            let mut text = e.kind.to_string();
+            if !key.is_empty() {
+                text = format!("configuration key `{key}`: {text}");
+            }
+            if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                text.push_str(&format!(" (from {source})"));
+            } else if let Some(meta) = &e.metadata {
+                text.push_str(&format!(" (from {})", meta.name));
+            }
+            text
+        }
+        None => "the configuration is invalid".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Env {
+        Env::prefixed("KONSTRUCT_GATE_TEST_UNSET_PREFIX__").split("__")
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load_with_env(None, no_env()).unwrap();
+        assert_eq!(c.amqp.inbound_queue, "konstruct.inbound");
+        assert_eq!(c.amqp.orchestrator_queue, "konstruct.orchestrator");
+        assert_eq!(c.amqp.notification_queue, "konstruct.notifications");
+        assert_eq!(c.amqp.dead_letter_queue, "konstruct.dead-letter");
+        assert_eq!(c.amqp.prefetch, 256);
+        assert!(c.amqp.declare_queues);
+        assert_eq!(c.redis.key_prefix, "");
+        assert_eq!(c.limits.requests, 30);
+        assert_eq!(c.limits.window_seconds, 60);
+        assert_eq!(c.limits.max_message_bytes, 1_048_576);
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_shipped_default_file_equals_the_built_in_defaults() {
+        let shipped = Config::from_toml_str(include_str!("../config/default.toml")).unwrap();
+        assert_eq!(
+            shipped.to_redacted_toml(),
+            Config::default().to_redacted_toml()
+        );
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let example = Config::from_toml_str(include_str!("../config/example.toml")).unwrap();
+        assert!(!example.limits.overrides.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = Config::from_toml_str("[amqp]\nprefech = 10\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("prefech"), "{text}");
+    }
+
+    #[test]
+    fn bad_value_is_refused_by_name() {
+        let err = Config::from_toml_str("[limits]\nrequests = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("limits.requests"), "{err}");
+        let err = Config::from_toml_str("[limits]\nrequests = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.requests"), "{err}");
+        let err = Config::from_toml_str("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
+        let err = Config::from_toml_str("[[limits.overrides]]\ntenant = \"-bad\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("limits.overrides[0].tenant"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gate.toml", "[limits]\nrequests = 5\nwindow_seconds = 7\n")?;
+            jail.set_env("KONSTRUCT_GATE__LIMITS__REQUESTS", "9");
+            jail.set_env(
+                "KONSTRUCT_GATE__AMQP__URL",
+                "amqp://u:hunter2@rabbit:5672/%2f",
+            );
+            let c = Config::load(Some(Path::new("gate.toml"))).unwrap();
+            assert_eq!(c.limits.requests, 9);
+            assert_eq!(c.limits.window_seconds, 7);
+            assert_eq!(c.amqp.url.expose(), "amqp://u:hunter2@rabbit:5672/%2f");
+            let printed = c.to_redacted_toml();
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(
+                printed.contains("amqp://u:***@rabbit:5672/%2f"),
+                "{printed}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error() {
+        let err =
+            Config::load_with_env(Some(Path::new("/nonexistent/gate.toml")), no_env()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/gate.toml"));
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("redis://user@h"), "redis://user@h");
+        assert_eq!(redact_url("amqp://a:b:c@h/v"), "amqp://a:***@h/v");
+        let secret = SecretUrl::new("amqp://a:topsecret@h");
+        assert!(!format!("{secret:?} {secret}").contains("topsecret"));
+    }
+}

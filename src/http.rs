@@ -1,0 +1,51 @@
+//! The operations endpoint: `/healthz` (process alive), `/readyz` (consuming and Redis
+//! answers), `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::gate::Health;
+use crate::telemetry;
+
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health)
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let consuming = health.consuming.load(std::sync::atomic::Ordering::Relaxed);
+    let redis = health.redis_ok.load(std::sync::atomic::Ordering::Relaxed);
+    let status = if health.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, format!("consuming: {consuming}\nredis: {redis}\n"))
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::prometheus().render(),
+    )
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: CancellationToken) {
+    let result = axum::serve(listener, router(health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "http server failed");
+    }
+}

@@ -1,0 +1,34 @@
+//! # konstruct-gate
+//!
+//! A horizontally scaled rate-limiting worker between Konstruct's channel gateway and its
+//! orchestrator workers. It consumes normalized chat messages from RabbitMQ, checks each
+//! against its (tenant, channel) window in Redis, and publishes it to exactly one of three
+//! queues: the orchestrator (allowed), the notifier (rate limited) or the dead letters
+//! (unreadable). An inbound message is acked only after that output is confirmed.
+//!
+//! # Layout
+//!
+//! - [`gate`]: what happens to one message, top to bottom, and the session that reconnects.
+//! - [`message`]: the inbound envelope: borrowing parse and validation, the error codes.
+//! - [`limit`]: override resolution, decisions, and the atomic Redis script.
+//! - [`route`]: a decision turned into the outgoing body and properties.
+//! - [`amqp`]: connections, queue declaration, the confirming publisher.
+//! - [`config`]: typed configuration, layered loading, validation, redaction.
+//! - [`app`]: the application the binary and the tests start.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`telemetry`]: the log subscriber and every metric name.
+//! - [`shutdown`]: signals and the second-signal exit.
+
+pub mod amqp;
+pub mod app;
+pub mod config;
+pub mod gate;
+pub mod http;
+pub mod limit;
+pub mod message;
+pub mod route;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;

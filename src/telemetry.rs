@@ -1,0 +1,116 @@
+//! Logs and metrics: the tracing subscriber, and every metric name in one place.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+pub const MESSAGES_TOTAL: &str = "konstruct_gate_messages_total";
+pub const REDIS_CHECK_SECONDS: &str = "konstruct_gate_redis_check_seconds";
+pub const PUBLISH_CONFIRM_SECONDS: &str = "konstruct_gate_publish_confirm_seconds";
+pub const IN_FLIGHT: &str = "konstruct_gate_messages_in_flight";
+pub const REDIS_ERRORS_TOTAL: &str = "konstruct_gate_redis_errors_total";
+pub const DEGRADED_TOTAL: &str = "konstruct_gate_degraded_total";
+pub const PUBLISH_FAILURES_TOTAL: &str = "konstruct_gate_publish_failures_total";
+pub const AMQP_RECONNECTS_TOTAL: &str = "konstruct_gate_amqp_reconnects_total";
+pub const FLOW_BLOCKED: &str = "konstruct_gate_publish_blocked";
+
+/// Installs the log subscriber once per process; later calls are no-ops.
+pub fn init_tracing(config: &LogConfig) {
+    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder. Installed on first use, so tests that start
+/// several gates in one process share it.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let latency_buckets = [
+            0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REDIS_CHECK_SECONDS.into()), &latency_buckets)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(PUBLISH_CONFIRM_SECONDS.into()),
+                    &latency_buckets,
+                )
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding application): then the
+        // gate's metrics go there and /metrics renders an empty page.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Handles to every metric the hot path touches, resolved once so that recording is an
+/// atomic add rather than a registry lookup.
+#[derive(Clone)]
+pub struct Metrics {
+    pub allowed: Counter,
+    pub rejected: Counter,
+    pub invalid: Counter,
+    pub redis_check_seconds: Histogram,
+    pub publish_confirm_seconds: Histogram,
+    pub in_flight: Gauge,
+    pub redis_errors: Counter,
+    pub degraded: Counter,
+    pub publish_failures: Counter,
+    pub amqp_reconnects: Counter,
+    pub publish_blocked: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        prometheus();
+        let metrics = Self {
+            allowed: counter!(MESSAGES_TOTAL, "outcome" => "allowed"),
+            rejected: counter!(MESSAGES_TOTAL, "outcome" => "rejected"),
+            invalid: counter!(MESSAGES_TOTAL, "outcome" => "invalid"),
+            redis_check_seconds: histogram!(REDIS_CHECK_SECONDS),
+            publish_confirm_seconds: histogram!(PUBLISH_CONFIRM_SECONDS),
+            in_flight: gauge!(IN_FLIGHT),
+            redis_errors: counter!(REDIS_ERRORS_TOTAL),
+            degraded: counter!(DEGRADED_TOTAL),
+            publish_failures: counter!(PUBLISH_FAILURES_TOTAL),
+            amqp_reconnects: counter!(AMQP_RECONNECTS_TOTAL),
+            publish_blocked: gauge!(FLOW_BLOCKED),
+        };
+        // Make every series visible from the first scrape, before any traffic.
+        for c in [
+            &metrics.allowed,
+            &metrics.rejected,
+            &metrics.invalid,
+            &metrics.redis_errors,
+            &metrics.degraded,
+            &metrics.publish_failures,
+            &metrics.amqp_reconnects,
+        ] {
+            c.increment(0);
+        }
+        metrics.in_flight.increment(0.0);
+        metrics.publish_blocked.set(0.0);
+        metrics
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
