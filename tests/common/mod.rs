@@ -1,0 +1,506 @@
+//! Shared helpers for the integration tests: real RabbitMQ and Redis, unique queue names
+//! and key prefixes per test, a gate started in-process or as a child process, and
+//! publish/collect helpers whose every wait is bounded.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use konstruct_gate::config::SecretUrl;
+use konstruct_gate::{Application, Config};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn amqp_url() -> String {
+    std::env::var("KONSTRUCT_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("KONSTRUCT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(label: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "test-{label}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Test logs stay quiet unless TEST_LOG is set.
+pub fn init_test_log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("konstruct_gate=debug,info")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub async fn connect_amqp() -> Connection {
+    let url = amqp_url();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => conn,
+        _ => panic!(
+            "RabbitMQ is not reachable at {}: start it with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`).",
+            konstruct_gate::config::redact_url(&url)
+        ),
+    }
+}
+
+pub async fn connect_redis() -> redis::aio::MultiplexedConnection {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("a valid Redis URL");
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => conn,
+        _ => panic!(
+            "Redis is not reachable at {}: start it with `redis-server --daemonize yes --port 6379 --save \"\" --appendonly no` (or `docker compose up -d redis`).",
+            konstruct_gate::config::redact_url(&url)
+        ),
+    }
+}
+
+/// Queue names and a Redis key prefix that belong to one test.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub inbound: String,
+    pub orchestrator: String,
+    pub notifications: String,
+    pub dead_letter: String,
+    pub key_prefix: String,
+}
+
+impl Names {
+    pub fn new(label: &str) -> Self {
+        let base = unique(label);
+        Self {
+            inbound: format!("{base}.inbound"),
+            orchestrator: format!("{base}.orchestrator"),
+            notifications: format!("{base}.notifications"),
+            dead_letter: format!("{base}.dead-letter"),
+            key_prefix: format!("{base}:"),
+        }
+    }
+
+    pub fn outputs(&self) -> [&str; 3] {
+        [&self.orchestrator, &self.notifications, &self.dead_letter]
+    }
+
+    /// A configuration for these names, with the given limit, HTTP on a free port.
+    pub fn config(&self, requests: u64, window_seconds: u64) -> Config {
+        let mut config = Config::default();
+        config.amqp.url = SecretUrl::new(amqp_url());
+        config.amqp.inbound_queue = self.inbound.clone();
+        config.amqp.orchestrator_queue = self.orchestrator.clone();
+        config.amqp.notification_queue = self.notifications.clone();
+        config.amqp.dead_letter_queue = self.dead_letter.clone();
+        config.redis.url = SecretUrl::new(redis_url());
+        config.redis.key_prefix = self.key_prefix.clone();
+        config.limits.requests = requests;
+        config.limits.window_seconds = window_seconds;
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.amqp.shutdown_grace_seconds = 5;
+        config
+    }
+
+    /// The same configuration as `KONSTRUCT_GATE__...` variables, for a child process.
+    pub fn env(&self, requests: u64, window_seconds: u64) -> Vec<(String, String)> {
+        [
+            ("AMQP__URL", amqp_url()),
+            ("AMQP__INBOUND_QUEUE", self.inbound.clone()),
+            ("AMQP__ORCHESTRATOR_QUEUE", self.orchestrator.clone()),
+            ("AMQP__NOTIFICATION_QUEUE", self.notifications.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", self.dead_letter.clone()),
+            ("AMQP__SHUTDOWN_GRACE_SECONDS", "10".into()),
+            ("REDIS__URL", redis_url()),
+            ("REDIS__KEY_PREFIX", self.key_prefix.clone()),
+            ("LIMITS__REQUESTS", requests.to_string()),
+            ("LIMITS__WINDOW_SECONDS", window_seconds.to_string()),
+            ("HTTP__LISTEN", "127.0.0.1:0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("KONSTRUCT_GATE__{k}"), v))
+        .collect()
+    }
+}
+
+/// A broker client for the test side: publishes inbound messages, reads outputs.
+pub struct Broker {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub names: Names,
+}
+
+impl Broker {
+    pub async fn new(names: &Names) -> Self {
+        let conn = connect_amqp().await;
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let broker = Self {
+            conn,
+            channel,
+            names: names.clone(),
+        };
+        // Declared up front (as the gate does) so publishing before the gate starts works.
+        let mut config = names.config(1, 1);
+        config.amqp.declare_queues = true;
+        konstruct_gate::amqp::declare_queues(&broker.channel, &config.amqp)
+            .await
+            .unwrap();
+        broker
+    }
+
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.names.inbound.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "the broker refused a test message");
+    }
+
+    /// Publishes many without waiting for each confirm.
+    pub async fn publish_many(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
+        for body in bodies {
+            let _ = self
+                .channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(self.names.inbound.as_str()),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+        }
+        let returned = self.channel.wait_for_confirms().await.unwrap();
+        assert!(returned.is_empty());
+    }
+
+    /// Reads exactly `n` messages from `queue`, failing after `within`.
+    pub async fn collect(&self, queue: &str, n: usize, within: Duration) -> Vec<Delivery> {
+        let channel = self.conn.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(unique("collector")),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + within;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.next()).await {
+                Ok(Some(Ok(d))) => out.push(d),
+                _ => panic!(
+                    "only {} of {n} messages arrived on {queue} within {within:?}",
+                    out.len()
+                ),
+            }
+        }
+        let _ = channel.close(200, ShortString::from("done")).await;
+        out
+    }
+
+    /// Messages waiting in `queue` (ready, not in flight).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                ShortString::from(queue),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Waits until `queue` has no ready messages, failing after `within`.
+    pub async fn wait_empty(&self, queue: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.depth(queue).await == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{queue} did not drain within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asserts that nothing else arrives on `queue` (it stays empty).
+    pub async fn assert_empty(&self, queue: &str) {
+        assert_eq!(self.depth(queue).await, 0, "unexpected messages on {queue}");
+    }
+
+    pub async fn purge(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_purge(ShortString::from(queue), QueuePurgeOptions::default())
+            .await;
+    }
+
+    /// Deletes the test's queues and Redis keys.
+    pub async fn cleanup(self) {
+        for queue in [
+            &self.names.inbound,
+            &self.names.orchestrator,
+            &self.names.notifications,
+            &self.names.dead_letter,
+        ] {
+            let _ = self
+                .channel
+                .queue_delete(
+                    ShortString::from(queue.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let mut redis = connect_redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.names.key_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+        let _ = self.conn.close(200, ShortString::from("done")).await;
+    }
+}
+
+/// A gate running in this process, as `konstruct-gate run` would run it.
+pub struct TestGate {
+    pub http: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestGate {
+    pub async fn start(config: Config) -> Self {
+        init_test_log();
+        let app = Application::build(config).await.expect("the gate starts");
+        let http = app.http_addr();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        let gate = Self { http, stop, task };
+        gate.wait_ready(Duration::from_secs(15)).await;
+        gate
+    }
+
+    pub async fn wait_ready(&self, within: Duration) {
+        wait_ready(self.http, within).await;
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the gate stops within 30 s")
+            .unwrap();
+    }
+}
+
+pub async fn wait_ready(http: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok((200, _)) = http_get(http, "/readyz").await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gate at {http} was not ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A realistic normalized message.
+pub fn message(id: &str, tenant: &str, channel: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id,
+        "tenant_id": tenant,
+        "channel": channel,
+        "thread_id": format!("thread-{tenant}"),
+        "sender": {"user_id": format!("U-{id}"), "display_name": "Ada"},
+        "channel_metadata": {"team_id": "T024BE7LD", "channel_id": "C2147483705"},
+        "content": {"text": "Can you summarise yesterday's incident report?", "attachments": []},
+        "timestamp": "2026-11-28T10:00:00Z",
+    }))
+    .unwrap()
+}
+
+/// The `id` of a forwarded body, or the `message_id` of a notification.
+pub fn output_id(queue_kind: OutputKind, delivery: &Delivery) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+    match queue_kind {
+        OutputKind::Allowed => v["id"].as_str().unwrap().to_owned(),
+        OutputKind::Rejected => v["message_id"].as_str().unwrap().to_owned(),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum OutputKind {
+    Allowed,
+    Rejected,
+}
+
+/// The integer value of a header.
+pub fn int_header(delivery: &Delivery, name: &str) -> i64 {
+    match konstruct_gate::route::header(delivery.properties.headers(), name) {
+        Some(lapin::types::AMQPValue::LongLongInt(v)) => *v,
+        other => panic!("header {name} is {other:?}"),
+    }
+}
+
+pub fn text_header(delivery: &Delivery, name: &str) -> String {
+    match konstruct_gate::route::header(delivery.properties.headers(), name) {
+        Some(lapin::types::AMQPValue::LongString(v)) => {
+            String::from_utf8_lossy(v.as_bytes()).into()
+        }
+        other => panic!("header {name} is {other:?}"),
+    }
+}
+
+/// A gate run as a separate `konstruct-gate run` process.
+pub struct GateProcess {
+    pub child: Child,
+}
+
+impl GateProcess {
+    pub fn spawn(env: &[(String, String)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_konstruct-gate"));
+        command.arg("run").env_remove("KONSTRUCT_GATE_CONFIG");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.env("KONSTRUCT_GATE__LOG__LEVEL", "warn");
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        Self {
+            child: command.spawn().expect("the gate binary starts"),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, failing after `within`.
+    pub async fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gate did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Counts how often each id appears.
+pub fn tally<'a>(ids: impl IntoIterator<Item = &'a String>) -> HashMap<&'a str, usize> {
+    let mut counts = HashMap::new();
+    for id in ids {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    counts
+}
