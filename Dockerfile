@@ -1,0 +1,21 @@
+# Build stage: compile the release binary with the dependency layer cached separately.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked && rm -rf src
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin konstruct-gate
+
+# Runtime stage: a small image with only the binary and CA certificates, run as non-root.
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home gate
+COPY --from=build /src/target/release/konstruct-gate /usr/local/bin/konstruct-gate
+COPY config/default.toml /etc/konstruct-gate/default.toml
+USER 10001
+EXPOSE 9464
+ENTRYPOINT ["/usr/local/bin/konstruct-gate"]
+CMD ["run"]

@@ -1,0 +1,140 @@
+//! The gate as operators run it: separate `konstruct-gate run` processes sharing one queue
+//! and one Redis, stopped with SIGTERM.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+fn spawn_gate(names: &Names, requests: u64, window: u64) -> (GateProcess, SocketAddr) {
+    let addr = free_addr();
+    let mut env = names.env(requests, window);
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    (GateProcess::spawn(&env), addr)
+}
+
+#[tokio::test]
+async fn three_instances_together_allow_exactly_the_limit_per_tenant_and_channel() {
+    let names = Names::new("three");
+    let broker = Broker::new(&names).await;
+    let (tenants, channels, per_key, limit) = (40, ["slack", "whatsapp"], 45, 30);
+
+    // Pre-fill, so all three instances compete for the same backlog.
+    let mut bodies = Vec::new();
+    for round in 0..per_key {
+        for t in 0..tenants {
+            for c in channels {
+                bodies.push(message(
+                    &format!("t{t}-{c}-{round}"),
+                    &format!("tenant-{t}"),
+                    c,
+                ));
+            }
+        }
+    }
+    let total = bodies.len();
+    broker.publish_many(bodies).await;
+
+    let gates: Vec<_> = (0..3).map(|_| spawn_gate(&names, limit, 60)).collect();
+    for (_, addr) in &gates {
+        wait_ready(*addr, Duration::from_secs(30)).await;
+    }
+    let expected_allowed = tenants * channels.len() * limit as usize;
+    let allowed = broker
+        .collect(&names.orchestrator, expected_allowed, WAIT)
+        .await;
+    let rejected = broker
+        .collect(&names.notifications, total - expected_allowed, WAIT)
+        .await;
+
+    let mut per_key_allowed: HashMap<(String, String), usize> = HashMap::new();
+    for d in &allowed {
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        *per_key_allowed
+            .entry((
+                v["tenant_id"].as_str().unwrap().into(),
+                v["channel"].as_str().unwrap().into(),
+            ))
+            .or_default() += 1;
+    }
+    assert_eq!(per_key_allowed.len(), tenants * channels.len());
+    assert!(
+        per_key_allowed.values().all(|&n| n == limit as usize),
+        "some (tenant, channel) got other than {limit}: {per_key_allowed:?}"
+    );
+    let ids: HashSet<String> = allowed
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .chain(rejected.iter().map(|d| output_id(OutputKind::Rejected, d)))
+        .collect();
+    assert_eq!(ids.len(), total, "every message came out exactly once");
+    // Nothing beyond the expected counts arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.assert_empty(&names.orchestrator).await;
+    broker.assert_empty(&names.notifications).await;
+
+    for (mut gate, _) in gates {
+        gate.signal("TERM");
+        assert!(gate.wait(Duration::from_secs(30)).await.success());
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_while_messages_are_in_flight_loses_nothing_and_exits_zero() {
+    let names = Names::new("sigterm");
+    let broker = Broker::new(&names).await;
+    let total = 6_000;
+    let bodies: Vec<_> = (0..total)
+        .map(|i| message(&format!("m{i}"), &format!("tenant-{}", i % 100), "slack"))
+        .collect();
+    broker.publish_many(bodies).await;
+
+    let (mut gate, addr) = spawn_gate(&names, 1_000, 60);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    // Stop it mid-drain: as soon as some output exists and the backlog is not gone.
+    for _ in 0..2_000 {
+        if broker.depth(&names.orchestrator).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.signal("TERM");
+    let status = gate.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "graceful stop exits 0");
+    let left = broker.depth(&names.inbound).await as usize;
+    let out = broker.depth(&names.orchestrator).await as usize;
+    assert!(
+        left > 0,
+        "the test wanted a stop mid-drain, but the gate finished first"
+    );
+    assert!(
+        out + left >= total,
+        "lost: {out} out + {left} left < {total}"
+    );
+
+    // A new instance drains the rest; every id comes out.
+    let (mut gate, addr) = spawn_gate(&names, 1_000, 60);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    broker.wait_empty(&names.inbound, WAIT).await;
+    let delivered = broker.collect(&names.orchestrator, out + left, WAIT).await;
+    let ids: Vec<String> = delivered
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    let counts = tally(&ids);
+    assert_eq!(counts.len(), total, "every message id came out");
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    broker.cleanup().await;
+}
