@@ -400,12 +400,20 @@ fn describe_figment_error(error: figment::Error) -> String {
             if !key.is_empty() {
                 text = format!("configuration key `{key}`: {text}");
             }
-            if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            if from_env {
+                let var: Vec<String> = e.path.iter().map(|p| p.to_uppercase()).collect();
+                text.push_str(&format!(
+                    " (from environment variable {ENV_PREFIX}{})",
+                    var.join("__")
+                ));
+            } else if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                 text.push_str(&format!(" (from {source})"));
-            } else if let Some(meta) = &e.metadata {
-                text.push_str(&format!(" (from {})", meta.name));
             }
-            text
+            text.replace("``", "`")
         }
         None => "the configuration is invalid".into(),
     }

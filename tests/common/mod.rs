@@ -203,7 +203,8 @@ impl Broker {
     /// Publishes many without waiting for each confirm.
     pub async fn publish_many(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
         for body in bodies {
-            let _ = self
+            // Confirms are collected below, all at once.
+            let confirm = self
                 .channel
                 .basic_publish(
                     ShortString::from(""),
@@ -214,6 +215,7 @@ impl Broker {
                 )
                 .await
                 .unwrap();
+            drop(confirm);
         }
         let returned = self.channel.wait_for_confirms().await.unwrap();
         assert!(returned.is_empty());
