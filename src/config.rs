@@ -396,7 +396,16 @@ fn describe_figment_error(error: figment::Error) -> String {
     match first {
         Some(e) => {
             let key = e.path.join(".");
-            let mut text = e.kind.to_string();
+            let mut text = match &e.kind {
+                figment::error::Kind::UnknownField(field, expected) => format!(
+                    "unknown key `{field}`; this section accepts {}",
+                    expected.join(", ")
+                ),
+                figment::error::Kind::UnknownVariant(found, expected) => {
+                    format!("`{found}` is not one of {}", expected.join(", "))
+                }
+                kind => kind.to_string(),
+            };
             if !key.is_empty() {
                 text = format!("configuration key `{key}`: {text}");
             }
@@ -413,7 +422,7 @@ fn describe_figment_error(error: figment::Error) -> String {
             } else if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                 text.push_str(&format!(" (from {source})"));
             }
-            text.replace("``", "`")
+            text
         }
         None => "the configuration is invalid".into(),
     }
