@@ -248,6 +248,15 @@ impl Gate {
         }
         // Whatever is still in flight is dropped unacked: closing the channel hands it back.
         drop(in_flight);
+        for ch in [&channel, publisher.channel()] {
+            if ch.status().connected() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    ch.close(200, ShortString::from("bye")),
+                )
+                .await;
+            }
+        }
         if !shutdown.is_cancelled() && result.is_ok() {
             result = Err(SessionError::ConsumerCancelled);
         }
@@ -428,8 +437,9 @@ fn watch_connection(
     tokio::spawn(async move {
         loop {
             let event = tokio::select! {
-                event = events.next() => event,
+                biased;
                 _ = lost.cancelled() => None,
+                event = events.next() => event,
             };
             let Some(event) = event else { break };
             match event {
