@@ -110,14 +110,21 @@ impl Gate {
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
-            match self.session(&shutdown).await {
+            let mut consumed = false;
+            match self.session(&shutdown, &mut consumed).await {
                 Ok(()) => return,
                 Err(e) => {
                     self.health.consuming.store(false, Ordering::Relaxed);
                     if shutdown.is_cancelled() {
                         return;
                     }
-                    failures = failures.saturating_add(1);
+                    // A session that got as far as consuming was healthy: start the
+                    // backoff from the bottom again.
+                    failures = if consumed {
+                        1
+                    } else {
+                        failures.saturating_add(1)
+                    };
                     let delay = backoff(RECONNECT_MIN, RECONNECT_MAX, failures);
                     self.metrics.amqp_reconnects.increment(1);
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "session ended; reconnecting");
@@ -131,7 +138,11 @@ impl Gate {
     }
 
     /// One pair of connections, from connect to the end of its consumer.
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        consumed: &mut bool,
+    ) -> Result<(), SessionError> {
         let amqp = &self.config.amqp;
         let consume_conn = amqp::connect(&amqp.url, "consume").await?;
         let publish_conn = match amqp::connect(&amqp.url, "publish").await {
@@ -141,8 +152,14 @@ impl Gate {
                 return Err(e.into());
             }
         };
-        let result = self.consume(&consume_conn, &publish_conn, shutdown).await;
+        // Watchers stop before the connections close, so a deliberate close is not
+        // reported as a connection error.
+        let watching = CancellationToken::new();
+        let result = self
+            .consume(&consume_conn, &publish_conn, shutdown, &watching, consumed)
+            .await;
         self.health.consuming.store(false, Ordering::Relaxed);
+        watching.cancel();
         close(&consume_conn).await;
         close(&publish_conn).await;
         result
@@ -153,9 +170,11 @@ impl Gate {
         consume_conn: &Connection,
         publish_conn: &Connection,
         shutdown: &CancellationToken,
+        watching: &CancellationToken,
+        consumed: &mut bool,
     ) -> Result<(), SessionError> {
         let amqp = &self.config.amqp;
-        let lost = CancellationToken::new();
+        let lost = watching.child_token();
         let (flow_tx, mut flow) = watch::channel(true);
         watch_connection(consume_conn, lost.clone(), None, self.metrics.clone());
         watch_connection(
@@ -184,6 +203,7 @@ impl Gate {
             )
             .await?;
         self.health.consuming.store(true, Ordering::Relaxed);
+        *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
 
         let max_in_flight = usize::from(amqp.prefetch);
