@@ -49,24 +49,37 @@ pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::E
     }
 }
 
-/// Declares the inbound and the three output queues as durable.
+/// Declares the inbound and the three output queues as durable. With quorum queues the
+/// inbound queue also gets a delivery limit, past which the broker moves a message that
+/// keeps coming back to the dead-letter queue instead of redelivering it forever.
 pub async fn declare_queues(channel: &Channel, config: &AmqpConfig) -> Result<(), lapin::Error> {
-    let mut arguments = FieldTable::default();
+    let mut outputs = FieldTable::default();
+    let mut inbound = FieldTable::default();
     if config.queue_type == QueueType::Quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
+        for args in [&mut outputs, &mut inbound] {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        inbound.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(config.delivery_limit)),
         );
+        inbound.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        inbound.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
+        );
     }
-    for queue in [
-        &config.inbound_queue,
-        &config.orchestrator_queue,
-        &config.notification_queue,
-        &config.dead_letter_queue,
+    for (queue, arguments) in [
+        (&config.inbound_queue, &inbound),
+        (&config.orchestrator_queue, &outputs),
+        (&config.notification_queue, &outputs),
+        (&config.dead_letter_queue, &outputs),
     ] {
         channel
             .queue_declare(

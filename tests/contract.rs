@@ -526,3 +526,50 @@ async fn health_readiness_and_metrics_are_served() {
     );
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_unroutable_output_is_not_acked_and_is_retried_until_it_can_be_delivered() {
+    let names = Names::new("unroutable");
+    let broker = Broker::new(&names).await;
+    // The orchestrator queue is missing and the gate may not declare it.
+    broker
+        .channel
+        .queue_delete(names.orchestrator.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let mut config = names.config(10, 60);
+    config.amqp.declare_queues = false;
+    let gate = TestGate::start(config).await;
+    broker
+        .publish(&message("u1", "acme", "slack"), BasicProperties::default())
+        .await;
+    // The publish is returned as unroutable: the gate counts it and hands the message back.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = http_get(gate.http, "/metrics").await.unwrap();
+        let failures = metrics
+            .lines()
+            .find(|l| l.starts_with("konstruct_gate_publish_failures_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if failures >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no publish failure was counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once the queue exists, the retried message arrives.
+    let mut declare = names.config(1, 1);
+    declare.amqp.declare_queues = true;
+    konstruct_gate::amqp::declare_queues(&broker.channel, &declare.amqp)
+        .await
+        .unwrap();
+    let out = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &out[0]), "u1");
+    gate.stop().await;
+    broker.cleanup().await;
+}

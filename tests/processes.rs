@@ -138,3 +138,35 @@ async fn sigterm_while_messages_are_in_flight_loses_nothing_and_exits_zero() {
     assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_broker_still_requeues() {
+    let names = Names::new("second-signal");
+    let broker = Broker::new(&names).await;
+    let total = 4_000;
+    broker
+        .publish_many(
+            (0..total).map(|i| message(&format!("s{i}"), &format!("t{}", i % 10), "slack")),
+        )
+        .await;
+    let (mut gate, addr) = spawn_gate(&names, 100_000, 60);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    gate.signal("TERM");
+    gate.signal("TERM");
+    let status = gate.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130), "the second signal exits at once");
+
+    let (mut gate, addr) = spawn_gate(&names, 100_000, 60);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    broker.wait_empty(&names.inbound, WAIT).await;
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    let n = broker.depth(&names.orchestrator).await as usize;
+    let out = broker.collect(&names.orchestrator, n, WAIT).await;
+    let ids: HashSet<String> = out
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    assert_eq!(ids.len(), total, "every message came out");
+    broker.cleanup().await;
+}

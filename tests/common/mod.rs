@@ -506,3 +506,130 @@ pub fn tally<'a>(ids: impl IntoIterator<Item = &'a String>) -> HashMap<&'a str, 
     }
     counts
 }
+
+/// A Redis server of the test's own, on a free port, that the test may stop and start
+/// without disturbing anything else on the machine.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.start_again().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn start_again(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server is on PATH: install Redis 7 (e.g. `apt-get install redis-server`)",
+            );
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the private redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `SHUTDOWN NOSAVE`, as an operator would, then waits for the process to exit.
+    pub async fn shutdown(&mut self) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Ready-message count of `queue`, on a fresh connection (survives broker-side closes).
+pub async fn depth_fresh(queue: &str) -> Option<u32> {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let channel = conn.create_channel().await.ok()?;
+    let depth = channel
+        .queue_declare(
+            ShortString::from(queue),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = conn.close(200, ShortString::from("done")).await;
+    depth
+}
+
+/// A realistic message of about 1 KB.
+pub fn realistic_message(id: &str, tenant: &str, channel: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id,
+        "tenant_id": tenant,
+        "channel": channel,
+        "thread_id": format!("1764324000.{id}"),
+        "sender": {"user_id": format!("U0{tenant}"), "display_name": "Ada Lovelace", "is_bot": false},
+        "channel_metadata": {"team_id": "T024BE7LD", "channel_id": "C2147483705", "event_ts": "1764324000.000200"},
+        "content": {
+            "text": "Hi! Could you pull the last three incident reports for the payments service, summarise the root causes, and draft a short note for the on-call channel? Please keep it under two hundred words and link the runbooks you used. Thanks a lot, this is for tomorrow's review with the platform team.",
+            "attachments": [{"type": "file", "name": "incident-2026-11-27.pdf", "size": 48213}],
+            "mentions": ["U024BE7LH"],
+        },
+        "received_at": "2026-11-28T10:00:00.000Z",
+        "gateway": {"version": "2.14.1", "region": "eu-west-1", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"},
+    }))
+    .unwrap()
+}

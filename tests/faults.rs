@@ -1,0 +1,421 @@
+//! Fault injection: killed instances, connections closed by the broker, a broker
+//! `stop_app`/`start_app`, Redis restarts, and both `on_redis_error` policies.
+//!
+//! These tests disturb everything connected to the local RabbitMQ, so they live in their
+//! own test binary (cargo runs test binaries one after another) and take a lock so that
+//! they run one at a time. Redis faults use a private `redis-server` on a free port. Every
+//! test leaves the shared services running as it found them.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::*;
+use konstruct_gate::config::{OnRedisError, SecretUrl};
+use lapin::BasicProperties;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn rabbitmqctl(args: &[&str]) {
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("rabbitmqctl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status(),
+    )
+    .await
+    .expect("rabbitmqctl finished within 120 s")
+    .expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// Restarts the broker application if a test stopped it and then failed.
+struct BrokerAppGuard {
+    stopped: bool,
+}
+
+impl Drop for BrokerAppGuard {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .arg("start_app")
+                .status();
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["await_startup", "--timeout", "120"])
+                .status();
+        }
+    }
+}
+
+fn gate_env(names: &Names, redis_url: &str, requests: u64) -> Vec<(String, String)> {
+    let mut env = names.env(requests, 60);
+    env.push(("KONSTRUCT_GATE__REDIS__URL".into(), redis_url.into()));
+    env
+}
+
+fn spawn_gate(env: &[(String, String)]) -> (GateProcess, SocketAddr) {
+    let addr = free_addr();
+    let mut env = env.to_vec();
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    (GateProcess::spawn(&env), addr)
+}
+
+async fn all_ready(addrs: &[SocketAddr], within: Duration) -> Duration {
+    let started = Instant::now();
+    for addr in addrs {
+        wait_ready(*addr, within.saturating_sub(started.elapsed())).await;
+    }
+    started.elapsed()
+}
+
+/// Waits until the backlog has reached `fraction` drained; returns the backlog left.
+async fn wait_progress(queue: &str, total: usize, fraction: f64, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(left) = depth_fresh(queue).await {
+            let left = left as usize;
+            if (total - left.min(total)) as f64 >= fraction * total as f64 {
+                return left;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress on {queue} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_drained(queue: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while depth_fresh(queue).await != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "{queue} did not drain within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Kill(usize),
+    CloseAllConnections,
+    RestartRedis,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_three_instances_lose_nothing() {
+    let _serial = serial();
+    let mut redis = PrivateRedis::start().await;
+    let names = Names::new("chaos");
+    let broker = Broker::new(&names).await;
+    let (tenants, channels, per_key, limit) = (500, ["slack", "whatsapp"], 24, 5);
+    let mut expected = HashSet::new();
+    let mut bodies = Vec::new();
+    for round in 0..per_key {
+        for t in 0..tenants {
+            for c in channels {
+                let id = format!("c-{t}-{c}-{round}");
+                bodies.push(realistic_message(&id, &format!("tenant-{t}"), c));
+                expected.insert(id);
+            }
+        }
+    }
+    let total = bodies.len();
+    broker.publish_many(bodies).await;
+    // The broker closes this connection during the test anyway.
+    let _ = broker.conn.close(200, "prefilled".into()).await;
+
+    let env = gate_env(&names, &redis.url(), limit);
+    let mut gates: Vec<_> = (0..3).map(|_| spawn_gate(&env)).collect();
+    let addrs: Vec<_> = gates.iter().map(|(_, a)| *a).collect();
+    all_ready(&addrs, Duration::from_secs(30)).await;
+    let started = Instant::now();
+
+    let schedule = [
+        (0.05, Fault::Kill(0)),
+        (0.15, Fault::CloseAllConnections),
+        (0.35, Fault::RestartRedis),
+        (0.45, Fault::Kill(1)),
+        (0.55, Fault::CloseAllConnections),
+        (0.75, Fault::Kill(2)),
+    ];
+    let mut report = Vec::new();
+    for (fraction, fault) in schedule {
+        let left = wait_progress(&names.inbound, total, fraction, Duration::from_secs(120)).await;
+        assert!(
+            left > 0,
+            "the backlog drained before {fault:?}: the test needs more messages"
+        );
+        let injected = Instant::now();
+        match fault {
+            Fault::Kill(i) => {
+                let _ = gates[i].0.child.kill();
+                let _ = gates[i].0.child.wait();
+                gates[i] = spawn_gate(&env);
+            }
+            Fault::CloseAllConnections => {
+                rabbitmqctl(&["close_all_connections", "chaos test"]).await
+            }
+            Fault::RestartRedis => {
+                redis.shutdown().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                redis.start_again().await;
+            }
+        }
+        let addrs: Vec<_> = gates.iter().map(|(_, a)| *a).collect();
+        let recovered = all_ready(&addrs, Duration::from_secs(60)).await;
+        report.push(format!(
+            "{fault:?} at {left} left: injected in {:?}, all ready {recovered:?} later",
+            injected.elapsed() - recovered
+        ));
+    }
+    wait_drained(&names.inbound, Duration::from_secs(180)).await;
+    let drain_time = started.elapsed();
+    for (gate, _) in &mut gates {
+        gate.signal("TERM");
+        assert_eq!(gate.wait(Duration::from_secs(60)).await.code(), Some(0));
+    }
+    // Whatever was unacked when the gates stopped is back in the queue: drain it too.
+    if depth_fresh(&names.inbound).await != Some(0) {
+        let (mut gate, addr) = spawn_gate(&env);
+        wait_ready(addr, Duration::from_secs(30)).await;
+        wait_drained(&names.inbound, Duration::from_secs(60)).await;
+        gate.signal("TERM");
+        assert_eq!(gate.wait(Duration::from_secs(60)).await.code(), Some(0));
+    }
+
+    let broker = Broker::new(&names).await;
+    let allowed_n = broker.depth(&names.orchestrator).await as usize;
+    let rejected_n = broker.depth(&names.notifications).await as usize;
+    let allowed = broker
+        .collect(&names.orchestrator, allowed_n, Duration::from_secs(120))
+        .await;
+    let rejected = broker
+        .collect(&names.notifications, rejected_n, Duration::from_secs(120))
+        .await;
+    let degraded = allowed
+        .iter()
+        .filter(|d| {
+            konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-degraded").is_some()
+        })
+        .count();
+    let ids: Vec<String> = allowed
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .chain(rejected.iter().map(|d| output_id(OutputKind::Rejected, d)))
+        .collect();
+    let seen: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let lost: Vec<_> = expected
+        .iter()
+        .filter(|id| !seen.contains(id.as_str()))
+        .take(10)
+        .collect();
+    println!(
+        "chaos: {total} messages, {} faults, drained in {drain_time:?}; outputs {} ({allowed_n} allowed, {rejected_n} rejected, {degraded} degraded); lost {}; duplicates {}",
+        schedule.len(),
+        ids.len(),
+        expected.len() - seen.len(),
+        ids.len() - seen.len()
+    );
+    for line in &report {
+        println!("chaos: {line}");
+    }
+    assert!(lost.is_empty(), "lost messages, e.g. {lost:?}");
+    assert_eq!(seen.len(), total);
+    broker.assert_empty(&names.dead_letter).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stop_app_and_start_app_is_ridden_through() {
+    let _serial = serial();
+    let names = Names::new("stopapp");
+    let broker = Broker::new(&names).await;
+    let total = 8_000;
+    let bodies: Vec<_> = (0..total)
+        .map(|i| realistic_message(&format!("s{i}"), &format!("tenant-{}", i % 50), "slack"))
+        .collect();
+    broker.publish_many(bodies).await;
+    let _ = broker.conn.close(200, "prefilled".into()).await;
+
+    let env = gate_env(&names, &redis_url(), 10_000);
+    let (mut gate, addr) = spawn_gate(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    wait_progress(&names.inbound, total, 0.05, Duration::from_secs(60)).await;
+
+    let mut guard = BrokerAppGuard { stopped: true };
+    rabbitmqctl(&["stop_app"]).await;
+    let (status, _) = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "not ready while the broker is down");
+    let (status, _) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "alive while the broker is down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]).await;
+    rabbitmqctl(&["await_startup", "--timeout", "120"]).await;
+    guard.stopped = false;
+    let started = Instant::now();
+    wait_ready(addr, Duration::from_secs(60)).await;
+    println!(
+        "stop_app/start_app: ready again {:?} after start_app",
+        started.elapsed()
+    );
+    wait_drained(&names.inbound, Duration::from_secs(120)).await;
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(60)).await.code(), Some(0));
+
+    let broker = Broker::new(&names).await;
+    let n = broker.depth(&names.orchestrator).await as usize;
+    let out = broker
+        .collect(&names.orchestrator, n, Duration::from_secs(60))
+        .await;
+    let ids: HashSet<String> = out
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    println!(
+        "stop_app/start_app: {total} messages, {n} outputs, {} duplicates",
+        n - ids.len()
+    );
+    assert_eq!(ids.len(), total, "every message came out");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_outage_with_allow_forwards_unchecked_and_marks_it() {
+    let _serial = serial();
+    let mut redis = PrivateRedis::start().await;
+    let names = Names::new("redis-allow");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1, 60);
+    config.redis.url = SecretUrl::new(redis.url());
+    config.limits.on_redis_error = OnRedisError::Allow;
+    let gate = TestGate::start(config).await;
+
+    redis.shutdown().await;
+    for i in 0..3 {
+        broker
+            .publish(
+                &message(&format!("d{i}"), "acme", "slack"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let out = broker
+        .collect(&names.orchestrator, 3, Duration::from_secs(20))
+        .await;
+    for d in &out {
+        assert_eq!(text_header(d, "x-ratelimit-degraded"), "true");
+        assert!(
+            konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-limit").is_none()
+        );
+    }
+    broker.assert_empty(&names.notifications).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(gate.http, "/readyz").await.unwrap().0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 with Redis down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = http_get(gate.http, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("konstruct_gate_degraded_total"),
+        "{metrics}"
+    );
+
+    // Redis comes back: checks resume on their own, without a restart of the gate.
+    redis.start_again().await;
+    gate.wait_ready(Duration::from_secs(30)).await;
+    for i in 0..2 {
+        broker
+            .publish(
+                &message(&format!("r{i}"), "acme", "slack"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let allowed = broker
+        .collect(&names.orchestrator, 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(int_header(&allowed[0], "x-ratelimit-limit"), 1);
+    broker
+        .collect(&names.notifications, 1, Duration::from_secs(20))
+        .await;
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_outage_with_hold_forwards_nothing_unchecked_and_resumes() {
+    let _serial = serial();
+    let mut redis = PrivateRedis::start().await;
+    let names = Names::new("redis-hold");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(100, 60);
+    config.redis.url = SecretUrl::new(redis.url());
+    config.limits.on_redis_error = OnRedisError::Hold;
+    config.amqp.prefetch = 4;
+    let gate = TestGate::start(config).await;
+
+    redis.shutdown().await;
+    for i in 0..10 {
+        broker
+            .publish(
+                &message(&format!("h{i}"), "acme", "slack"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    // The gate holds `prefetch` messages and takes no more while Redis is away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.depth(&names.inbound).await != 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the gate did not hold exactly its prefetch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        broker.depth(&names.inbound).await,
+        6,
+        "no new deliveries while holding"
+    );
+    broker.assert_empty(&names.orchestrator).await;
+    assert_eq!(http_get(gate.http, "/readyz").await.unwrap().0, 503);
+
+    redis.start_again().await;
+    let out = broker
+        .collect(&names.orchestrator, 10, Duration::from_secs(30))
+        .await;
+    for d in &out {
+        assert!(
+            konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-degraded").is_none()
+        );
+        assert_eq!(int_header(d, "x-ratelimit-limit"), 100);
+    }
+    gate.wait_ready(Duration::from_secs(30)).await;
+    gate.stop().await;
+    broker.cleanup().await;
+}
