@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -124,7 +123,7 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_three_instances_lose_nothing() {
-    let _serial = serial();
+    let _serial = serial().await;
     let mut redis = PrivateRedis::start().await;
     let names = Names::new("chaos");
     let broker = Broker::new(&names).await;
@@ -248,7 +247,7 @@ async fn chaos_three_instances_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stop_app_and_start_app_is_ridden_through() {
-    let _serial = serial();
+    let _serial = serial().await;
     let names = Names::new("stopapp");
     let broker = Broker::new(&names).await;
     let total = 8_000;
@@ -302,7 +301,7 @@ async fn broker_stop_app_and_start_app_is_ridden_through() {
 
 #[tokio::test]
 async fn redis_outage_with_allow_forwards_unchecked_and_marks_it() {
-    let _serial = serial();
+    let _serial = serial().await;
     let mut redis = PrivateRedis::start().await;
     let names = Names::new("redis-allow");
     let broker = Broker::new(&names).await;
@@ -368,7 +367,7 @@ async fn redis_outage_with_allow_forwards_unchecked_and_marks_it() {
 
 #[tokio::test]
 async fn redis_outage_with_hold_forwards_nothing_unchecked_and_resumes() {
-    let _serial = serial();
+    let _serial = serial().await;
     let mut redis = PrivateRedis::start().await;
     let names = Names::new("redis-hold");
     let broker = Broker::new(&names).await;
