@@ -16,12 +16,11 @@ use common::*;
 use konstruct_gate::config::{OnRedisError, SecretUrl};
 use lapin::BasicProperties;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Held for a whole test: one fault at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 fn free_addr() -> SocketAddr {
