@@ -417,3 +417,148 @@ async fn redis_outage_with_hold_forwards_nothing_unchecked_and_resumes() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn quorum_inbound_dead_letters_a_message_past_its_delivery_limit() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    let _serial = serial().await;
+    let names = Names::new("quorum");
+    let mut config = names.config(10, 60);
+    config.amqp.queue_type = konstruct_gate::config::QueueType::Quorum;
+    config.amqp.delivery_limit = 2;
+    let broker = Broker::with_queues(&names, &config.amqp).await;
+
+    // The gate runs on quorum queues like on classic ones.
+    let gate = TestGate::start(config.clone()).await;
+    broker
+        .publish(&message("q1", "acme", "slack"), BasicProperties::default())
+        .await;
+    broker
+        .collect(&names.orchestrator, 1, Duration::from_secs(20))
+        .await;
+    gate.stop().await;
+
+    // A consumer that keeps failing on one message: the broker gives up after the limit and
+    // moves the message to the dead-letter queue instead of redelivering it forever.
+    let poison = br#"{"tenant_id":"acme","channel":"slack","id":"poison"}"#;
+    broker.publish(poison, BasicProperties::default()).await;
+    let channel = broker.conn.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            names.inbound.as_str().into(),
+            "crashing-consumer".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        deliveries += 1;
+        d.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+        assert!(
+            deliveries <= 10,
+            "the delivery limit did not stop redeliveries"
+        );
+    }
+    assert_eq!(
+        deliveries, 3,
+        "delivered once plus `delivery_limit` redeliveries"
+    );
+    let dead = broker
+        .collect(&names.dead_letter, 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(dead[0].data, poison);
+    assert!(konstruct_gate::route::header(dead[0].properties.headers(), "x-death").is_some());
+    broker.cleanup().await;
+}
+
+/// Restores the broker's memory watermark if a test lowered it and then failed.
+struct WatermarkGuard(String);
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_pauses_new_deliveries_until_the_broker_unblocks() {
+    let _serial = serial().await;
+    let names = Names::new("blocked");
+    let broker = Broker::new(&names).await;
+    let total = 6_000;
+    broker
+        .publish_many(
+            (0..total)
+                .map(|i| realistic_message(&format!("b{i}"), &format!("t{}", i % 20), "slack")),
+        )
+        .await;
+
+    let original = tokio::process::Command::new("rabbitmqctl")
+        .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+        .output()
+        .await
+        .unwrap();
+    let original = String::from_utf8_lossy(&original.stdout).trim().to_owned();
+    let original = if original.parse::<f64>().is_ok() {
+        original
+    } else {
+        "0.4".into()
+    };
+    let guard = WatermarkGuard(original.clone());
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
+    // The broker blocks a connection when it next publishes: the gate's first forwards.
+    let env = gate_env(&names, &redis_url(), 1_000_000);
+    let (mut gate, addr) = spawn_gate(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+        if metrics
+            .lines()
+            .any(|l| l == "konstruct_gate_publish_blocked 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gate never saw connection.blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = depth_fresh(&names.inbound).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = depth_fresh(&names.inbound).await.unwrap();
+    assert_eq!(
+        before, after,
+        "no deliveries are taken while publishing is blocked"
+    );
+    assert!(after > 0);
+
+    rabbitmqctl(&["set_vm_memory_high_watermark", &original]).await;
+    drop(guard);
+    wait_drained(&names.inbound, Duration::from_secs(60)).await;
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    let n = broker.depth(&names.orchestrator).await as usize;
+    let out = broker
+        .collect(&names.orchestrator, n, Duration::from_secs(60))
+        .await;
+    let ids: HashSet<String> = out
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    assert_eq!(ids.len(), total, "every message came out");
+    broker.cleanup().await;
+}

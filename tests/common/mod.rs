@@ -163,6 +163,13 @@ pub struct Broker {
 
 impl Broker {
     pub async fn new(names: &Names) -> Self {
+        let mut config = names.config(1, 1);
+        config.amqp.declare_queues = true;
+        Self::with_queues(names, &config.amqp).await
+    }
+
+    /// Declares the queues as `amqp` says (for instance as quorum queues).
+    pub async fn with_queues(names: &Names, amqp: &konstruct_gate::config::AmqpConfig) -> Self {
         let conn = connect_amqp().await;
         let channel = conn.create_channel().await.unwrap();
         channel
@@ -175,9 +182,7 @@ impl Broker {
             names: names.clone(),
         };
         // Declared up front (as the gate does) so publishing before the gate starts works.
-        let mut config = names.config(1, 1);
-        config.amqp.declare_queues = true;
-        konstruct_gate::amqp::declare_queues(&broker.channel, &config.amqp)
+        konstruct_gate::amqp::declare_queues(&broker.channel, amqp)
             .await
             .unwrap();
         broker
