@@ -1,0 +1,391 @@
+//! What both benchmark modes share: queue names, realistic messages, a fast confirming
+//! publisher, gate processes and their CPU and memory.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use futures::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+/// One benchmark's queues and Redis key prefix, unique per run.
+#[derive(Clone, Debug)]
+pub struct Queues {
+    pub inbound: String,
+    pub orchestrator: String,
+    pub notifications: String,
+    pub dead_letter: String,
+    pub key_prefix: String,
+}
+
+impl Queues {
+    pub fn unique(label: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let base = format!("gate-bench-{label}-{}-{nanos}", std::process::id());
+        Self {
+            inbound: format!("{base}.inbound"),
+            orchestrator: format!("{base}.orchestrator"),
+            notifications: format!("{base}.notifications"),
+            dead_letter: format!("{base}.dead-letter"),
+            key_prefix: format!("{base}:"),
+        }
+    }
+
+    pub fn all(&self) -> [&str; 4] {
+        [
+            &self.inbound,
+            &self.orchestrator,
+            &self.notifications,
+            &self.dead_letter,
+        ]
+    }
+
+    pub fn outputs(&self) -> [&str; 3] {
+        [&self.orchestrator, &self.notifications, &self.dead_letter]
+    }
+}
+
+pub async fn connect(url: &str) -> Result<Connection> {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .with_context(|| {
+            format!(
+                "RabbitMQ is not reachable at {}: start it with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`)",
+                konstruct_gate::config::redact_url(url)
+            )
+        })
+}
+
+pub async fn declare(channel: &Channel, queues: &Queues) -> Result<()> {
+    for q in queues.all() {
+        channel
+            .queue_declare(
+                ShortString::from(q),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn delete(channel: &Channel, queues: &Queues) {
+    for q in queues.all() {
+        let _ = channel
+            .queue_delete(ShortString::from(q), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+pub async fn purge(channel: &Channel, queue: &str) -> Result<()> {
+    channel
+        .queue_purge(ShortString::from(queue), QueuePurgeOptions::default())
+        .await?;
+    Ok(())
+}
+
+/// Ready messages in `queue`.
+pub async fn depth(channel: &Channel, queue: &str) -> Result<u64> {
+    let q = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(u64::from(q.message_count()))
+}
+
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// The tenant and channel of message `i`: round-robin, so every key gets its share.
+pub fn key_of(i: u64, tenants: u64, channels: &[&'static str]) -> (u64, &'static str) {
+    let pairs = tenants * channels.len() as u64;
+    let pair = i % pairs;
+    (pair / channels.len() as u64, channels[(pair % channels.len() as u64) as usize])
+}
+
+pub const CHANNELS: [&str; 4] = ["slack", "whatsapp", "teams", "telegram"];
+
+/// A realistic normalized message of about 1 KB; `sent_at_us` travels inside it so that
+/// every output (notifications embed the whole message) carries its send time.
+pub fn realistic(id: u64, tenant: u64, channel: &str, sent_at_us: u64) -> Vec<u8> {
+    format!(
+        concat!(
+            r#"{{"id":"bench-{id}","tenant_id":"tenant-{tenant}","channel":"{channel}","#,
+            r#""thread_id":"1764324000.{id:06}","sent_at_us":{sent},"#,
+            r#""sender":{{"user_id":"U0{tenant:06}","display_name":"Ada Lovelace","is_bot":false}},"#,
+            r#""channel_metadata":{{"team_id":"T024BE7LD","channel_id":"C2147483705","event_ts":"1764324000.000200"}},"#,
+            r#""content":{{"text":"Hi! Could you pull the last three incident reports for the payments service, summarise the root causes, and draft a short note for the on-call channel? Please keep it under two hundred words and link the runbooks you used. Thanks a lot, this is for tomorrow's review with the platform team.","#,
+            r#""attachments":[{{"type":"file","name":"incident-2026-11-27.pdf","size":48213}}],"mentions":["U024BE7LH"]}},"#,
+            r#""received_at":"2026-11-28T10:00:00.000Z","#,
+            r#""gateway":{{"version":"2.14.1","region":"eu-west-1","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}}}}"#
+        ),
+        id = id,
+        tenant = tenant,
+        channel = channel,
+        sent = sent_at_us,
+    )
+    .into_bytes()
+}
+
+/// A malformed message (its error code is what the gate should report).
+pub fn malformed(id: u64) -> (Vec<u8>, &'static str) {
+    match id % 4 {
+        0 => (b"{\"tenant_id\": \"acme\", \"channel\": ".to_vec(), "invalid_json"),
+        1 => (br#"{"channel":"slack","text":"hi"}"#.to_vec(), "missing_tenant_id"),
+        2 => (br#"{"tenant_id":"acme","channel":"Not A Channel"}"#.to_vec(), "invalid_channel"),
+        _ => (br#"["not","an","object"]"#.to_vec(), "not_an_object"),
+    }
+}
+
+pub fn properties(id: u64, sent_at_us: u64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-bench-sent-at-us".into(),
+        AMQPValue::LongLongInt(sent_at_us as i64),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(format!("bench-{id}").into())
+        .with_headers(headers)
+}
+
+/// Publishes with confirms, keeping up to `window` unconfirmed at once.
+pub struct FastPublisher {
+    channel: Channel,
+    queue: ShortString,
+    pending: FuturesUnordered<lapin::PublisherConfirm>,
+    window: usize,
+}
+
+impl FastPublisher {
+    pub async fn new(conn: &Connection, queue: &str, window: usize) -> Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            queue: ShortString::from(queue),
+            pending: FuturesUnordered::new(),
+            window,
+        })
+    }
+
+    pub async fn publish(&mut self, body: &[u8], properties: BasicProperties) -> Result<()> {
+        while self.pending.len() >= self.window {
+            self.settle_one().await?;
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                self.queue.clone(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?;
+        self.pending.push(confirm);
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<()> {
+        if let Some(confirm) = self.pending.next().await
+            && !confirm?.is_ack()
+        {
+            bail!("the broker refused a benchmark message");
+        }
+        Ok(())
+    }
+
+    pub async fn finish(&mut self) -> Result<()> {
+        while !self.pending.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills `queue` with `n` realistic messages across `tenants` × `channels`.
+pub async fn fill(conn: &Connection, queue: &str, n: u64, tenants: u64, channels: &[&'static str]) -> Result<()> {
+    let mut publisher = FastPublisher::new(conn, queue, 2_000).await?;
+    for i in 0..n {
+        let (tenant, channel) = key_of(i, tenants, channels);
+        let sent = now_micros();
+        publisher
+            .publish(&realistic(i, tenant, channel, sent), properties(i, sent))
+            .await?;
+    }
+    publisher.finish().await
+}
+
+/// The `konstruct-gate` binary next to this one.
+pub fn gate_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("konstruct-gate");
+    if !path.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// How a benchmark starts the gates it measures.
+#[derive(Clone, Debug)]
+pub struct GateSettings {
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub requests: u64,
+    pub window_seconds: u64,
+    pub prefetch: u16,
+}
+
+/// A gate process, with its resource use read from /proc.
+pub struct GateProcess {
+    child: Child,
+}
+
+impl GateProcess {
+    pub fn spawn(settings: &GateSettings, queues: &Queues) -> Result<Self> {
+        let mut command = Command::new(gate_binary()?);
+        command
+            .arg("run")
+            .env_remove("KONSTRUCT_GATE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let vars = [
+            ("AMQP__URL", settings.amqp_url.clone()),
+            ("AMQP__INBOUND_QUEUE", queues.inbound.clone()),
+            ("AMQP__ORCHESTRATOR_QUEUE", queues.orchestrator.clone()),
+            ("AMQP__NOTIFICATION_QUEUE", queues.notifications.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", queues.dead_letter.clone()),
+            ("AMQP__PREFETCH", settings.prefetch.to_string()),
+            ("REDIS__URL", settings.redis_url.clone()),
+            ("REDIS__KEY_PREFIX", queues.key_prefix.clone()),
+            ("LIMITS__REQUESTS", settings.requests.to_string()),
+            ("LIMITS__WINDOW_SECONDS", settings.window_seconds.to_string()),
+            ("HTTP__LISTEN", "127.0.0.1:0".into()),
+            ("LOG__LEVEL", "warn".into()),
+        ];
+        for (k, v) in vars {
+            command.env(format!("KONSTRUCT_GATE__{k}"), v);
+        }
+        let child = command.spawn().context("starting konstruct-gate")?;
+        Ok(Self { child })
+    }
+
+    /// User + system CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        // The kernel reports clock ticks; Linux user space uses 100 per second.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Peak resident set size in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// SIGTERM, then waits (bounded) for a graceful exit.
+    pub fn stop(mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("konstruct-gate exited with {status}");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        bail!("konstruct-gate did not stop within 30 s")
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Redis `EVALSHA`+`EVAL` calls so far, from `INFO commandstats`.
+pub async fn redis_script_calls(redis_url: &str) -> Result<u64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await.with_context(|| {
+        format!(
+            "Redis is not reachable at {}: start it with `redis-server` (or `docker compose up -d redis`)",
+            konstruct_gate::config::redact_url(redis_url)
+        )
+    })?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split(['=', ','])
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum())
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
