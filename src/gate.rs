@@ -9,10 +9,13 @@
 //! flow control on publishing never delays acks). When either fails, the session ends and
 //! [`Gate::run`] opens a new one after a capped, jittered backoff.
 
-use std::sync::Arc;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::join_all;
 use futures::stream::{FuturesUnordered, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -20,17 +23,20 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, Event};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
+use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
 use crate::config::{Config, OnRedisError};
-use crate::limit::{Decision, LimitError, Limiter, Rules, counter_key};
+use crate::limit::{Decision, Limiter, Rule, Rules, counter_key};
 use crate::message;
 use crate::route;
 use crate::telemetry::Metrics;
 
+/// Most deliveries taken into one batch (one Redis round trip).
+const MAX_BATCH: usize = 128;
 /// Wait before handing a message back after a failed publish, so a broken route does not
 /// become a hot redelivery loop.
 const HAND_BACK_DELAY: Duration = Duration::from_millis(200);
@@ -206,7 +212,10 @@ impl Gate {
         *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
 
-        let max_in_flight = usize::from(amqp.prefetch);
+        let tracker = Mutex::new(AckTracker::default());
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let acks = send_settlements(channel.clone(), settle_rx);
+        tokio::pin!(acks);
         let mut in_flight = FuturesUnordered::new();
         let mut stream_open = true;
         let mut cancelling = false;
@@ -215,7 +224,7 @@ impl Gate {
         tokio::pin!(grace);
 
         loop {
-            let may_take = stream_open && *flow.borrow() && in_flight.len() < max_in_flight;
+            let may_take = stream_open && *flow.borrow();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !cancelling => {
@@ -236,38 +245,69 @@ impl Gate {
                     result = Err(SessionError::ConnectionLost("see the previous log line".into()));
                     break;
                 }
+                ended = &mut acks => {
+                    let reason = ended.err().map_or_else(|| "the acknowledgement channel closed".to_owned(), |e| e.to_string());
+                    result = Err(SessionError::ConnectionLost(reason));
+                    break;
+                }
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 _ = flow.changed() => {}
-                next = consumer.next(), if may_take => match next {
-                    Some(Ok(delivery)) => in_flight.push(self.handle(delivery, &publisher, &lost, shutdown)),
-                    Some(Err(e)) => {
-                        stream_open = false;
-                        result = Err(e.into());
+                next = consumer.next(), if may_take => {
+                    // Take everything the broker has already sent, up to a batch: one Redis
+                    // round trip then serves all of it.
+                    let mut batch = Vec::new();
+                    let mut end = None;
+                    match next {
+                        Some(Ok(delivery)) => batch.push(delivery),
+                        other => end = Some(other),
                     }
-                    None => {
-                        stream_open = false;
-                        if !cancelling {
-                            result = Err(SessionError::ConsumerCancelled);
+                    while end.is_none() && batch.len() < MAX_BATCH {
+                        match consumer.next().now_or_never() {
+                            None => break,
+                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(other) => end = Some(other),
                         }
                     }
-                },
+                    if !batch.is_empty() {
+                        let mut t = tracker.lock().expect("the ack tracker is never poisoned");
+                        for delivery in &batch {
+                            t.received(delivery.delivery_tag);
+                        }
+                        drop(t);
+                        in_flight.push(self.handle_batch(batch, &publisher, &lost, shutdown, &tracker, &settle_tx));
+                    }
+                    match end {
+                        Some(Some(Err(e))) => {
+                            stream_open = false;
+                            result = Err(e.into());
+                        }
+                        Some(None) => {
+                            stream_open = false;
+                            if !cancelling {
+                                result = Err(SessionError::ConsumerCancelled);
+                            }
+                        }
+                        Some(Some(Ok(_))) | None => {}
+                    }
+                }
             }
             if !stream_open && in_flight.is_empty() {
                 break;
             }
-            if result.is_err() && !stream_open {
-                // The consumer is gone; finish what is in flight (their acks will fail and
-                // the broker redelivers them) only as long as the grace period allows.
-                if !cancelling {
-                    cancelling = true;
-                    grace
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
-                }
+            if result.is_err() && !stream_open && !cancelling {
+                // The consumer is gone; what is in flight gets a moment to finish (its acks
+                // may fail, and the broker redelivers those messages).
+                cancelling = true;
+                grace
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
             }
         }
-        // Whatever is still in flight is dropped unacked: closing the channel hands it back.
+        // Whatever is still in flight is dropped unsettled: closing the channel hands it
+        // back. What was settled is sent first.
         drop(in_flight);
+        drop(settle_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut acks).await;
         for ch in [&channel, publisher.channel()] {
             if ch.status().connected() {
                 let _ = tokio::time::timeout(
@@ -283,166 +323,280 @@ impl Gate {
         result
     }
 
-    /// Processes one delivery to its end: acked after its output is confirmed, or handed
-    /// back (nack with requeue) when that could not be done.
-    async fn handle(
+    /// Processes a batch to its end: each message is settled as done once its output is
+    /// confirmed, or handed back (nack with requeue) when that could not be done.
+    async fn handle_batch(
         &self,
-        delivery: Delivery,
+        batch: Vec<Delivery>,
         publisher: &Publisher,
         lost: &CancellationToken,
         shutdown: &CancellationToken,
+        tracker: &Mutex<AckTracker>,
+        settle: &mpsc::UnboundedSender<Settlement>,
     ) {
-        self.metrics.in_flight.increment(1.0);
-        match self.process(&delivery, publisher, shutdown).await {
-            Ok(outcome) => {
-                match delivery.acker.ack(BasicAckOptions::default()).await {
-                    Ok(true) => {}
-                    Ok(false) | Err(_) => {
-                        debug!("ack not delivered (channel closed); the broker will redeliver")
-                    }
-                }
-                match outcome {
-                    Outcome::Allowed => self.metrics.allowed.increment(1),
-                    Outcome::Rejected => self.metrics.rejected.increment(1),
-                    Outcome::Invalid => self.metrics.invalid.increment(1),
-                }
-            }
-            Err(hand_back) => {
-                if let HandBack::Publish(e) = &hand_back {
+        let n = batch.len() as f64;
+        self.metrics.in_flight.increment(n);
+        let outcomes = self.process_batch(&batch, publisher, shutdown).await;
+        let failures: Vec<&HandBack> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+        if let Some(first) = failures.first() {
+            for failure in &failures {
+                if let HandBack::Publish(e) = failure {
                     self.metrics.publish_failures.increment(1);
                     if e.is_channel_lost() {
                         lost.cancel();
                     }
                 }
-                warn!(error = %hand_back, "message handed back for redelivery");
-                tokio::time::sleep(HAND_BACK_DELAY).await;
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                };
-                if let Err(e) = delivery.acker.nack(requeue).await {
-                    debug!(error = %e, "nack not delivered; the broker will redeliver");
-                }
+            }
+            warn!(count = failures.len(), error = %first, "messages handed back for redelivery");
+            tokio::time::sleep(HAND_BACK_DELAY).await;
+        }
+        let mut settlements = Vec::new();
+        let mut t = tracker.lock().expect("the ack tracker is never poisoned");
+        for (delivery, outcome) in batch.iter().zip(&outcomes) {
+            t.settle(delivery.delivery_tag, outcome.is_ok(), &mut settlements);
+            match outcome {
+                Ok(Outcome::Allowed) => self.metrics.allowed.increment(1),
+                Ok(Outcome::Rejected) => self.metrics.rejected.increment(1),
+                Ok(Outcome::Invalid) => self.metrics.invalid.increment(1),
+                Err(_) => {}
             }
         }
-        self.metrics.in_flight.decrement(1.0);
+        // Sent while holding the lock, so settlements reach the broker in tag order.
+        for s in settlements {
+            let _ = settle.send(s);
+        }
+        drop(t);
+        self.metrics.in_flight.decrement(n);
     }
 
-    async fn process(
+    /// Parse every message, check the valid ones in one Redis round trip, publish every
+    /// output, and wait for the confirms.
+    async fn process_batch(
         &self,
-        delivery: &Delivery,
+        batch: &[Delivery],
         publisher: &Publisher,
         shutdown: &CancellationToken,
-    ) -> Result<Outcome, HandBack> {
+    ) -> Vec<Result<Outcome, HandBack>> {
         let amqp = &self.config.amqp;
-        let envelope = match message::parse(&delivery.data, self.config.limits.max_message_bytes) {
-            Ok(envelope) => envelope,
-            Err(invalid) => {
-                info!(
-                    outcome = "invalid",
-                    error_code = invalid.code.as_str(),
-                    detail = %invalid.detail,
-                    message_id = delivery.properties.message_id().as_ref().map(ShortString::as_str),
-                    "message dead-lettered"
-                );
-                let properties = route::dead_letter_properties(&delivery.properties, &invalid);
-                publisher
-                    .publish(&amqp.dead_letter_queue, &delivery.data, properties)
-                    .await?;
-                return Ok(Outcome::Invalid);
-            }
+        let max_bytes = self.config.limits.max_message_bytes;
+        let parsed: Vec<_> = batch
+            .iter()
+            .map(|d| message::parse(&d.data, max_bytes))
+            .collect();
+        let checks: Vec<(String, Rule)> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .map(|env| {
+                let key = counter_key(&self.config.redis.key_prefix, &env.tenant_id, &env.channel);
+                (key, self.rules.rule_for(&env.tenant_id, &env.channel))
+            })
+            .collect();
+        let mut verdicts = match self.decide_batch(&checks, shutdown).await {
+            Ok(verdicts) => verdicts.into_iter(),
+            Err(Stopping) => return batch.iter().map(|_| Err(HandBack::Stopping)).collect(),
         };
-        let rule = self.rules.rule_for(&envelope.tenant_id, &envelope.channel);
-        let key = counter_key(
-            &self.config.redis.key_prefix,
-            &envelope.tenant_id,
-            &envelope.channel,
-        );
-        let decision = self.decide(&key, rule, shutdown).await?;
-        match decision {
-            Some(Decision::Allowed {
-                limit,
-                remaining,
-                reset_after,
-            }) => {
-                let properties =
-                    route::allowed_properties(&delivery.properties, limit, remaining, reset_after);
-                publisher
-                    .publish(&amqp.orchestrator_queue, &delivery.data, properties)
-                    .await?;
-                Ok(Outcome::Allowed)
-            }
-            Some(Decision::Rejected {
-                limit,
-                window_seconds,
-                retry_after,
-            }) => {
-                let message_id = route::message_id(&envelope, &delivery.properties);
-                info!(
-                    outcome = "rejected",
-                    tenant_id = %envelope.tenant_id,
-                    channel = %envelope.channel,
-                    message_id,
-                    limit,
-                    window_seconds,
-                    retry_after_seconds = retry_after,
-                    "message rejected: rate limit exceeded"
-                );
-                let (body, properties) =
-                    route::rejection(&envelope, message_id, limit, window_seconds, retry_after);
-                publisher
-                    .publish(&amqp.notification_queue, &body, properties)
-                    .await?;
-                Ok(Outcome::Rejected)
-            }
-            None => {
-                let properties = route::degraded_properties(&delivery.properties);
-                publisher
-                    .publish(&amqp.orchestrator_queue, &delivery.data, properties)
-                    .await?;
-                Ok(Outcome::Allowed)
-            }
+
+        let mut outputs = Vec::with_capacity(batch.len());
+        for (delivery, parsed) in batch.iter().zip(&parsed) {
+            let output = match parsed {
+                Err(invalid) => {
+                    info!(
+                        outcome = "invalid",
+                        error_code = invalid.code.as_str(),
+                        detail = %invalid.detail,
+                        message_id = delivery.properties.message_id().as_ref().map(ShortString::as_str),
+                        "message dead-lettered"
+                    );
+                    let properties = route::dead_letter_properties(&delivery.properties, invalid);
+                    (
+                        Outcome::Invalid,
+                        amqp.dead_letter_queue.as_str(),
+                        Cow::Borrowed(&delivery.data[..]),
+                        properties,
+                    )
+                }
+                Ok(envelope) => match verdicts.next().expect("one verdict per valid message") {
+                    Verdict::Checked(Decision::Allowed {
+                        limit,
+                        remaining,
+                        reset_after,
+                    }) => {
+                        let properties = route::allowed_properties(
+                            &delivery.properties,
+                            limit,
+                            remaining,
+                            reset_after,
+                        );
+                        (
+                            Outcome::Allowed,
+                            amqp.orchestrator_queue.as_str(),
+                            Cow::Borrowed(&delivery.data[..]),
+                            properties,
+                        )
+                    }
+                    Verdict::Checked(Decision::Rejected {
+                        limit,
+                        window_seconds,
+                        retry_after,
+                    }) => {
+                        let message_id = route::message_id(envelope, &delivery.properties);
+                        info!(
+                            outcome = "rejected",
+                            tenant_id = %envelope.tenant_id,
+                            channel = %envelope.channel,
+                            message_id,
+                            limit,
+                            window_seconds,
+                            retry_after_seconds = retry_after,
+                            "message rejected: rate limit exceeded"
+                        );
+                        let (body, properties) = route::rejection(
+                            envelope,
+                            message_id,
+                            limit,
+                            window_seconds,
+                            retry_after,
+                        );
+                        (
+                            Outcome::Rejected,
+                            amqp.notification_queue.as_str(),
+                            Cow::Owned(body),
+                            properties,
+                        )
+                    }
+                    Verdict::Unchecked => {
+                        let properties = route::degraded_properties(&delivery.properties);
+                        (
+                            Outcome::Allowed,
+                            amqp.orchestrator_queue.as_str(),
+                            Cow::Borrowed(&delivery.data[..]),
+                            properties,
+                        )
+                    }
+                },
+            };
+            outputs.push(output);
         }
+        // Every publish is sent before any confirm is awaited.
+        join_all(
+            outputs
+                .into_iter()
+                .map(|(outcome, queue, body, properties)| async move {
+                    publisher.publish(queue, &body, properties).await?;
+                    Ok(outcome)
+                }),
+        )
+        .await
     }
 
-    /// Asks Redis; on failure applies `limits.on_redis_error`. `None` means "forward
-    /// unchecked" (the `allow` policy).
-    async fn decide(
+    /// Asks Redis for every check at once; on failure applies `limits.on_redis_error` to
+    /// the checks that failed.
+    async fn decide_batch(
         &self,
-        key: &str,
-        rule: crate::limit::Rule,
+        checks: &[(String, Rule)],
         shutdown: &CancellationToken,
-    ) -> Result<Option<Decision>, HandBack> {
+    ) -> Result<Vec<Verdict>, Stopping> {
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; checks.len()];
+        let mut pending: Vec<usize> = (0..checks.len()).collect();
         let mut attempt: u32 = 0;
-        loop {
-            let error: LimitError = match self.limiter.check(key, rule).await {
-                Ok(decision) => return Ok(Some(decision)),
-                Err(e) => e,
+        while !pending.is_empty() {
+            let results = if attempt == 0 {
+                self.limiter.check_batch(checks).await
+            } else {
+                let retry: Vec<_> = pending.iter().map(|&i| checks[i].clone()).collect();
+                self.limiter.check_batch(&retry).await
             };
-            self.metrics.redis_errors.increment(1);
+            let mut failed = Vec::new();
+            let mut first_error = None;
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(decision) => verdicts[i] = Some(Verdict::Checked(decision)),
+                    Err(e) => {
+                        failed.push(i);
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            let Some(error) = first_error else { break };
+            self.metrics.redis_errors.increment(failed.len() as u64);
             self.health.redis_ok.store(false, Ordering::Relaxed);
             match self.config.limits.on_redis_error {
                 OnRedisError::Allow => {
-                    self.metrics.degraded.increment(1);
-                    warn!(error = %error, key, "rate limit unchecked: forwarding (on_redis_error = allow)");
-                    return Ok(None);
+                    self.metrics.degraded.increment(failed.len() as u64);
+                    warn!(error = %error, count = failed.len(), "rate limit unchecked: forwarding (on_redis_error = allow)");
+                    for i in failed {
+                        verdicts[i] = Some(Verdict::Unchecked);
+                    }
+                    break;
                 }
                 OnRedisError::Hold => {
-                    // The message stays unacked; with every prefetch slot held, the broker
+                    // The messages stay unacked; with every prefetch slot held, the broker
                     // sends nothing new until Redis answers again.
                     attempt = attempt.saturating_add(1);
-                    let delay = backoff(REDIS_RETRY_MIN, REDIS_RETRY_MAX, attempt);
                     if attempt == 1 {
-                        warn!(error = %error, key, "rate limit unchecked: holding the message (on_redis_error = hold)");
+                        warn!(error = %error, count = failed.len(), "rate limit unchecked: holding the messages (on_redis_error = hold)");
                     }
+                    let delay = backoff(REDIS_RETRY_MIN, REDIS_RETRY_MAX, attempt);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return Err(HandBack::Stopping),
+                        _ = shutdown.cancelled() => return Err(Stopping),
                     }
+                    pending = failed;
                 }
             }
         }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.expect("every check has a verdict"))
+            .collect())
     }
+}
+
+/// The gate is stopping while the checks of a batch wait for Redis.
+struct Stopping;
+
+/// The answer for one valid message.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Checked(Decision),
+    /// Redis could not be asked and `on_redis_error = allow`: forward, marked degraded.
+    Unchecked,
+}
+
+/// Sends settlements to the broker in the order they were made, collapsing a run of
+/// cumulative acks into its last one. Ends when every sender is gone, or with the
+/// channel's error.
+async fn send_settlements(
+    channel: lapin::Channel,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+) -> Result<(), lapin::Error> {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut pending_ack: Option<u64> = None;
+        for settlement in batch.drain(..) {
+            match settlement {
+                Settlement::AckUpTo(tag) => pending_ack = Some(tag),
+                Settlement::Requeue(tag) => {
+                    if let Some(up_to) = pending_ack.take() {
+                        channel
+                            .basic_ack(up_to, BasicAckOptions { multiple: true })
+                            .await?;
+                    }
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    };
+                    channel.basic_nack(tag, requeue).await?;
+                }
+            }
+        }
+        if let Some(up_to) = pending_ack {
+            channel
+                .basic_ack(up_to, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Follows one connection's events: an error ends the session; `connection.blocked` on the

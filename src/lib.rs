@@ -12,6 +12,7 @@
 //! - [`message`]: the inbound envelope: borrowing parse and validation, the error codes.
 //! - [`limit`]: override resolution, decisions, and the atomic Redis script.
 //! - [`route`]: a decision turned into the outgoing body and properties.
+//! - [`acks`]: settling out-of-order completions with in-order cumulative acks.
 //! - [`amqp`]: connections, queue declaration, the confirming publisher.
 //! - [`config`]: typed configuration, layered loading, validation, redaction.
 //! - [`app`]: the application the binary and the tests start.
@@ -19,6 +20,7 @@
 //! - [`telemetry`]: the log subscriber and every metric name.
 //! - [`shutdown`]: signals and the second-signal exit.
 
+pub mod acks;
 pub mod amqp;
 pub mod app;
 pub mod config;

@@ -16,6 +16,15 @@ pub enum LimitError {
     Timeout(Duration),
     #[error("redis failed: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("redis failed: {0}")]
+    Shared(String),
+}
+
+impl LimitError {
+    /// A copy for each check of a failed pipeline.
+    fn shared(&self) -> LimitError {
+        LimitError::Shared(self.to_string())
+    }
 }
 
 /// Runs rate-limit checks. Cheap to clone: clones share one connection.
@@ -47,17 +56,77 @@ impl Limiter {
         })
     }
 
-    /// Counts one message against `key` and decides, in one round trip.
-    pub async fn check(&self, key: &str, rule: Rule) -> Result<Decision, LimitError> {
+    /// Counts each (key, rule) and decides, all in one pipelined round trip. A result per
+    /// check: a failed pipeline fails every check; a failed script fails only its own.
+    pub async fn check_batch(
+        &self,
+        checks: &[(String, Rule)],
+    ) -> Vec<Result<Decision, LimitError>> {
         let started = Instant::now();
-        let mut conn = self.conn.clone();
-        let mut invocation = self.fixed_window.key(key);
-        invocation.arg(rule.window_seconds);
-        let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
-        let result = tokio::time::timeout(self.timeout, call).await;
+        let result = tokio::time::timeout(self.timeout, self.run_pipeline(checks)).await;
         self.metrics.redis_check_seconds.record(started.elapsed());
-        let (count, pttl_ms) = result.map_err(|_| LimitError::Timeout(self.timeout))??;
-        Ok(Decision::fixed_window(rule, count, pttl_ms))
+        match result {
+            Err(_) => (0..checks.len())
+                .map(|_| Err(LimitError::Timeout(self.timeout)))
+                .collect(),
+            Ok(Err(e)) => {
+                let e = LimitError::from(e);
+                (0..checks.len()).map(|_| Err(e.shared())).collect()
+            }
+            Ok(Ok(results)) => results,
+        }
+    }
+
+    async fn run_pipeline(
+        &self,
+        checks: &[(String, Rule)],
+    ) -> redis::RedisResult<Vec<Result<Decision, LimitError>>> {
+        let mut conn = self.conn.clone();
+        let mut values = self.eval_all(&mut conn, checks.iter()).await?;
+        // After a Redis restart the script cache is empty: load it once and rerun the
+        // checks that were refused. NOSCRIPT means the script did not run, so nothing was
+        // counted twice.
+        let missing: Vec<usize> = (0..values.len())
+            .filter(
+                |&i| matches!(&values[i], redis::Value::ServerError(e) if e.code() == "NOSCRIPT"),
+            )
+            .collect();
+        if !missing.is_empty() {
+            self.fixed_window.load_async(&mut conn).await?;
+            let again = self
+                .eval_all(&mut conn, missing.iter().map(|&i| &checks[i]))
+                .await?;
+            for (i, value) in missing.into_iter().zip(again) {
+                values[i] = value;
+            }
+        }
+        Ok(values
+            .into_iter()
+            .zip(checks)
+            .map(|(value, (_, rule))| match value {
+                redis::Value::ServerError(e) => Err(LimitError::Redis(e.into())),
+                value => redis::from_redis_value::<(u64, i64)>(value)
+                    .map(|(count, pttl_ms)| Decision::fixed_window(*rule, count, pttl_ms))
+                    .map_err(|e| LimitError::Shared(e.to_string())),
+            })
+            .collect())
+    }
+
+    async fn eval_all<'a>(
+        &self,
+        conn: &mut ConnectionManager,
+        checks: impl Iterator<Item = &'a (String, Rule)>,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (key, rule) in checks {
+            pipe.cmd("EVALSHA")
+                .arg(self.fixed_window.get_hash())
+                .arg(1)
+                .arg(key)
+                .arg(rule.window_seconds);
+        }
+        pipe.query_async(conn).await
     }
 
     /// True when Redis answers a PING within the check timeout.

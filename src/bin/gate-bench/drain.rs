@@ -122,7 +122,10 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
     let mut gate_rates: Vec<f64> = pairs.iter().map(|p| p.gate_msgs_per_s).collect();
     let mut shovel_rates: Vec<f64> = pairs.iter().filter_map(|p| p.shovel_msgs_per_s).collect();
     let mut cpu: Vec<f64> = pairs.iter().map(|p| p.gate_cpu_us_per_msg).collect();
-    let peak_rss = pairs.iter().map(|p| p.gate_peak_rss_mib).fold(0.0, f64::max);
+    let peak_rss = pairs
+        .iter()
+        .map(|p| p.gate_peak_rss_mib)
+        .fold(0.0, f64::max);
     let summary = serde_json::json!({
         "messages": args.messages,
         "tenants": args.tenants,
@@ -141,14 +144,18 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
     } else {
         println!(
             "median: gate {:.0} msg/s, shovel {}, gate/shovel {}, gate CPU {:.1} µs/msg, peak RSS {:.1} MiB",
-            summary["median_gate_msgs_per_s"].as_f64().unwrap_or(f64::NAN),
+            summary["median_gate_msgs_per_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
             summary["median_shovel_msgs_per_s"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.0} msg/s")),
             summary["median_ratio_gate_over_shovel"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.2}")),
-            summary["median_gate_cpu_us_per_msg"].as_f64().unwrap_or(f64::NAN),
+            summary["median_gate_cpu_us_per_msg"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
             peak_rss,
         );
     }
@@ -160,7 +167,9 @@ fn enable_shovel() -> Result<()> {
         .args(["enable", "--quiet", "rabbitmq_shovel"])
         .stdout(std::process::Stdio::null())
         .status()
-        .context("running rabbitmq-plugins (the drain benchmark needs the broker on this machine)")?;
+        .context(
+            "running rabbitmq-plugins (the drain benchmark needs the broker on this machine)",
+        )?;
     if !status.success() {
         bail!("`rabbitmq-plugins enable rabbitmq_shovel` failed");
     }
@@ -181,7 +190,12 @@ fn rabbitmqctl(args: &[&str]) -> Result<()> {
 
 /// Polls until `n` messages sit in the output queues; returns the time from the first
 /// output to the last, so that neither side pays for its start-up.
-async fn time_until_delivered(channel: &Channel, queues: &[&str], n: u64, limit: Duration) -> Result<Duration> {
+async fn time_until_delivered(
+    channel: &Channel,
+    queues: &[&str],
+    n: u64,
+    limit: Duration,
+) -> Result<Duration> {
     let deadline = Instant::now() + limit;
     let mut first: Option<Instant> = None;
     loop {
@@ -203,7 +217,13 @@ async fn time_until_delivered(channel: &Channel, queues: &[&str], n: u64, limit:
     }
 }
 
-async fn time_shovel(channel: &Channel, queues: &Queues, amqp_url: &str, n: u64, i: usize) -> Result<f64> {
+async fn time_shovel(
+    channel: &Channel,
+    queues: &Queues,
+    amqp_url: &str,
+    n: u64,
+    i: usize,
+) -> Result<f64> {
     let name = format!("{}-shovel-{i}", queues.inbound);
     let uri = amqp_url.split('?').next().unwrap_or(amqp_url);
     let definition = serde_json::json!({
@@ -218,8 +238,18 @@ async fn time_shovel(channel: &Channel, queues: &Queues, amqp_url: &str, n: u64,
     })
     .to_string();
     rabbitmqctl(&["set_parameter", "shovel", &name, &definition])?;
-    let elapsed = time_until_delivered(channel, &[&queues.orchestrator], n, Duration::from_secs(600)).await;
-    let _ = rabbitmqctl(&["clear_parameter", "shovel", &name]);
+    let elapsed = time_until_delivered(
+        channel,
+        &[&queues.orchestrator],
+        n,
+        Duration::from_secs(600),
+    )
+    .await;
+    let _ = Command::new("rabbitmqctl")
+        .args(["clear_parameter", "shovel", &name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
     let elapsed = elapsed?;
     Ok(n as f64 / elapsed.as_secs_f64())
 }
@@ -242,7 +272,8 @@ async fn time_gate(
     let gates = (0..instances)
         .map(|_| GateProcess::spawn(settings, queues))
         .collect::<Result<Vec<_>>>()?;
-    let elapsed = time_until_delivered(channel, &queues.outputs(), n, Duration::from_secs(600)).await?;
+    let elapsed =
+        time_until_delivered(channel, &queues.outputs(), n, Duration::from_secs(600)).await?;
     let cpu = gates.iter().map(GateProcess::cpu_time).sum();
     let peak_rss = gates.iter().map(GateProcess::peak_rss).max().unwrap_or(0);
     for gate in gates {

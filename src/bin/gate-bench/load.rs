@@ -133,7 +133,9 @@ async fn measure(
     let mut early = Vec::new();
     let mut publisher = FastPublisher::new(conn, &queues.inbound, 1_000).await?;
     let started = Instant::now();
-    let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
     for i in 0..args.messages {
         if let Some(interval) = interval {
             let due = started + interval.mul_f64(i as f64);
@@ -253,17 +255,26 @@ async fn measure(
 
 fn print_summary(s: &serde_json::Value, matches: bool) {
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-    println!("gate-bench: {} messages through {} gate instance(s)", s["messages"], s["instances"]);
+    println!(
+        "gate-bench: {} messages through {} gate instance(s)",
+        s["messages"], s["instances"]
+    );
     println!(
         "  throughput   publish {:.0} msg/s, end to end {:.0} msg/s{}",
         f(&s["publish_msgs_per_s"]),
         f(&s["end_to_end_msgs_per_s"]),
-        s["rate_target"].as_u64().map_or(String::new(), |r| format!(" (target {r} msg/s)")),
+        s["rate_target"]
+            .as_u64()
+            .map_or(String::new(), |r| format!(" (target {r} msg/s)")),
     );
     let l = &s["latency_ms"];
     println!(
         "  latency ms   p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        f(&l["p50"]), f(&l["p90"]), f(&l["p99"]), f(&l["p99.9"]), f(&l["max"])
+        f(&l["p50"]),
+        f(&l["p90"]),
+        f(&l["p99"]),
+        f(&l["p99.9"]),
+        f(&l["max"])
     );
     for outcome in ["allowed", "rejected", "invalid"] {
         println!(
@@ -281,7 +292,14 @@ fn print_summary(s: &serde_json::Value, matches: bool) {
         f(&s["gate_peak_rss_mib"]),
         f(&s["redis_calls_per_msg"]),
     );
-    println!("  check        {}", if matches { "every message came out as predicted" } else { "MISMATCH" });
+    println!(
+        "  check        {}",
+        if matches {
+            "every message came out as predicted"
+        } else {
+            "MISMATCH"
+        }
+    );
 }
 
 async fn wait_for_consumers(channel: &lapin::Channel, queue: &str, n: usize) -> Result<()> {
@@ -336,8 +354,15 @@ async fn spawn_reader(
                     (id, v["message"]["sent_at_us"].as_u64())
                 }
                 Outcome::Allowed | Outcome::Invalid => {
-                    let id = d.properties.message_id().as_ref().and_then(|m| parse_id(m.as_str()));
-                    let sent = match konstruct_gate::route::header(d.properties.headers(), "x-bench-sent-at-us") {
+                    let id = d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .and_then(|m| parse_id(m.as_str()));
+                    let sent = match konstruct_gate::route::header(
+                        d.properties.headers(),
+                        "x-bench-sent-at-us",
+                    ) {
                         Some(AMQPValue::LongLongInt(v)) => Some(*v as u64),
                         _ => None,
                     };

@@ -12,10 +12,20 @@ use clap::{Parser, Subcommand};
 #[command(name = "gate-bench", version, about)]
 struct Cli {
     /// RabbitMQ URL (the broker must be on this machine for `drain`).
-    #[arg(long, global = true, env = "GATE_BENCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        global = true,
+        env = "GATE_BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
     /// Redis URL.
-    #[arg(long, global = true, env = "GATE_BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    #[arg(
+        long,
+        global = true,
+        env = "GATE_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
     redis_url: String,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]

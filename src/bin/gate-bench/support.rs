@@ -119,7 +119,10 @@ pub fn now_micros() -> u64 {
 pub fn key_of(i: u64, tenants: u64, channels: &[&'static str]) -> (u64, &'static str) {
     let pairs = tenants * channels.len() as u64;
     let pair = i % pairs;
-    (pair / channels.len() as u64, channels[(pair % channels.len() as u64) as usize])
+    (
+        pair / channels.len() as u64,
+        channels[(pair % channels.len() as u64) as usize],
+    )
 }
 
 pub const CHANNELS: [&str; 4] = ["slack", "whatsapp", "teams", "telegram"];
@@ -149,9 +152,18 @@ pub fn realistic(id: u64, tenant: u64, channel: &str, sent_at_us: u64) -> Vec<u8
 /// A malformed message (its error code is what the gate should report).
 pub fn malformed(id: u64) -> (Vec<u8>, &'static str) {
     match id % 4 {
-        0 => (b"{\"tenant_id\": \"acme\", \"channel\": ".to_vec(), "invalid_json"),
-        1 => (br#"{"channel":"slack","text":"hi"}"#.to_vec(), "missing_tenant_id"),
-        2 => (br#"{"tenant_id":"acme","channel":"Not A Channel"}"#.to_vec(), "invalid_channel"),
+        0 => (
+            b"{\"tenant_id\": \"acme\", \"channel\": ".to_vec(),
+            "invalid_json",
+        ),
+        1 => (
+            br#"{"channel":"slack","text":"hi"}"#.to_vec(),
+            "missing_tenant_id",
+        ),
+        2 => (
+            br#"{"tenant_id":"acme","channel":"Not A Channel"}"#.to_vec(),
+            "invalid_channel",
+        ),
         _ => (br#"["not","an","object"]"#.to_vec(), "not_an_object"),
     }
 }
@@ -227,7 +239,13 @@ impl FastPublisher {
 }
 
 /// Fills `queue` with `n` realistic messages across `tenants` × `channels`.
-pub async fn fill(conn: &Connection, queue: &str, n: u64, tenants: u64, channels: &[&'static str]) -> Result<()> {
+pub async fn fill(
+    conn: &Connection,
+    queue: &str,
+    n: u64,
+    tenants: u64,
+    channels: &[&'static str],
+) -> Result<()> {
     let mut publisher = FastPublisher::new(conn, queue, 2_000).await?;
     for i in 0..n {
         let (tenant, channel) = key_of(i, tenants, channels);
@@ -285,7 +303,10 @@ impl GateProcess {
             ("REDIS__URL", settings.redis_url.clone()),
             ("REDIS__KEY_PREFIX", queues.key_prefix.clone()),
             ("LIMITS__REQUESTS", settings.requests.to_string()),
-            ("LIMITS__WINDOW_SECONDS", settings.window_seconds.to_string()),
+            (
+                "LIMITS__WINDOW_SECONDS",
+                settings.window_seconds.to_string(),
+            ),
             ("HTTP__LISTEN", "127.0.0.1:0".into()),
             ("LOG__LEVEL", "warn".into()),
         ];
@@ -298,8 +319,8 @@ impl GateProcess {
 
     /// User + system CPU time so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are 14 and 15.
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let fields: Vec<&str> = after.split_whitespace().collect();
