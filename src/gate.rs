@@ -23,9 +23,9 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, Event};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
@@ -36,7 +36,12 @@ use crate::route;
 use crate::telemetry::Metrics;
 
 /// Most deliveries taken into one batch (one Redis round trip).
-const MAX_BATCH: usize = 128;
+const MAX_BATCH: usize = 512;
+/// How long a batch may wait for more deliveries after its first one.
+const BATCH_GATHER: Duration = Duration::from_micros(500);
+/// Batches waiting for Redis at once. While they wait, deliveries queue up and the next
+/// batch takes them all: under load batches grow, when idle a message goes alone.
+const REDIS_BATCHES_IN_FLIGHT: usize = 2;
 /// Wait before handing a message back after a failed publish, so a broken route does not
 /// become a hot redelivery loop.
 const HAND_BACK_DELAY: Duration = Duration::from_millis(200);
@@ -216,6 +221,8 @@ impl Gate {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let acks = send_settlements(channel.clone(), settle_rx);
         tokio::pin!(acks);
+        let redis_slots = Arc::new(Semaphore::new(REDIS_BATCHES_IN_FLIGHT));
+        let mut slot: Option<OwnedSemaphorePermit> = None;
         let mut in_flight = FuturesUnordered::new();
         let mut stream_open = true;
         let mut cancelling = false;
@@ -252,7 +259,10 @@ impl Gate {
                 }
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 _ = flow.changed() => {}
-                next = consumer.next(), if may_take => {
+                permit = redis_slots.clone().acquire_owned(), if may_take && slot.is_none() => {
+                    slot = permit.ok();
+                }
+                next = consumer.next(), if may_take && slot.is_some() => {
                     // Take everything the broker has already sent, up to a batch: one Redis
                     // round trip then serves all of it.
                     let mut batch = Vec::new();
@@ -260,6 +270,11 @@ impl Gate {
                     match next {
                         Some(Ok(delivery)) => batch.push(delivery),
                         other => end = Some(other),
+                    }
+                    if end.is_none() && !cancelling {
+                        // Let a short burst gather: fewer, larger batches cost far fewer
+                        // thread wake-ups than many single messages.
+                        tokio::time::sleep(BATCH_GATHER).await;
                     }
                     while end.is_none() && batch.len() < MAX_BATCH {
                         match consumer.next().now_or_never() {
@@ -274,7 +289,8 @@ impl Gate {
                             t.received(delivery.delivery_tag);
                         }
                         drop(t);
-                        in_flight.push(self.handle_batch(batch, &publisher, &lost, shutdown, &tracker, &settle_tx));
+                        let permit = slot.take().expect("a batch is only formed with a Redis slot");
+                        in_flight.push(self.handle_batch(batch, permit, &publisher, &lost, shutdown, &tracker, &settle_tx));
                     }
                     match end {
                         Some(Some(Err(e))) => {
@@ -325,9 +341,11 @@ impl Gate {
 
     /// Processes a batch to its end: each message is settled as done once its output is
     /// confirmed, or handed back (nack with requeue) when that could not be done.
+    #[allow(clippy::too_many_arguments)]
     async fn handle_batch(
         &self,
         batch: Vec<Delivery>,
+        redis_slot: OwnedSemaphorePermit,
         publisher: &Publisher,
         lost: &CancellationToken,
         shutdown: &CancellationToken,
@@ -336,7 +354,11 @@ impl Gate {
     ) {
         let n = batch.len() as f64;
         self.metrics.in_flight.increment(n);
-        let outcomes = self.process_batch(&batch, publisher, shutdown).await;
+        self.metrics.batch_size.record(n);
+        debug!(size = batch.len(), "batch");
+        let outcomes = self
+            .process_batch(&batch, redis_slot, publisher, shutdown)
+            .await;
         let failures: Vec<&HandBack> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
         if let Some(first) = failures.first() {
             for failure in &failures {
@@ -374,6 +396,7 @@ impl Gate {
     async fn process_batch(
         &self,
         batch: &[Delivery],
+        redis_slot: OwnedSemaphorePermit,
         publisher: &Publisher,
         shutdown: &CancellationToken,
     ) -> Vec<Result<Outcome, HandBack>> {
@@ -391,7 +414,9 @@ impl Gate {
                 (key, self.rules.rule_for(&env.tenant_id, &env.channel))
             })
             .collect();
-        let mut verdicts = match self.decide_batch(&checks, shutdown).await {
+        let decided = self.decide_batch(&checks, shutdown).await;
+        drop(redis_slot);
+        let mut verdicts = match decided {
             Ok(verdicts) => verdicts.into_iter(),
             Err(Stopping) => return batch.iter().map(|_| Err(HandBack::Stopping)).collect(),
         };

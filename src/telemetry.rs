@@ -17,6 +17,7 @@ pub const DEGRADED_TOTAL: &str = "konstruct_gate_degraded_total";
 pub const PUBLISH_FAILURES_TOTAL: &str = "konstruct_gate_publish_failures_total";
 pub const AMQP_RECONNECTS_TOTAL: &str = "konstruct_gate_amqp_reconnects_total";
 pub const FLOW_BLOCKED: &str = "konstruct_gate_publish_blocked";
+pub const BATCH_SIZE: &str = "konstruct_gate_batch_size";
 
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_tracing(config: &LogConfig) {
@@ -48,6 +49,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     &latency_buckets,
                 )
             })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(BATCH_SIZE.into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                )
+            })
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -73,6 +80,7 @@ pub struct Metrics {
     pub publish_failures: Counter,
     pub amqp_reconnects: Counter,
     pub publish_blocked: Gauge,
+    pub batch_size: Histogram,
 }
 
 impl Metrics {
@@ -90,6 +98,7 @@ impl Metrics {
             publish_failures: counter!(PUBLISH_FAILURES_TOTAL),
             amqp_reconnects: counter!(AMQP_RECONNECTS_TOTAL),
             publish_blocked: gauge!(FLOW_BLOCKED),
+            batch_size: histogram!(BATCH_SIZE),
         };
         // Make every series visible from the first scrape, before any traffic.
         for c in [

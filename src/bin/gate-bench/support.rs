@@ -291,8 +291,13 @@ impl GateProcess {
         command
             .arg("run")
             .env_remove("KONSTRUCT_GATE_CONFIG")
-            .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        // The gate logs to standard output; shown only when a log level was asked for.
+        if std::env::var_os("GATE_BENCH_GATE_LOG").is_some() {
+            command.stdout(Stdio::inherit());
+        } else {
+            command.stdout(Stdio::null());
+        }
         let vars = [
             ("AMQP__URL", settings.amqp_url.clone()),
             ("AMQP__INBOUND_QUEUE", queues.inbound.clone()),
@@ -308,7 +313,10 @@ impl GateProcess {
                 settings.window_seconds.to_string(),
             ),
             ("HTTP__LISTEN", "127.0.0.1:0".into()),
-            ("LOG__LEVEL", "warn".into()),
+            (
+                "LOG__LEVEL",
+                std::env::var("GATE_BENCH_GATE_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
         ];
         for (k, v) in vars {
             command.env(format!("KONSTRUCT_GATE__{k}"), v);
