@@ -19,7 +19,7 @@ pub struct Envelope<'a> {
     pub sender: Option<&'a RawValue>,
     pub thread_id: Option<&'a RawValue>,
     /// The whole body, already known to be valid UTF-8 JSON.
-    pub raw: &'a str,
+    pub raw: &'a [u8],
 }
 
 /// Why a message cannot be read; the code is the `x-gate-error` header's value.
@@ -117,17 +117,21 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope<'_>, Invalid> {
             ),
         ));
     }
-    let text = std::str::from_utf8(body).map_err(|e| {
-        Invalid::new(
-            ErrorCode::InvalidJson,
-            format!(
-                "The body is not valid UTF-8 (first bad byte at offset {}).",
-                e.valid_up_to()
-            ),
-        )
-    })?;
-    let fields = parse_fields(text)?;
-    validate(fields, text)
+    // One pass: the JSON parser checks UTF-8 wherever it can occur (inside strings;
+    // anywhere else a non-ASCII byte is a syntax error).
+    match parse_fields(body) {
+        Ok(fields) => validate(fields, body),
+        Err(invalid) => match std::str::from_utf8(body) {
+            Err(e) => Err(Invalid::new(
+                ErrorCode::InvalidJson,
+                format!(
+                    "The body is not valid UTF-8 (first bad byte at offset {}).",
+                    e.valid_up_to()
+                ),
+            )),
+            Ok(_) => Err(invalid),
+        },
+    }
 }
 
 fn invalid_json(e: serde_json::Error) -> Invalid {
@@ -156,8 +160,8 @@ enum Scalar<'a> {
     Other(&'static str),
 }
 
-fn parse_fields(text: &str) -> Result<Fields<'_>, Invalid> {
-    let mut de = serde_json::Deserializer::from_str(text);
+fn parse_fields(body: &[u8]) -> Result<Fields<'_>, Invalid> {
+    let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = de
         .deserialize_any(TopLevel)
         .and_then(|v| de.end().map(|()| v));
@@ -379,7 +383,7 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     }
 }
 
-fn validate<'a>(fields: Fields<'a>, raw: &'a str) -> Result<Envelope<'a>, Invalid> {
+fn validate<'a>(fields: Fields<'a>, raw: &'a [u8]) -> Result<Envelope<'a>, Invalid> {
     let tenant_id = match fields.tenant_id {
         None | Some(Scalar::Null) => {
             return Err(Invalid::new(
@@ -488,6 +492,13 @@ mod tests {
         assert_eq!(parse(b"{}", 1).unwrap_err().code, ErrorCode::TooLarge);
         assert_eq!(code(b"{\"tenant_id\":"), ErrorCode::InvalidJson);
         assert_eq!(code(b"\xff\xfe{}"), ErrorCode::InvalidJson);
+        let bad_utf8_in_a_string = b"{\"tenant_id\":\"a\xff\",\"channel\":\"b\"}";
+        let invalid = parse(bad_utf8_in_a_string, MAX).unwrap_err();
+        assert_eq!(invalid.code, ErrorCode::InvalidJson);
+        assert!(invalid.detail.contains("UTF-8"), "{}", invalid.detail);
+        let bad_utf8_in_an_opaque_member =
+            b"{\"tenant_id\":\"a\",\"channel\":\"b\",\"x\":\"\xc3\"}";
+        assert_eq!(code(bad_utf8_in_an_opaque_member), ErrorCode::InvalidJson);
         assert_eq!(code(b""), ErrorCode::InvalidJson);
         assert_eq!(code(b"{} {}"), ErrorCode::InvalidJson);
         assert_eq!(code(b"[1,2]"), ErrorCode::NotAnObject);

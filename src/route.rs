@@ -125,7 +125,7 @@ pub fn rejection(
     retry_after: u64,
 ) -> (Vec<u8>, BasicProperties) {
     let message: &RawValue =
-        serde_json::from_str(envelope.raw).expect("the envelope's body was parsed as JSON");
+        serde_json::from_slice(envelope.raw).expect("the envelope's body was parsed as JSON");
     let body = Rejection {
         kind: "rate_limited",
         message_id,

@@ -56,8 +56,8 @@ impl Limiter {
         })
     }
 
-    /// Counts each (key, rule) and decides, all in one pipelined round trip. A result per
-    /// check: a failed pipeline fails every check; a failed script fails only its own.
+    /// Counts each (key, rule) and decides, all in one script call and one round trip.
+    /// A result per check; when the call fails, every check fails.
     pub async fn check_batch(
         &self,
         checks: &[(String, Rule)],
@@ -82,51 +82,30 @@ impl Limiter {
         checks: &[(String, Rule)],
     ) -> redis::RedisResult<Vec<Result<Decision, LimitError>>> {
         let mut conn = self.conn.clone();
-        let mut values = self.eval_all(&mut conn, checks.iter()).await?;
-        // After a Redis restart the script cache is empty: load it once and rerun the
-        // checks that were refused. NOSCRIPT means the script did not run, so nothing was
-        // counted twice.
-        let missing: Vec<usize> = (0..values.len())
-            .filter(
-                |&i| matches!(&values[i], redis::Value::ServerError(e) if e.code() == "NOSCRIPT"),
-            )
-            .collect();
-        if !missing.is_empty() {
-            self.fixed_window.load_async(&mut conn).await?;
-            let again = self
-                .eval_all(&mut conn, missing.iter().map(|&i| &checks[i]))
-                .await?;
-            for (i, value) in missing.into_iter().zip(again) {
-                values[i] = value;
-            }
+        let mut invocation = self.fixed_window.prepare_invoke();
+        for (key, rule) in checks {
+            invocation.key(key).arg(rule.window_seconds);
         }
-        Ok(values
-            .into_iter()
+        // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
+        // again: NOSCRIPT means nothing ran, so nothing is counted twice.
+        let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        if flat.len() != checks.len() * 2 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "the rate-limit script returned an unexpected number of values",
+            )));
+        }
+        Ok(flat
+            .chunks_exact(2)
             .zip(checks)
-            .map(|(value, (_, rule))| match value {
-                redis::Value::ServerError(e) => Err(LimitError::Redis(e.into())),
-                value => redis::from_redis_value::<(u64, i64)>(value)
-                    .map(|(count, pttl_ms)| Decision::fixed_window(*rule, count, pttl_ms))
-                    .map_err(|e| LimitError::Shared(e.to_string())),
+            .map(|(pair, (_, rule))| {
+                Ok(Decision::fixed_window(
+                    *rule,
+                    pair[0].max(0) as u64,
+                    pair[1],
+                ))
             })
             .collect())
-    }
-
-    async fn eval_all<'a>(
-        &self,
-        conn: &mut ConnectionManager,
-        checks: impl Iterator<Item = &'a (String, Rule)>,
-    ) -> redis::RedisResult<Vec<redis::Value>> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for (key, rule) in checks {
-            pipe.cmd("EVALSHA")
-                .arg(self.fixed_window.get_hash())
-                .arg(1)
-                .arg(key)
-                .arg(rule.window_seconds);
-        }
-        pipe.query_async(conn).await
     }
 
     /// True when Redis answers a PING within the check timeout.

@@ -43,6 +43,9 @@ pub struct DrainArgs {
 #[derive(Serialize, Debug)]
 struct Pair {
     shovel_msgs_per_s: Option<f64>,
+    shovel_broker_cpu_us_per_msg: Option<f64>,
+    gate_broker_cpu_us_per_msg: f64,
+    gate_redis_cpu_us_per_msg: f64,
     gate_msgs_per_s: f64,
     ratio: Option<f64>,
     gate_cpu_us_per_msg: f64,
@@ -79,33 +82,44 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
                 None
             } else {
                 fill(&conn, &queues.inbound, args.messages, args.tenants, channels).await?;
+                let before = ServerCpu::now();
                 let rate = time_shovel(&channel, &queues, &amqp_url, args.messages, i).await?;
+                let cpu = ServerCpu::now().since(before);
                 purge(&channel, &queues.orchestrator).await?;
-                Some(rate)
+                Some((rate, cpu))
             };
             fill(&conn, &queues.inbound, args.messages, args.tenants, channels).await?;
             let mut run_queues = queues.clone();
             run_queues.key_prefix = format!("{}{i}:", queues.key_prefix);
+            let before = ServerCpu::now();
             let gate = time_gate(&channel, &run_queues, &settings, args.messages, args.instances).await?;
+            let servers = ServerCpu::now().since(before);
+            let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / args.messages as f64;
             for q in queues.outputs() {
                 purge(&channel, q).await?;
             }
             let pair = Pair {
-                shovel_msgs_per_s: shovel,
+                shovel_msgs_per_s: shovel.map(|(rate, _)| rate),
+                shovel_broker_cpu_us_per_msg: shovel.map(|(_, cpu)| per_msg(cpu.broker)),
+                gate_broker_cpu_us_per_msg: per_msg(servers.broker),
+                gate_redis_cpu_us_per_msg: per_msg(servers.redis),
                 gate_msgs_per_s: gate.rate,
-                ratio: shovel.map(|s| gate.rate / s),
+                ratio: shovel.map(|(rate, _)| gate.rate / rate),
                 gate_cpu_us_per_msg: gate.cpu.as_secs_f64() * 1e6 / args.messages as f64,
                 gate_peak_rss_mib: gate.peak_rss as f64 / (1024.0 * 1024.0),
                 redis_calls_per_msg: gate.redis_calls as f64 / args.messages as f64,
             };
             if !json {
                 println!(
-                    "pair {}: shovel {:>8} msg/s   gate {:>8.0} msg/s   ratio {:>5}   gate CPU {:>5.1} µs/msg   peak RSS {:>5.1} MiB   Redis calls/msg {:.2}",
+                    "pair {}: shovel {:>6} msg/s (broker {:>5} µs/msg) | gate {:>6.0} msg/s (gate {:>5.1}, broker {:>5.1}, redis {:>4.1} µs/msg) | ratio {:>5} | peak RSS {:>5.1} MiB | Redis calls/msg {:.2}",
                     i + 1,
                     pair.shovel_msgs_per_s.map_or("-".into(), |s| format!("{s:.0}")),
+                    pair.shovel_broker_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.1}")),
                     pair.gate_msgs_per_s,
-                    pair.ratio.map_or("-".into(), |r| format!("{r:.2}")),
                     pair.gate_cpu_us_per_msg,
+                    pair.gate_broker_cpu_us_per_msg,
+                    pair.gate_redis_cpu_us_per_msg,
+                    pair.ratio.map_or("-".into(), |r| format!("{r:.2}")),
                     pair.gate_peak_rss_mib,
                     pair.redis_calls_per_msg,
                 );

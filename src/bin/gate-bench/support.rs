@@ -418,3 +418,52 @@ pub fn median(values: &mut [f64]) -> f64 {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
+
+/// User + system CPU time of a process so far, from /proc (zero if it is gone).
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // The kernel reports clock ticks; Linux user space uses 100 per second.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The process id of a local server (`beam.smp` for RabbitMQ, `redis-server`), to measure
+/// its CPU; `None` when it does not run on this machine.
+pub fn local_pid(name: &str) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-o", "-x", name])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// CPU used by the broker and Redis between two points.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerCpu {
+    pub broker: Duration,
+    pub redis: Duration,
+}
+
+impl ServerCpu {
+    pub fn now() -> Self {
+        Self {
+            broker: local_pid("beam.smp").map(process_cpu).unwrap_or_default(),
+            redis: local_pid("redis-server")
+                .map(process_cpu)
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn since(self, start: ServerCpu) -> ServerCpu {
+        ServerCpu {
+            broker: self.broker.saturating_sub(start.broker),
+            redis: self.redis.saturating_sub(start.redis),
+        }
+    }
+}
