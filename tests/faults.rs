@@ -126,7 +126,7 @@ async fn chaos_three_instances_lose_nothing() {
     let mut redis = PrivateRedis::start().await;
     let names = Names::new("chaos");
     let broker = Broker::new(&names).await;
-    let (tenants, channels, per_key, limit) = (500, ["slack", "whatsapp"], 24, 5);
+    let (tenants, channels, per_key, limit) = (500, ["slack", "whatsapp"], 30, 5);
     let mut expected = HashSet::new();
     let mut bodies = Vec::new();
     for round in 0..per_key {
@@ -143,19 +143,21 @@ async fn chaos_three_instances_lose_nothing() {
     // The broker closes this connection during the test anyway.
     let _ = broker.conn.close(200, "prefilled".into()).await;
 
-    let env = gate_env(&names, &redis.url(), limit);
+    let mut env = gate_env(&names, &redis.url(), limit);
+    // A modest prefetch keeps the drain long enough for every fault to land mid-drain.
+    env.push(("KONSTRUCT_GATE__AMQP__PREFETCH".into(), "64".into()));
     let mut gates: Vec<_> = (0..3).map(|_| spawn_gate(&env)).collect();
     let addrs: Vec<_> = gates.iter().map(|(_, a)| *a).collect();
     all_ready(&addrs, Duration::from_secs(30)).await;
     let started = Instant::now();
 
     let schedule = [
-        (0.05, Fault::Kill(0)),
-        (0.15, Fault::CloseAllConnections),
-        (0.35, Fault::RestartRedis),
-        (0.45, Fault::Kill(1)),
-        (0.55, Fault::CloseAllConnections),
-        (0.75, Fault::Kill(2)),
+        (0.03, Fault::Kill(0)),
+        (0.10, Fault::CloseAllConnections),
+        (0.25, Fault::RestartRedis),
+        (0.35, Fault::Kill(1)),
+        (0.45, Fault::CloseAllConnections),
+        (0.60, Fault::Kill(2)),
     ];
     let mut report = Vec::new();
     for (fraction, fault) in schedule {
