@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use konstruct_gate::config::{LimitsConfig, Override};
+use konstruct_gate::config::{Algorithm, LimitsConfig, Override};
 use konstruct_gate::limit::{Decision, Rule, Rules, counter_key};
 use konstruct_gate::message::parse;
 use konstruct_gate::route;
@@ -34,7 +34,10 @@ fn body() -> Vec<u8> {
 
 fn properties() -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert("x-trace".into(), AMQPValue::LongString(LongString::from("abc")));
+    headers.insert(
+        "x-trace".into(),
+        AMQPValue::LongString(LongString::from("abc")),
+    );
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_message_id("bench-123456".into())
@@ -48,7 +51,7 @@ fn rules() -> Rules {
             tenant: format!("tenant-{i}"),
             channel: (i % 2 == 0).then(|| "slack".to_owned()),
             requests: Some(100),
-            window_seconds: None,
+            ..Override::default()
         })
         .collect();
     Rules::from_config(&LimitsConfig {
@@ -76,8 +79,10 @@ fn hot_path(c: &mut Criterion) {
     });
     group.bench_function("decision", |b| {
         let rule = Rule {
+            algorithm: Algorithm::FixedWindow,
             requests: 30,
             window_seconds: 60,
+            burst: 30,
         };
         b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500)))
     });

@@ -103,6 +103,9 @@ pub struct LimitsConfig {
     pub algorithm: Algorithm,
     pub requests: u64,
     pub window_seconds: u64,
+    /// `token_bucket` only: messages allowed at once; `requests` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
@@ -115,6 +118,7 @@ impl Default for LimitsConfig {
             algorithm: Algorithm::FixedWindow,
             requests: 30,
             window_seconds: 60,
+            burst: None,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
             overrides: Vec::new(),
@@ -125,7 +129,13 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
+    /// The Python router's window: INCR + EXPIRE on its key; up to twice the limit can
+    /// pass across a window boundary.
     FixedWindow,
+    /// The rolling two-window weighted counter: no boundary burst, O(1) memory.
+    SlidingWindow,
+    /// GCRA: `requests` per window on average, up to `burst` at once.
+    TokenBucket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -139,7 +149,7 @@ pub enum OnRedisError {
 
 /// A limit for one tenant, or for one (tenant, channel). Fields left out fall back to the
 /// tenant-wide override, then to the global limit.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Override {
     pub tenant: String,
@@ -149,6 +159,10 @@ pub struct Override {
     pub requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -342,6 +356,9 @@ impl Config {
         if limits.window_seconds == 0 {
             return fail("limits.window_seconds must be at least 1".into());
         }
+        if limits.burst == Some(0) {
+            return fail("limits.burst must be at least 1".into());
+        }
         if limits.max_message_bytes == 0 {
             return fail("limits.max_message_bytes must be at least 1".into());
         }
@@ -365,6 +382,9 @@ impl Config {
             }
             if o.window_seconds == Some(0) {
                 return fail(format!("{key}.window_seconds must be at least 1"));
+            }
+            if o.burst == Some(0) {
+                return fail(format!("{key}.burst must be at least 1"));
             }
             let duplicate = limits.overrides[..i]
                 .iter()

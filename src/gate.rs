@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
 use crate::config::{Config, OnRedisError};
-use crate::limit::{Decision, Limiter, Rule, Rules, counter_key};
+use crate::limit::{Decision, Limiter, Rule, Rules, key_for};
 use crate::message;
 use crate::route;
 use crate::telemetry::Metrics;
@@ -410,8 +410,14 @@ impl Gate {
             .iter()
             .filter_map(|p| p.as_ref().ok())
             .map(|env| {
-                let key = counter_key(&self.config.redis.key_prefix, &env.tenant_id, &env.channel);
-                (key, self.rules.rule_for(&env.tenant_id, &env.channel))
+                let rule = self.rules.rule_for(&env.tenant_id, &env.channel);
+                let key = key_for(
+                    rule.algorithm,
+                    &self.config.redis.key_prefix,
+                    &env.tenant_id,
+                    &env.channel,
+                );
+                (key, rule)
             })
             .collect();
         let decided = self.decide_batch(&checks, shutdown).await;

@@ -293,12 +293,14 @@ async fn overrides_apply_most_specific_first() {
             channel: None,
             requests: Some(2),
             window_seconds: None,
+            ..Override::default()
         },
         Override {
             tenant: "acme".into(),
             channel: Some("slack".into()),
             requests: Some(3),
             window_seconds: Some(120),
+            ..Override::default()
         },
     ];
     let gate = TestGate::start(config).await;

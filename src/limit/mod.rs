@@ -6,6 +6,8 @@
 mod redis;
 mod rules;
 
+use crate::config::Algorithm;
+
 pub use self::redis::{LimitError, Limiter};
 pub use self::rules::{Rule, Rules};
 
@@ -49,14 +51,54 @@ impl Decision {
     }
 }
 
+impl Decision {
+    /// The decision of a sliding-window or token-bucket script: allowed, remaining, and
+    /// the milliseconds until the window resets and until a message would be allowed.
+    pub fn from_script(
+        rule: Rule,
+        allowed: bool,
+        remaining: i64,
+        reset_ms: i64,
+        retry_ms: i64,
+    ) -> Self {
+        let seconds = |ms: i64| (ms.max(1) as u64).div_ceil(1000);
+        if allowed {
+            Decision::Allowed {
+                limit: rule.requests,
+                remaining: remaining.max(0) as u64,
+                reset_after: seconds(reset_ms),
+            }
+        } else {
+            Decision::Rejected {
+                limit: rule.requests,
+                window_seconds: rule.window_seconds,
+                retry_after: seconds(retry_ms),
+            }
+        }
+    }
+}
+
 /// The counter's Redis key, by default exactly the Python router's.
 pub fn counter_key(prefix: &str, tenant_id: &str, channel: &str) -> String {
-    let mut key =
-        String::with_capacity(prefix.len() + tenant_id.len() + channel.len() + ":ratelimit:".len());
+    let mut key = String::with_capacity(
+        prefix.len() + tenant_id.len() + channel.len() + ":ratelimit:".len() + 8,
+    );
     key.push_str(prefix);
     key.push_str(tenant_id);
     key.push_str(":ratelimit:");
     key.push_str(channel);
+    key
+}
+
+/// The key of `algorithm`'s state: the router's key for the fixed window, a key of its own
+/// (a suffix) for the others, so switching algorithms never misreads another's state.
+pub fn key_for(algorithm: Algorithm, prefix: &str, tenant_id: &str, channel: &str) -> String {
+    let mut key = counter_key(prefix, tenant_id, channel);
+    match algorithm {
+        Algorithm::FixedWindow => {}
+        Algorithm::SlidingWindow => key.push_str(":sliding"),
+        Algorithm::TokenBucket => key.push_str(":bucket"),
+    }
     key
 }
 
@@ -65,9 +107,27 @@ mod tests {
     use super::*;
 
     const RULE: Rule = Rule {
+        algorithm: Algorithm::FixedWindow,
         requests: 3,
         window_seconds: 60,
+        burst: 3,
     };
+
+    #[test]
+    fn other_algorithms_have_keys_of_their_own() {
+        assert_eq!(
+            key_for(Algorithm::FixedWindow, "", "a", "b"),
+            "a:ratelimit:b"
+        );
+        assert_eq!(
+            key_for(Algorithm::SlidingWindow, "p:", "a", "b"),
+            "p:a:ratelimit:b:sliding"
+        );
+        assert_eq!(
+            key_for(Algorithm::TokenBucket, "", "a", "b"),
+            "a:ratelimit:b:bucket"
+        );
+    }
 
     #[test]
     fn key_is_the_python_routers() {

@@ -7,7 +7,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
 use super::{Decision, Rule};
-use crate::config::RedisConfig;
+use crate::config::{Algorithm, RedisConfig};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ impl LimitError {
 pub struct Limiter {
     conn: ConnectionManager,
     fixed_window: Script,
+    sliding_window: Script,
+    token_bucket: Script,
     timeout: Duration,
     metrics: Metrics,
 }
@@ -51,6 +53,8 @@ impl Limiter {
         Ok(Self {
             conn,
             fixed_window: Script::new(include_str!("fixed_window.lua")),
+            sliding_window: Script::new(include_str!("sliding_window.lua")),
+            token_bucket: Script::new(include_str!("token_bucket.lua")),
             timeout,
             metrics,
         })
@@ -77,34 +81,90 @@ impl Limiter {
         }
     }
 
+    /// One script call per algorithm present in the batch, sent together (the connection
+    /// pipelines them), so a batch still costs one round trip.
     async fn run_pipeline(
         &self,
         checks: &[(String, Rule)],
     ) -> redis::RedisResult<Vec<Result<Decision, LimitError>>> {
-        let mut conn = self.conn.clone();
+        let mut groups: [Vec<usize>; 3] = Default::default();
+        for (i, (_, rule)) in checks.iter().enumerate() {
+            groups[algorithm_index(rule.algorithm)].push(i);
+        }
+        let (fixed, sliding, bucket) = futures::try_join!(
+            self.fixed_window_group(checks, &groups[0]),
+            self.timed_group(&self.sliding_window, checks, &groups[1]),
+            self.timed_group(&self.token_bucket, checks, &groups[2]),
+        )?;
+        let mut out: Vec<Option<Decision>> = vec![None; checks.len()];
+        for (indices, decisions) in [
+            (&groups[0], fixed),
+            (&groups[1], sliding),
+            (&groups[2], bucket),
+        ] {
+            for (&i, decision) in indices.iter().zip(decisions) {
+                out[i] = Some(decision);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| d.ok_or_else(|| LimitError::Shared("a check got no answer".into())))
+            .collect())
+    }
+
+    async fn fixed_window_group(
+        &self,
+        checks: &[(String, Rule)],
+        indices: &[usize],
+    ) -> redis::RedisResult<Vec<Decision>> {
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut invocation = self.fixed_window.prepare_invoke();
-        for (key, rule) in checks {
-            invocation.key(key).arg(rule.window_seconds);
+        for &i in indices {
+            invocation.key(&checks[i].0).arg(checks[i].1.window_seconds);
         }
         // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
         // again: NOSCRIPT means nothing ran, so nothing is counted twice.
+        let mut conn = self.conn.clone();
         let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        if flat.len() != checks.len() * 2 {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Parse,
-                "the rate-limit script returned an unexpected number of values",
-            )));
-        }
+        expect_len(&flat, indices.len() * 2)?;
         Ok(flat
             .chunks_exact(2)
-            .zip(checks)
-            .map(|(pair, (_, rule))| {
-                Ok(Decision::fixed_window(
-                    *rule,
-                    pair[0].max(0) as u64,
-                    pair[1],
-                ))
-            })
+            .zip(indices)
+            .map(|(pair, &i)| Decision::fixed_window(checks[i].1, pair[0].max(0) as u64, pair[1]))
+            .collect())
+    }
+
+    /// The sliding-window and token-bucket scripts, with Redis's own clock.
+    async fn timed_group(
+        &self,
+        script: &Script,
+        checks: &[(String, Rule)],
+        indices: &[usize],
+    ) -> redis::RedisResult<Vec<Decision>> {
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = script.prepare_invoke();
+        invocation.arg("");
+        for &i in indices {
+            let (key, rule) = &checks[i];
+            invocation
+                .key(key)
+                .arg(rule.requests)
+                .arg(rule.window_seconds * 1000);
+            if rule.algorithm == Algorithm::TokenBucket {
+                invocation.arg(rule.burst);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        expect_len(&flat, indices.len() * 4)?;
+        Ok(flat
+            .chunks_exact(4)
+            .zip(indices)
+            .map(|(v, &i)| Decision::from_script(checks[i].1, v[0] == 1, v[1], v[2], v[3]))
             .collect())
     }
 
@@ -114,5 +174,24 @@ impl Limiter {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
         matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    }
+}
+
+fn algorithm_index(algorithm: Algorithm) -> usize {
+    match algorithm {
+        Algorithm::FixedWindow => 0,
+        Algorithm::SlidingWindow => 1,
+        Algorithm::TokenBucket => 2,
+    }
+}
+
+fn expect_len(values: &[i64], len: usize) -> redis::RedisResult<()> {
+    if values.len() == len {
+        Ok(())
+    } else {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "a rate-limit script returned an unexpected number of values",
+        )))
     }
 }

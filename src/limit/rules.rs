@@ -3,12 +3,34 @@
 
 use std::collections::HashMap;
 
-use crate::config::LimitsConfig;
+use crate::config::{Algorithm, LimitsConfig, Override};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
+    pub algorithm: Algorithm,
     pub requests: u64,
     pub window_seconds: u64,
+    /// `token_bucket` only: messages allowed at once.
+    pub burst: u64,
+}
+
+impl Rule {
+    /// `base` with the fields `o` sets. A burst left out follows `requests`, unless the
+    /// base had one of its own.
+    fn overridden(base: Rule, base_has_burst: bool, o: &Override) -> (Rule, bool) {
+        let requests = o.requests.unwrap_or(base.requests);
+        let burst = o
+            .burst
+            .or(base_has_burst.then_some(base.burst))
+            .unwrap_or(requests);
+        let rule = Rule {
+            algorithm: o.algorithm.unwrap_or(base.algorithm),
+            requests,
+            window_seconds: o.window_seconds.unwrap_or(base.window_seconds),
+            burst,
+        };
+        (rule, o.burst.is_some() || base_has_burst)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -21,24 +43,26 @@ pub struct Rules {
 #[derive(Debug, Clone)]
 struct TenantRules {
     tenant: Rule,
+    tenant_has_burst: bool,
     channels: HashMap<String, Rule>,
 }
 
 impl Rules {
     pub fn from_config(limits: &LimitsConfig) -> Self {
         let global = Rule {
+            algorithm: limits.algorithm,
             requests: limits.requests,
             window_seconds: limits.window_seconds,
+            burst: limits.burst.unwrap_or(limits.requests),
         };
+        let global_has_burst = limits.burst.is_some();
         let mut tenants: HashMap<String, TenantRules> = HashMap::new();
         // Tenant-wide overrides first, so channel overrides can inherit from them.
         for o in limits.overrides.iter().filter(|o| o.channel.is_none()) {
-            let rule = Rule {
-                requests: o.requests.unwrap_or(global.requests),
-                window_seconds: o.window_seconds.unwrap_or(global.window_seconds),
-            };
+            let (rule, has_burst) = Rule::overridden(global, global_has_burst, o);
             tenants.entry(o.tenant.clone()).or_insert(TenantRules {
                 tenant: rule,
+                tenant_has_burst: has_burst,
                 channels: HashMap::new(),
             });
         }
@@ -46,16 +70,11 @@ impl Rules {
             let Some(channel) = &o.channel else { continue };
             let entry = tenants.entry(o.tenant.clone()).or_insert(TenantRules {
                 tenant: global,
+                tenant_has_burst: global_has_burst,
                 channels: HashMap::new(),
             });
-            let base = entry.tenant;
-            entry.channels.insert(
-                channel.clone(),
-                Rule {
-                    requests: o.requests.unwrap_or(base.requests),
-                    window_seconds: o.window_seconds.unwrap_or(base.window_seconds),
-                },
-            );
+            let (rule, _) = Rule::overridden(entry.tenant, entry.tenant_has_burst, o);
+            entry.channels.insert(channel.clone(), rule);
         }
         Rules { global, tenants }
     }
@@ -71,7 +90,6 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Override;
 
     fn o(
         tenant: &str,
@@ -84,6 +102,16 @@ mod tests {
             channel: channel.map(Into::into),
             requests,
             window_seconds: window,
+            ..Override::default()
+        }
+    }
+
+    fn rule(requests: u64, window_seconds: u64) -> Rule {
+        Rule {
+            algorithm: Algorithm::FixedWindow,
+            requests,
+            window_seconds,
+            burst: requests,
         }
     }
 
@@ -102,40 +130,44 @@ mod tests {
         };
         let rules = Rules::from_config(&limits);
         let r = |t, c| rules.rule_for(t, c);
+        assert_eq!(r("other", "slack"), rule(30, 60));
+        assert_eq!(r("acme", "slack"), rule(300, 10));
+        assert_eq!(r("acme", "whatsapp"), rule(100, 10));
+        assert_eq!(r("solo", "whatsapp"), rule(30, 5));
+        assert_eq!(r("solo", "slack"), rule(30, 60));
+    }
+
+    #[test]
+    fn algorithm_and_burst_inherit_like_the_rest() {
+        let limits = LimitsConfig {
+            requests: 30,
+            window_seconds: 60,
+            overrides: vec![
+                Override {
+                    algorithm: Some(Algorithm::TokenBucket),
+                    burst: Some(5),
+                    ..o("acme", None, Some(100), None)
+                },
+                o("acme", Some("slack"), Some(300), None),
+                Override {
+                    algorithm: Some(Algorithm::SlidingWindow),
+                    ..o("solo", Some("sms"), None, None)
+                },
+            ],
+            ..LimitsConfig::default()
+        };
+        let rules = Rules::from_config(&limits);
+        let acme_slack = rules.rule_for("acme", "slack");
+        assert_eq!(acme_slack.algorithm, Algorithm::TokenBucket);
+        assert_eq!((acme_slack.requests, acme_slack.burst), (300, 5));
+        let acme_other = rules.rule_for("acme", "teams");
+        assert_eq!((acme_other.requests, acme_other.burst), (100, 5));
+        let solo = rules.rule_for("solo", "sms");
+        assert_eq!(solo.algorithm, Algorithm::SlidingWindow);
         assert_eq!(
-            r("other", "slack"),
-            Rule {
-                requests: 30,
-                window_seconds: 60
-            }
+            solo.burst, 30,
+            "without a burst anywhere, burst follows requests"
         );
-        assert_eq!(
-            r("acme", "slack"),
-            Rule {
-                requests: 300,
-                window_seconds: 10
-            }
-        );
-        assert_eq!(
-            r("acme", "whatsapp"),
-            Rule {
-                requests: 100,
-                window_seconds: 10
-            }
-        );
-        assert_eq!(
-            r("solo", "whatsapp"),
-            Rule {
-                requests: 30,
-                window_seconds: 5
-            }
-        );
-        assert_eq!(
-            r("solo", "slack"),
-            Rule {
-                requests: 30,
-                window_seconds: 60
-            }
-        );
+        assert_eq!(rules.rule_for("x", "y").algorithm, Algorithm::FixedWindow);
     }
 }

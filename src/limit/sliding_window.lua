@@ -1,0 +1,65 @@
+-- Sliding window: the rolling two-window weighted counter. The estimate at time t is the
+-- previous window's count weighted by how much of it still overlaps [t - window, t],
+-- plus the current window's count. Only allowed messages are counted. O(1) memory: one
+-- hash per key with the current window's index and the two counts.
+--
+-- KEYS[i]       the counter hash ({key_prefix}{tenant_id}:ratelimit:{channel}:sliding)
+-- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
+-- ARGV[2i], ARGV[2i+1]  limit and window length in milliseconds for KEYS[i]
+-- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms} for each key
+local now_us
+if ARGV[1] ~= '' then
+  now_us = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local now = now_us / 1000
+local out = {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local index = math.floor(now / window)
+  local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
+  local current, previous = 0, 0
+  if stored[1] then
+    local was = tonumber(stored[1])
+    if was == index then
+      current, previous = tonumber(stored[2]), tonumber(stored[3])
+    elseif was == index - 1 then
+      previous = tonumber(stored[2])
+    end
+  end
+  local elapsed = now - index * window
+  local weight = (window - elapsed) / window
+  local estimate = previous * weight + current
+  local allowed = 0
+  local retry = 0
+  if estimate + 1 <= limit then
+    allowed = 1
+    current = current + 1
+    estimate = estimate + 1
+    redis.call('HSET', key, 'index', index, 'current', current, 'previous', previous)
+    redis.call('PEXPIRE', key, math.ceil(2 * window - elapsed))
+  else
+    -- The earliest time the estimate leaves room for one more message.
+    if current + 1 <= limit and previous > 0 then
+      local e = window * (1 - (limit - 1 - current) / previous)
+      retry = e - elapsed
+    else
+      -- Not in this window: in the next one the current count becomes the previous.
+      local e = 0
+      if current > 0 then
+        e = window * (1 - (limit - 1) / current)
+      end
+      retry = (window - elapsed) + e
+    end
+  end
+  local remaining = math.floor(limit - estimate)
+  if remaining < 0 then remaining = 0 end
+  out[4 * i - 3] = allowed
+  out[4 * i - 2] = remaining
+  out[4 * i - 1] = math.ceil(window - elapsed)
+  out[4 * i] = math.ceil(retry)
+end
+return out
