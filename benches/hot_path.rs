@@ -83,6 +83,7 @@ fn hot_path(c: &mut Criterion) {
             requests: 30,
             window_seconds: 60,
             burst: 30,
+            shadow: false,
         };
         b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500)))
     });

@@ -106,6 +106,9 @@ pub struct LimitsConfig {
     /// `token_bucket` only: messages allowed at once; `requests` when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    /// Decide and report, but forward what would be rejected (header
+    /// `x-ratelimit-shadow: rejected`): the safe way to roll out a new limit.
+    pub shadow: bool,
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
@@ -119,6 +122,7 @@ impl Default for LimitsConfig {
             requests: 30,
             window_seconds: 60,
             burst: None,
+            shadow: false,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
             overrides: Vec::new(),
@@ -163,6 +167,8 @@ pub struct Override {
     pub algorithm: Option<Algorithm>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

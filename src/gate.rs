@@ -423,7 +423,9 @@ impl Gate {
         let decided = self.decide_batch(&checks, shutdown).await;
         drop(redis_slot);
         let mut verdicts = match decided {
-            Ok(verdicts) => verdicts.into_iter(),
+            Ok(verdicts) => verdicts
+                .into_iter()
+                .zip(checks.iter().map(|(_, rule)| *rule)),
             Err(Stopping) => return batch.iter().map(|_| Err(HandBack::Stopping)).collect(),
         };
 
@@ -447,11 +449,17 @@ impl Gate {
                     )
                 }
                 Ok(envelope) => match verdicts.next().expect("one verdict per valid message") {
-                    Verdict::Checked(Decision::Allowed {
-                        limit,
-                        remaining,
-                        reset_after,
-                    }) => {
+                    (
+                        Verdict::Checked(Decision::Allowed {
+                            limit,
+                            remaining,
+                            reset_after,
+                        }),
+                        _,
+                    ) => {
+                        if route::near_limit(limit, remaining) {
+                            self.metrics.near_limit.increment(1);
+                        }
                         let properties = route::allowed_properties(
                             &delivery.properties,
                             limit,
@@ -465,11 +473,42 @@ impl Gate {
                             properties,
                         )
                     }
-                    Verdict::Checked(Decision::Rejected {
-                        limit,
-                        window_seconds,
-                        retry_after,
-                    }) => {
+                    (
+                        Verdict::Checked(Decision::Rejected {
+                            limit,
+                            window_seconds,
+                            retry_after,
+                        }),
+                        rule,
+                    ) if rule.shadow => {
+                        self.metrics.shadow_rejections.increment(1);
+                        info!(
+                            outcome = "shadow_rejected",
+                            tenant_id = %envelope.tenant_id,
+                            channel = %envelope.channel,
+                            message_id = route::message_id(envelope, &delivery.properties),
+                            limit,
+                            window_seconds,
+                            retry_after_seconds = retry_after,
+                            "message over its limit forwarded (shadow mode)"
+                        );
+                        let properties =
+                            route::shadow_properties(&delivery.properties, limit, retry_after);
+                        (
+                            Outcome::Allowed,
+                            amqp.orchestrator_queue.as_str(),
+                            Cow::Borrowed(&delivery.data[..]),
+                            properties,
+                        )
+                    }
+                    (
+                        Verdict::Checked(Decision::Rejected {
+                            limit,
+                            window_seconds,
+                            retry_after,
+                        }),
+                        _,
+                    ) => {
                         let message_id = route::message_id(envelope, &delivery.properties);
                         info!(
                             outcome = "rejected",
@@ -495,7 +534,7 @@ impl Gate {
                             properties,
                         )
                     }
-                    Verdict::Unchecked => {
+                    (Verdict::Unchecked, _) => {
                         let properties = route::degraded_properties(&delivery.properties);
                         (
                             Outcome::Allowed,

@@ -73,12 +73,36 @@ pub fn allowed_properties(
     remaining: u64,
     reset_after: u64,
 ) -> BasicProperties {
+    let headers = [
+        ("x-ratelimit-limit", int(limit)),
+        ("x-ratelimit-remaining", int(remaining)),
+        ("x-ratelimit-reset", int(reset_after)),
+        ("x-ratelimit-near-limit", text("true")),
+    ];
+    // The near-limit signal only when at most a fifth of the limit is left.
+    let n = if near_limit(limit, remaining) { 4 } else { 3 };
+    copy_properties(inbound, &headers[..n])
+}
+
+/// True when at most 20 % of the limit remains.
+pub fn near_limit(limit: u64, remaining: u64) -> bool {
+    remaining.saturating_mul(5) <= limit
+}
+
+/// Properties of a message the limit would have rejected, forwarded because its rule is
+/// in shadow mode.
+pub fn shadow_properties(
+    inbound: &BasicProperties,
+    limit: u64,
+    retry_after: u64,
+) -> BasicProperties {
     copy_properties(
         inbound,
         &[
             ("x-ratelimit-limit", int(limit)),
-            ("x-ratelimit-remaining", int(remaining)),
-            ("x-ratelimit-reset", int(reset_after)),
+            ("x-ratelimit-remaining", int(0)),
+            ("x-ratelimit-reset", int(retry_after)),
+            ("x-ratelimit-shadow", text("rejected")),
         ],
     )
 }
@@ -204,6 +228,31 @@ mod tests {
         assert_eq!(header(p.headers(), "x-ratelimit-limit"), Some(&int(30)));
         assert_eq!(header(p.headers(), "x-ratelimit-remaining"), Some(&int(29)));
         assert_eq!(header(p.headers(), "x-ratelimit-reset"), Some(&int(60)));
+        assert_eq!(header(p.headers(), "x-ratelimit-near-limit"), None);
+    }
+
+    #[test]
+    fn near_limit_is_flagged_at_a_fifth_of_the_limit_or_less() {
+        let p = allowed_properties(&BasicProperties::default(), 30, 6, 60);
+        assert_eq!(
+            header(p.headers(), "x-ratelimit-near-limit"),
+            Some(&text("true"))
+        );
+        let p = allowed_properties(&BasicProperties::default(), 30, 7, 60);
+        assert_eq!(header(p.headers(), "x-ratelimit-near-limit"), None);
+        assert!(near_limit(1, 0) && !near_limit(10, 3) && near_limit(10, 2));
+    }
+
+    #[test]
+    fn shadow_rejections_are_marked() {
+        let p = shadow_properties(&full_properties(), 30, 42);
+        assert_eq!(
+            header(p.headers(), "x-ratelimit-shadow"),
+            Some(&text("rejected"))
+        );
+        assert_eq!(header(p.headers(), "x-ratelimit-remaining"), Some(&int(0)));
+        assert_eq!(header(p.headers(), "x-ratelimit-reset"), Some(&int(42)));
+        assert_eq!(p.user_id(), &None);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const PUBLISH_FAILURES_TOTAL: &str = "konstruct_gate_publish_failures_total"
 pub const AMQP_RECONNECTS_TOTAL: &str = "konstruct_gate_amqp_reconnects_total";
 pub const FLOW_BLOCKED: &str = "konstruct_gate_publish_blocked";
 pub const BATCH_SIZE: &str = "konstruct_gate_batch_size";
+pub const SHADOW_REJECTIONS_TOTAL: &str = "konstruct_gate_shadow_rejections_total";
+pub const NEAR_LIMIT_TOTAL: &str = "konstruct_gate_near_limit_total";
 
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_tracing(config: &LogConfig) {
@@ -81,6 +83,8 @@ pub struct Metrics {
     pub amqp_reconnects: Counter,
     pub publish_blocked: Gauge,
     pub batch_size: Histogram,
+    pub shadow_rejections: Counter,
+    pub near_limit: Counter,
 }
 
 impl Metrics {
@@ -99,6 +103,8 @@ impl Metrics {
             amqp_reconnects: counter!(AMQP_RECONNECTS_TOTAL),
             publish_blocked: gauge!(FLOW_BLOCKED),
             batch_size: histogram!(BATCH_SIZE),
+            shadow_rejections: counter!(SHADOW_REJECTIONS_TOTAL),
+            near_limit: counter!(NEAR_LIMIT_TOTAL),
         };
         // Make every series visible from the first scrape, before any traffic.
         for c in [
@@ -109,6 +115,8 @@ impl Metrics {
             &metrics.degraded,
             &metrics.publish_failures,
             &metrics.amqp_reconnects,
+            &metrics.shadow_rejections,
+            &metrics.near_limit,
         ] {
             c.increment(0);
         }

@@ -575,3 +575,44 @@ async fn an_unroutable_output_is_not_acked_and_is_retried_until_it_can_be_delive
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn shadow_mode_forwards_what_it_would_reject_and_near_limit_is_flagged() {
+    let names = Names::new("shadow");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(5, 60);
+    config.limits.overrides = vec![Override {
+        tenant: "trial".into(),
+        shadow: Some(true),
+        ..Override::default()
+    }];
+    let gate = TestGate::start(config).await;
+    broker
+        .publish_many((0..7).map(|i| message(&format!("s{i}"), "trial", "slack")))
+        .await;
+    let out = broker.collect(&names.orchestrator, 7, WAIT).await;
+    let shadowed = out
+        .iter()
+        .filter(|d| {
+            konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-shadow").is_some()
+        })
+        .inspect(|d| assert_eq!(text_header(d, "x-ratelimit-shadow"), "rejected"))
+        .count();
+    assert_eq!(shadowed, 2, "the two over the limit are forwarded, marked");
+    let near: Vec<i64> = out
+        .iter()
+        .filter(|d| {
+            konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-near-limit")
+                .is_some()
+        })
+        .map(|d| int_header(d, "x-ratelimit-remaining"))
+        .collect();
+    let mut near = near;
+    near.sort_unstable();
+    assert_eq!(near, vec![0, 1], "remaining ≤ 20 % of 5 is flagged");
+    broker.assert_empty(&names.notifications).await;
+    let (_, metrics) = http_get(gate.http, "/metrics").await.unwrap();
+    assert!(metrics.contains("konstruct_gate_shadow_rejections_total"));
+    gate.stop().await;
+    broker.cleanup().await;
+}

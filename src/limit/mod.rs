@@ -111,6 +111,7 @@ mod tests {
         requests: 3,
         window_seconds: 60,
         burst: 3,
+        shadow: false,
     };
 
     #[test]

@@ -12,6 +12,8 @@ pub struct Rule {
     pub window_seconds: u64,
     /// `token_bucket` only: messages allowed at once.
     pub burst: u64,
+    /// Forward what this rule would reject, marked, instead of rejecting it.
+    pub shadow: bool,
 }
 
 impl Rule {
@@ -28,6 +30,7 @@ impl Rule {
             requests,
             window_seconds: o.window_seconds.unwrap_or(base.window_seconds),
             burst,
+            shadow: o.shadow.unwrap_or(base.shadow),
         };
         (rule, o.burst.is_some() || base_has_burst)
     }
@@ -54,6 +57,7 @@ impl Rules {
             requests: limits.requests,
             window_seconds: limits.window_seconds,
             burst: limits.burst.unwrap_or(limits.requests),
+            shadow: limits.shadow,
         };
         let global_has_burst = limits.burst.is_some();
         let mut tenants: HashMap<String, TenantRules> = HashMap::new();
@@ -112,6 +116,7 @@ mod tests {
             requests,
             window_seconds,
             burst: requests,
+            shadow: false,
         }
     }
 
