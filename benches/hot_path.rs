@@ -85,7 +85,7 @@ fn hot_path(c: &mut Criterion) {
             burst: 30,
             shadow: false,
         };
-        b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500)))
+        b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500), true))
     });
     group.bench_function("allowed_output", |b| {
         b.iter(|| route::allowed_properties(black_box(&props), 30, 12, 42))
@@ -94,7 +94,7 @@ fn hot_path(c: &mut Criterion) {
         let env = parse(&body, MAX).unwrap();
         b.iter(|| {
             let id = route::message_id(&env, &props);
-            route::rejection(black_box(&env), id, 30, 60, 42)
+            route::rejection(black_box(&env), id, 30, 60, 42, true)
         })
     });
     group.bench_function("dead_letter_output", |b| {
@@ -106,7 +106,7 @@ fn hot_path(c: &mut Criterion) {
             let env = parse(black_box(&body), MAX).unwrap();
             let rule = rules.rule_for(&env.tenant_id, &env.channel);
             let _key = counter_key("", &env.tenant_id, &env.channel);
-            match Decision::fixed_window(rule, 3, 59_000) {
+            match Decision::fixed_window(rule, 3, 59_000, true) {
                 Decision::Allowed {
                     limit,
                     remaining,

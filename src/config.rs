@@ -109,6 +109,8 @@ pub struct LimitsConfig {
     /// Decide and report, but forward what would be rejected (header
     /// `x-ratelimit-shadow: rejected`): the safe way to roll out a new limit.
     pub shadow: bool,
+    /// Which rejections ask the notifier to tell the user (`notify_user` in the body).
+    pub notify: Notify,
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
@@ -123,6 +125,7 @@ impl Default for LimitsConfig {
             window_seconds: 60,
             burst: None,
             shadow: false,
+            notify: Notify::OncePerWindow,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
             overrides: Vec::new(),
@@ -140,6 +143,16 @@ pub enum Algorithm {
     SlidingWindow,
     /// GCRA: `requests` per window on average, up to `burst` at once.
     TokenBucket,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notify {
+    /// Every rejection carries `notify_user: true`.
+    Every,
+    /// Only the first rejection per (tenant, channel, sender) until the sender may write
+    /// again carries `notify_user: true`; the rest carry `false`.
+    OncePerWindow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -29,8 +29,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
-use crate::config::{Config, OnRedisError};
-use crate::limit::{Decision, Limiter, Rule, Rules, key_for};
+use crate::config::{Config, Notify, OnRedisError};
+use crate::limit::{Check, Decision, Limiter, Rules, key_for, sender_tag};
 use crate::message;
 use crate::route;
 use crate::telemetry::Metrics;
@@ -406,7 +406,7 @@ impl Gate {
             .iter()
             .map(|d| message::parse(&d.data, max_bytes))
             .collect();
-        let checks: Vec<(String, Rule)> = parsed
+        let checks: Vec<Check> = parsed
             .iter()
             .filter_map(|p| p.as_ref().ok())
             .map(|env| {
@@ -417,7 +417,15 @@ impl Gate {
                     &env.tenant_id,
                     &env.channel,
                 );
-                (key, rule)
+                let notify_tag = match self.config.limits.notify {
+                    Notify::Every => String::new(),
+                    Notify::OncePerWindow => sender_tag(env.sender.map(|s| s.get())),
+                };
+                Check {
+                    key,
+                    rule,
+                    notify_tag,
+                }
             })
             .collect();
         let decided = self.decide_batch(&checks, shutdown).await;
@@ -425,7 +433,7 @@ impl Gate {
         let mut verdicts = match decided {
             Ok(verdicts) => verdicts
                 .into_iter()
-                .zip(checks.iter().map(|(_, rule)| *rule)),
+                .zip(checks.iter().map(|check| check.rule)),
             Err(Stopping) => return batch.iter().map(|_| Err(HandBack::Stopping)).collect(),
         };
 
@@ -478,6 +486,7 @@ impl Gate {
                             limit,
                             window_seconds,
                             retry_after,
+                            ..
                         }),
                         rule,
                     ) if rule.shadow => {
@@ -506,6 +515,7 @@ impl Gate {
                             limit,
                             window_seconds,
                             retry_after,
+                            notify_user,
                         }),
                         _,
                     ) => {
@@ -526,6 +536,7 @@ impl Gate {
                             limit,
                             window_seconds,
                             retry_after,
+                            notify_user,
                         );
                         (
                             Outcome::Rejected,
@@ -563,7 +574,7 @@ impl Gate {
     /// the checks that failed.
     async fn decide_batch(
         &self,
-        checks: &[(String, Rule)],
+        checks: &[Check],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Verdict>, Stopping> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; checks.len()];

@@ -134,6 +134,9 @@ struct Rejection<'a> {
     limit: u64,
     window_seconds: u64,
     retry_after_seconds: u64,
+    /// False for the repeats of one sender's rejections within a window, so the notifier
+    /// replies once.
+    notify_user: bool,
     channel_metadata: Option<&'a RawValue>,
     sender: Option<&'a RawValue>,
     thread_id: Option<&'a RawValue>,
@@ -147,6 +150,7 @@ pub fn rejection(
     limit: u64,
     window_seconds: u64,
     retry_after: u64,
+    notify_user: bool,
 ) -> (Vec<u8>, BasicProperties) {
     let message: &RawValue =
         serde_json::from_slice(envelope.raw).expect("the envelope's body was parsed as JSON");
@@ -158,6 +162,7 @@ pub fn rejection(
         limit,
         window_seconds,
         retry_after_seconds: retry_after,
+        notify_user,
         channel_metadata: envelope.channel_metadata,
         sender: envelope.sender,
         thread_id: envelope.thread_id,
@@ -278,14 +283,14 @@ mod tests {
         let props = full_properties();
         let id = message_id(&envelope, &props);
         assert_eq!(id, Some("amqp-id"));
-        let (bytes, p) = rejection(&envelope, id, 30, 60, 42);
+        let (bytes, p) = rejection(&envelope, id, 30, 60, 42, true);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
                 "type": "rate_limited", "message_id": "amqp-id", "tenant_id": "acme",
                 "channel": "slack", "limit": 30, "window_seconds": 60,
-                "retry_after_seconds": 42, "channel_metadata": null,
+                "retry_after_seconds": 42, "notify_user": true, "channel_metadata": null,
                 "sender": {"u": "U1"}, "thread_id": "t1",
                 "message": serde_json::from_slice::<serde_json::Value>(body).unwrap(),
             })

@@ -121,7 +121,7 @@ proptest! {
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(limit).arg(window_ms).invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(&key).arg(now).arg(limit).arg(window_ms).arg("").invoke(&mut con).unwrap();
             let want = model.check(now, limit, window_ms);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
             if want.0 == 0 {
@@ -146,7 +146,7 @@ proptest! {
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(requests).arg(window_ms).arg(burst).invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(&key).arg(now).arg(requests).arg(window_ms).arg(burst).arg("").invoke(&mut con).unwrap();
             let want = model.check(now, requests, window_ms, burst);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
         }
@@ -171,6 +171,7 @@ fn the_sliding_window_closes_the_fixed_windows_boundary_burst() {
             .arg(now)
             .arg(10)
             .arg(60_000)
+            .arg("")
             .invoke(&mut con)
             .unwrap();
         allowed += answer[0];
@@ -191,6 +192,7 @@ fn a_token_bucket_allows_its_burst_then_one_per_interval() {
             .arg(60) // 60 per minute: one a second
             .arg(60_000)
             .arg(5)
+            .arg("")
             .invoke(con)
             .unwrap()
     };

@@ -124,6 +124,7 @@ async fn over_the_limit_a_rate_limited_notification_is_published() {
             "limit": 2,
             "window_seconds": 60,
             "retry_after_seconds": retry,
+            "notify_user": true,
             "channel_metadata": inbound["channel_metadata"],
             "sender": inbound["sender"],
             "thread_id": inbound["thread_id"],
@@ -613,6 +614,73 @@ async fn shadow_mode_forwards_what_it_would_reject_and_near_limit_is_flagged() {
     broker.assert_empty(&names.notifications).await;
     let (_, metrics) = http_get(gate.http, "/metrics").await.unwrap();
     assert!(metrics.contains("konstruct_gate_shadow_rejections_total"));
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn repeated_rejections_of_one_sender_notify_the_user_once() {
+    let names = Names::new("notify");
+    let broker = Broker::new(&names).await;
+    let gate = TestGate::start(names.config(1, 60)).await;
+    let body = |id: &str, user: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "tenant_id": "acme", "channel": "slack",
+            "sender": {"user_id": user},
+        }))
+        .unwrap()
+    };
+    broker
+        .publish(&body("first", "U1"), BasicProperties::default())
+        .await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+    for i in 0..4 {
+        broker
+            .publish(&body(&format!("u1-{i}"), "U1"), BasicProperties::default())
+            .await;
+    }
+    broker
+        .publish(&body("u2-0", "U2"), BasicProperties::default())
+        .await;
+    let rejected = broker.collect(&names.notifications, 5, WAIT).await;
+    let mut told: Vec<(String, bool)> = rejected
+        .iter()
+        .map(|d| serde_json::from_slice::<serde_json::Value>(&d.data).unwrap())
+        .map(|n| {
+            (
+                n["sender"]["user_id"].as_str().unwrap().to_owned(),
+                n["notify_user"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    told.sort();
+    assert_eq!(
+        told,
+        vec![
+            ("U1".into(), false),
+            ("U1".into(), false),
+            ("U1".into(), false),
+            ("U1".into(), true),
+            ("U2".into(), true),
+        ],
+        "one reply per sender, every rejection still published"
+    );
+    gate.stop().await;
+
+    // With notify = "every", every rejection asks for a reply.
+    let mut config = names.config(1, 60);
+    config.limits.notify = konstruct_gate::config::Notify::Every;
+    let gate = TestGate::start(config).await;
+    for i in 0..2 {
+        broker
+            .publish(&body(&format!("e{i}"), "U1"), BasicProperties::default())
+            .await;
+    }
+    let rejected = broker.collect(&names.notifications, 2, WAIT).await;
+    for d in &rejected {
+        let n: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(n["notify_user"], true);
+    }
     gate.stop().await;
     broker.cleanup().await;
 }

@@ -11,6 +11,25 @@ use crate::config::Algorithm;
 pub use self::redis::{LimitError, Limiter};
 pub use self::rules::{Rule, Rules};
 
+#[cfg(test)]
+mod tag_tests {
+    use super::sender_tag;
+
+    #[test]
+    fn sender_tags_are_stable_and_distinct() {
+        assert_eq!(
+            sender_tag(Some(r#"{"user_id":"U1"}"#)),
+            sender_tag(Some(r#"{"user_id":"U1"}"#))
+        );
+        assert_ne!(
+            sender_tag(Some(r#"{"user_id":"U1"}"#)),
+            sender_tag(Some(r#"{"user_id":"U2"}"#))
+        );
+        assert_eq!(sender_tag(Some("")), "cbf29ce484222325");
+        assert_eq!(sender_tag(None), "anyone");
+    }
+}
+
 /// The outcome of one check against a (tenant, channel) window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -26,12 +45,37 @@ pub enum Decision {
         /// Whole seconds (at least 1) until a message of this tenant and channel would be
         /// allowed again.
         retry_after: u64,
+        /// False when this sender was already told during this window (`notify =
+        /// "once_per_window"`), so the notifier stays quiet.
+        notify_user: bool,
     },
+}
+
+/// One message to count: its key, its rule, and who is told when it is rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub key: String,
+    pub rule: Rule,
+    /// Identifies the sender for quiet rejections; empty to notify every rejection.
+    pub notify_tag: String,
+}
+
+/// A short, stable tag for a sender (FNV-1a of its JSON), the same on every instance.
+pub fn sender_tag(sender_json: Option<&str>) -> String {
+    let Some(json) = sender_json else {
+        return "anyone".to_owned();
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in json.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 impl Decision {
     /// The fixed-window decision for a counter that reached `count` with `pttl_ms` left.
-    pub fn fixed_window(rule: Rule, count: u64, pttl_ms: i64) -> Self {
+    pub fn fixed_window(rule: Rule, count: u64, pttl_ms: i64, notify_user: bool) -> Self {
         // A window always lasts at least a second from the client's point of view: a
         // reset of 0 would invite a retry that is still inside the window.
         let reset_after = (pttl_ms.max(1) as u64).div_ceil(1000);
@@ -46,23 +90,20 @@ impl Decision {
                 limit: rule.requests,
                 window_seconds: rule.window_seconds,
                 retry_after: reset_after,
+                notify_user,
             }
         }
     }
 }
 
 impl Decision {
-    /// The decision of a sliding-window or token-bucket script: allowed, remaining, and
-    /// the milliseconds until the window resets and until a message would be allowed.
-    pub fn from_script(
-        rule: Rule,
-        allowed: bool,
-        remaining: i64,
-        reset_ms: i64,
-        retry_ms: i64,
-    ) -> Self {
+    /// The decision of a sliding-window or token-bucket script from its five values:
+    /// allowed, remaining, the milliseconds until the window resets and until a message
+    /// would be allowed, and whether to notify the sender.
+    pub fn from_script(values: &[i64], rule: Rule) -> Self {
+        let [allowed, remaining, reset_ms, retry_ms, notify] = [0, 1, 2, 3, 4].map(|i| values[i]);
         let seconds = |ms: i64| (ms.max(1) as u64).div_ceil(1000);
-        if allowed {
+        if allowed == 1 {
             Decision::Allowed {
                 limit: rule.requests,
                 remaining: remaining.max(0) as u64,
@@ -73,6 +114,7 @@ impl Decision {
                 limit: rule.requests,
                 window_seconds: rule.window_seconds,
                 retry_after: seconds(retry_ms),
+                notify_user: notify == 1,
             }
         }
     }
@@ -142,7 +184,7 @@ mod tests {
     #[test]
     fn allowed_up_to_the_limit_then_rejected() {
         assert_eq!(
-            Decision::fixed_window(RULE, 1, 60_000),
+            Decision::fixed_window(RULE, 1, 60_000, true),
             Decision::Allowed {
                 limit: 3,
                 remaining: 2,
@@ -150,7 +192,7 @@ mod tests {
             }
         );
         assert_eq!(
-            Decision::fixed_window(RULE, 3, 59_001),
+            Decision::fixed_window(RULE, 3, 59_001, true),
             Decision::Allowed {
                 limit: 3,
                 remaining: 0,
@@ -158,11 +200,12 @@ mod tests {
             }
         );
         assert_eq!(
-            Decision::fixed_window(RULE, 4, 41_500),
+            Decision::fixed_window(RULE, 4, 41_500, false),
             Decision::Rejected {
                 limit: 3,
                 window_seconds: 60,
-                retry_after: 42
+                retry_after: 42,
+                notify_user: false,
             }
         );
     }
@@ -170,7 +213,7 @@ mod tests {
     #[test]
     fn retry_after_is_at_least_one_second() {
         for pttl in [-1, 0, 1, 999] {
-            match Decision::fixed_window(RULE, 10, pttl) {
+            match Decision::fixed_window(RULE, 10, pttl, true) {
                 Decision::Rejected { retry_after, .. } => assert_eq!(retry_after, 1),
                 other => panic!("expected a rejection, got {other:?}"),
             }

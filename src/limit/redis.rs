@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::{Decision, Rule};
+use super::{Check, Decision};
 use crate::config::{Algorithm, RedisConfig};
 use crate::telemetry::Metrics;
 
@@ -62,10 +62,7 @@ impl Limiter {
 
     /// Counts each (key, rule) and decides, all in one script call and one round trip.
     /// A result per check; when the call fails, every check fails.
-    pub async fn check_batch(
-        &self,
-        checks: &[(String, Rule)],
-    ) -> Vec<Result<Decision, LimitError>> {
+    pub async fn check_batch(&self, checks: &[Check]) -> Vec<Result<Decision, LimitError>> {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.run_pipeline(checks)).await;
         self.metrics.redis_check_seconds.record(started.elapsed());
@@ -85,11 +82,11 @@ impl Limiter {
     /// pipelines them), so a batch still costs one round trip.
     async fn run_pipeline(
         &self,
-        checks: &[(String, Rule)],
+        checks: &[Check],
     ) -> redis::RedisResult<Vec<Result<Decision, LimitError>>> {
         let mut groups: [Vec<usize>; 3] = Default::default();
-        for (i, (_, rule)) in checks.iter().enumerate() {
-            groups[algorithm_index(rule.algorithm)].push(i);
+        for (i, check) in checks.iter().enumerate() {
+            groups[algorithm_index(check.rule.algorithm)].push(i);
         }
         let (fixed, sliding, bucket) = futures::try_join!(
             self.fixed_window_group(checks, &groups[0]),
@@ -114,7 +111,7 @@ impl Limiter {
 
     async fn fixed_window_group(
         &self,
-        checks: &[(String, Rule)],
+        checks: &[Check],
         indices: &[usize],
     ) -> redis::RedisResult<Vec<Decision>> {
         if indices.is_empty() {
@@ -122,17 +119,24 @@ impl Limiter {
         }
         let mut invocation = self.fixed_window.prepare_invoke();
         for &i in indices {
-            invocation.key(&checks[i].0).arg(checks[i].1.window_seconds);
+            let check = &checks[i];
+            invocation
+                .key(&check.key)
+                .arg(check.rule.window_seconds)
+                .arg(check.rule.requests)
+                .arg(&check.notify_tag);
         }
         // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
         // again: NOSCRIPT means nothing ran, so nothing is counted twice.
         let mut conn = self.conn.clone();
         let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        expect_len(&flat, indices.len() * 2)?;
+        expect_len(&flat, indices.len() * 3)?;
         Ok(flat
-            .chunks_exact(2)
+            .chunks_exact(3)
             .zip(indices)
-            .map(|(pair, &i)| Decision::fixed_window(checks[i].1, pair[0].max(0) as u64, pair[1]))
+            .map(|(v, &i)| {
+                Decision::fixed_window(checks[i].rule, v[0].max(0) as u64, v[1], v[2] == 1)
+            })
             .collect())
     }
 
@@ -140,7 +144,7 @@ impl Limiter {
     async fn timed_group(
         &self,
         script: &Script,
-        checks: &[(String, Rule)],
+        checks: &[Check],
         indices: &[usize],
     ) -> redis::RedisResult<Vec<Decision>> {
         if indices.is_empty() {
@@ -149,7 +153,11 @@ impl Limiter {
         let mut invocation = script.prepare_invoke();
         invocation.arg("");
         for &i in indices {
-            let (key, rule) = &checks[i];
+            let Check {
+                key,
+                rule,
+                notify_tag,
+            } = &checks[i];
             invocation
                 .key(key)
                 .arg(rule.requests)
@@ -157,14 +165,15 @@ impl Limiter {
             if rule.algorithm == Algorithm::TokenBucket {
                 invocation.arg(rule.burst);
             }
+            invocation.arg(notify_tag);
         }
         let mut conn = self.conn.clone();
         let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        expect_len(&flat, indices.len() * 4)?;
+        expect_len(&flat, indices.len() * 5)?;
         Ok(flat
-            .chunks_exact(4)
+            .chunks_exact(5)
             .zip(indices)
-            .map(|(v, &i)| Decision::from_script(checks[i].1, v[0] == 1, v[1], v[2], v[3]))
+            .map(|(v, &i)| Decision::from_script(v, checks[i].rule))
             .collect())
     }
 

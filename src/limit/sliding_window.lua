@@ -5,8 +5,10 @@
 --
 -- KEYS[i]       the counter hash ({key_prefix}{tenant_id}:ratelimit:{channel}:sliding)
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
--- ARGV[2i], ARGV[2i+1]  limit and window length in milliseconds for KEYS[i]
--- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms} for each key
+-- ARGV[3i-1], ARGV[3i], ARGV[3i+1]  limit, window length in milliseconds, and the
+--               sender's notification tag ("" to notify every rejection) for KEYS[i]
+-- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0)} for
+--               each key
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -17,8 +19,9 @@ end
 local now = now_us / 1000
 local out = {}
 for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 * i])
-  local window = tonumber(ARGV[2 * i + 1])
+  local limit = tonumber(ARGV[3 * i - 1])
+  local window = tonumber(ARGV[3 * i])
+  local tag = ARGV[3 * i + 1]
   local index = math.floor(now / window)
   local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
   local current, previous = 0, 0
@@ -57,9 +60,16 @@ for i, key in ipairs(KEYS) do
   end
   local remaining = math.floor(limit - estimate)
   if remaining < 0 then remaining = 0 end
-  out[4 * i - 3] = allowed
-  out[4 * i - 2] = remaining
-  out[4 * i - 1] = math.ceil(window - elapsed)
-  out[4 * i] = math.ceil(retry)
+  local notify = 1
+  if allowed == 0 and tag ~= '' then
+    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
+      notify = 0
+    end
+  end
+  out[5 * i - 4] = allowed
+  out[5 * i - 3] = remaining
+  out[5 * i - 2] = math.ceil(window - elapsed)
+  out[5 * i - 1] = math.ceil(retry)
+  out[5 * i] = notify
 end
 return out

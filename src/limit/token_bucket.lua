@@ -5,8 +5,10 @@
 --
 -- KEYS[i]       the TAT key ({key_prefix}{tenant_id}:ratelimit:{channel}:bucket)
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
--- ARGV[3i-1], ARGV[3i], ARGV[3i+1]  requests, window in milliseconds, burst for KEYS[i]
--- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms} for each key
+-- ARGV[4i-2] .. ARGV[4i+1]  requests, window in milliseconds, burst, and the sender's
+--               notification tag ("" to notify every rejection) for KEYS[i]
+-- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0)} for
+--               each key
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -16,9 +18,10 @@ else
 end
 local out = {}
 for i, key in ipairs(KEYS) do
-  local requests = tonumber(ARGV[3 * i - 1])
-  local window_us = tonumber(ARGV[3 * i]) * 1000
-  local burst = tonumber(ARGV[3 * i + 1])
+  local requests = tonumber(ARGV[4 * i - 2])
+  local window_us = tonumber(ARGV[4 * i - 1]) * 1000
+  local burst = tonumber(ARGV[4 * i])
+  local tag = ARGV[4 * i + 1]
   local interval = window_us / requests
   local tat = tonumber(redis.call('GET', key) or now_us)
   if tat < now_us then tat = now_us end
@@ -37,9 +40,16 @@ for i, key in ipairs(KEYS) do
     reset = tat - now_us
     retry = allow_at - now_us
   end
-  out[4 * i - 3] = allowed
-  out[4 * i - 2] = remaining
-  out[4 * i - 1] = math.ceil(reset / 1000)
-  out[4 * i] = math.ceil(retry / 1000)
+  local notify = 1
+  if allowed == 0 and tag ~= '' then
+    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
+      notify = 0
+    end
+  end
+  out[5 * i - 4] = allowed
+  out[5 * i - 3] = remaining
+  out[5 * i - 2] = math.ceil(reset / 1000)
+  out[5 * i - 1] = math.ceil(retry / 1000)
+  out[5 * i] = notify
 end
 return out
