@@ -2,18 +2,21 @@
 //! start exactly what the binary runs.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::gate::{Gate, Health};
-use crate::limit::Limiter;
+use crate::limit::live::{OVERRIDES_KEY, parse_overrides};
+use crate::limit::{Limiter, LiveRules};
 use crate::telemetry::Metrics;
 
 /// How often readiness asks Redis whether it answers.
@@ -21,6 +24,8 @@ const REDIS_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Application {
     config: Arc<Config>,
+    /// The file `[limits]` is reloaded from on SIGHUP or when it changes.
+    config_path: Option<PathBuf>,
     listener: TcpListener,
     limiter: Limiter,
     metrics: Metrics,
@@ -51,11 +56,18 @@ impl Application {
         let limiter = Limiter::new(&config.redis, metrics.clone())?;
         Ok(Self {
             config: Arc::new(config),
+            config_path: None,
             listener,
             limiter,
             metrics,
             health: Arc::new(Health::default()),
         })
+    }
+
+    /// Reload `[limits]` from `path` on SIGHUP and whenever the file changes.
+    pub fn reload_from(mut self, path: Option<PathBuf>) -> Self {
+        self.config_path = path;
+        self
     }
 
     /// The address `/healthz`, `/readyz` and `/metrics` are served on.
@@ -90,7 +102,15 @@ impl Application {
             self.health.clone(),
             background.clone(),
         ));
-        let gate = Gate::new(self.config, self.limiter, self.metrics, self.health);
+        let rules = Arc::new(LiveRules::new(&self.config.limits));
+        tasks.spawn(keep_limits_live(
+            self.config.clone(),
+            self.config_path.clone(),
+            rules.clone(),
+            self.limiter.clone(),
+            background.clone(),
+        ));
+        let gate = Gate::new(self.config, rules, self.limiter, self.metrics, self.health);
         gate.run(shutdown).await;
         background.cancel();
         tasks.close();
@@ -106,6 +126,89 @@ async fn probe_redis(limiter: Limiter, health: Arc<Health>, stop: CancellationTo
         tokio::select! {
             _ = tokio::time::sleep(REDIS_PROBE_INTERVAL) => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How often the configuration file's modification time is looked at.
+const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reloads `[limits]` from the file on SIGHUP or when it changes, and reads the Redis
+/// overrides hash every `limits.redis_overrides_refresh_ms`. A file that does not load
+/// is refused with one log line, and the limits in force stay.
+async fn keep_limits_live(
+    config: Arc<Config>,
+    path: Option<PathBuf>,
+    rules: Arc<LiveRules>,
+    limiter: Limiter,
+    stop: CancellationToken,
+) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; the file is still watched");
+            None
+        }
+    };
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last_modified = path.as_ref().and_then(modified);
+    let mut file_poll = tokio::time::interval(FILE_POLL_INTERVAL);
+    let refresh_ms = config.limits.redis_overrides_refresh_ms;
+    let mut redis_poll = tokio::time::interval(Duration::from_millis(refresh_ms.max(1)));
+    redis_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let overrides_key = format!("{}{OVERRIDES_KEY}", config.redis.key_prefix);
+    let mut last_redis_errors: Vec<String> = Vec::new();
+    loop {
+        let reload = tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(()) = async { hangup.as_mut()?.recv().await } => {
+                info!("SIGHUP: reloading limits");
+                true
+            }
+            _ = file_poll.tick(), if path.is_some() => {
+                let now = path.as_ref().and_then(modified);
+                let changed = now != last_modified;
+                last_modified = now;
+                if changed {
+                    info!("configuration file changed: reloading limits");
+                }
+                changed
+            }
+            _ = redis_poll.tick(), if refresh_ms > 0 => {
+                match limiter.hash(&overrides_key).await {
+                    Ok(entries) => {
+                        let (overrides, errors) = parse_overrides(entries);
+                        if errors != last_redis_errors {
+                            for e in &errors {
+                                warn!(key = %overrides_key, "{e}; skipped");
+                            }
+                            last_redis_errors = errors;
+                        }
+                        let count = overrides.len();
+                        if rules.set_redis_overrides(overrides) {
+                            info!(overrides = count, "live overrides from Redis applied");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot read live overrides; keeping the current ones"),
+                }
+                false
+            }
+        };
+        if !reload {
+            continue;
+        }
+        let Some(path) = &path else {
+            warn!("no configuration file to reload: start with --config to use SIGHUP");
+            continue;
+        };
+        match Config::load(Some(path)) {
+            Ok(new) => {
+                rules.set_file_limits(new.limits);
+                info!(file = %path.display(), "limits reloaded (other sections apply at the next start)");
+            }
+            Err(e) => {
+                error!(file = %path.display(), "configuration reload refused, the previous limits stay: {e}")
+            }
         }
     }
 }

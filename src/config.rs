@@ -111,6 +111,8 @@ pub struct LimitsConfig {
     pub shadow: bool,
     /// Which rejections ask the notifier to tell the user (`notify_user` in the body).
     pub notify: Notify,
+    /// How often every instance reads the live overrides hash in Redis; 0 turns it off.
+    pub redis_overrides_refresh_ms: u64,
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
@@ -126,6 +128,7 @@ impl Default for LimitsConfig {
             burst: None,
             shadow: false,
             notify: Notify::OncePerWindow,
+            redis_overrides_refresh_ms: 2000,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
             overrides: Vec::new(),

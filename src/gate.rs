@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
 use crate::config::{Config, Notify, OnRedisError};
-use crate::limit::{Check, Decision, Limiter, Rules, key_for, sender_tag};
+use crate::limit::{Check, Decision, Limiter, LiveRules, key_for, sender_tag};
 use crate::message;
 use crate::route;
 use crate::telemetry::Metrics;
@@ -66,7 +66,7 @@ impl Health {
 /// The gate: configuration, rules and the Redis client, shared by every session.
 pub struct Gate {
     config: Arc<Config>,
-    rules: Rules,
+    rules: Arc<LiveRules>,
     limiter: Limiter,
     metrics: Metrics,
     health: Arc<Health>,
@@ -102,11 +102,11 @@ enum SessionError {
 impl Gate {
     pub fn new(
         config: Arc<Config>,
+        rules: Arc<LiveRules>,
         limiter: Limiter,
         metrics: Metrics,
         health: Arc<Health>,
     ) -> Self {
-        let rules = Rules::from_config(&config.limits);
         Self {
             config,
             rules,
@@ -402,6 +402,7 @@ impl Gate {
     ) -> Vec<Result<Outcome, HandBack>> {
         let amqp = &self.config.amqp;
         let max_bytes = self.config.limits.max_message_bytes;
+        let rules = self.rules.snapshot();
         let parsed: Vec<_> = batch
             .iter()
             .map(|d| message::parse(&d.data, max_bytes))
@@ -410,7 +411,7 @@ impl Gate {
             .iter()
             .filter_map(|p| p.as_ref().ok())
             .map(|env| {
-                let rule = self.rules.rule_for(&env.tenant_id, &env.channel);
+                let rule = rules.rule_for(&env.tenant_id, &env.channel);
                 let key = key_for(
                     rule.algorithm,
                     &self.config.redis.key_prefix,

@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         }
         match Application::build(config).await {
             Ok(app) => {
+                let app = app.reload_from(path);
                 app.run_until_stopped(stop).await;
                 ExitCode::SUCCESS
             }

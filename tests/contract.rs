@@ -684,3 +684,44 @@ async fn repeated_rejections_of_one_sender_notify_the_user_once() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn overrides_written_to_redis_apply_within_seconds() {
+    let names = Names::new("redis-overrides");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(10, 60);
+    config.limits.redis_overrides_refresh_ms = 100;
+    let gate = TestGate::start(config).await;
+    let mut redis = connect_redis().await;
+    let hash = format!("{}konstruct-gate:overrides", names.key_prefix);
+    let _: i64 = redis::cmd("HSET")
+        .arg(&hash)
+        .arg("acme:slack")
+        .arg(r#"{"requests": 1, "window_seconds": 30}"#)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    broker
+        .publish_many((0..2).map(|i| message(&format!("r{i}"), "acme", "slack")))
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(int_header(&allowed[0], "x-ratelimit-limit"), 1);
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    let n: serde_json::Value = serde_json::from_slice(&rejected[0].data).unwrap();
+    assert_eq!(
+        (n["limit"].as_u64(), n["window_seconds"].as_u64()),
+        (Some(1), Some(30))
+    );
+    // Other channels keep the file's limit.
+    broker
+        .publish(
+            &message("w", "acme", "whatsapp"),
+            BasicProperties::default(),
+        )
+        .await;
+    let other = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(int_header(&other[0], "x-ratelimit-limit"), 10);
+    gate.stop().await;
+    broker.cleanup().await;
+}

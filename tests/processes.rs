@@ -170,3 +170,72 @@ async fn a_second_signal_exits_at_once_and_the_broker_still_requeues() {
     assert_eq!(ids.len(), total, "every message came out");
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn sighup_reloads_limits_and_an_invalid_file_keeps_the_old_ones() {
+    let names = Names::new("sighup");
+    let broker = Broker::new(&names).await;
+    let dir = std::env::temp_dir().join(unique("sighup"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gate.toml");
+    let write_limits = |requests: i64| {
+        std::fs::write(
+            &file,
+            format!("[limits]\nrequests = {requests}\nwindow_seconds = 600\n"),
+        )
+        .unwrap();
+    };
+    write_limits(2);
+    let addr = free_addr();
+    let mut env = names.env(2, 600);
+    env.retain(|(k, _)| !k.contains("LIMITS__"));
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    env.push(("KONSTRUCT_GATE_CONFIG".into(), file.display().to_string()));
+    let mut gate = GateProcess::spawn(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+
+    let publish = |n: usize, tag: &'static str| {
+        let broker = &broker;
+        async move {
+            for i in 0..n {
+                broker
+                    .publish(
+                        &message(&format!("{tag}{i}"), "acme", "slack"),
+                        Default::default(),
+                    )
+                    .await;
+            }
+        }
+    };
+    let limit_of_rejection = |d: &lapin::message::Delivery| {
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap()["limit"]
+            .as_u64()
+            .unwrap()
+    };
+    publish(3, "a").await;
+    broker.collect(&names.orchestrator, 2, WAIT).await;
+    let r = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(limit_of_rejection(&r[0]), 2);
+
+    // An invalid file is refused: the limit in force stays 2.
+    write_limits(0);
+    gate.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish(1, "b").await;
+    let r = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(limit_of_rejection(&r[0]), 2);
+
+    // A valid one applies: the counter is at 4, so with 6 two more pass.
+    write_limits(6);
+    gate.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish(3, "c").await;
+    broker.collect(&names.orchestrator, 2, WAIT).await;
+    let r = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(limit_of_rejection(&r[0]), 6);
+
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    broker.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -177,6 +177,19 @@ impl Limiter {
             .collect())
     }
 
+    /// Every field of a hash (the live overrides), within the check timeout.
+    pub async fn hash(
+        &self,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, String>, LimitError> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("HGETALL").arg(key).to_owned();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(LimitError::Timeout(self.timeout)),
+        }
+    }
+
     /// True when Redis answers a PING within the check timeout.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();

@@ -1,0 +1,198 @@
+//! Limits that change while the gate runs: the file's `[limits]` (reloaded on SIGHUP or
+//! when the file changes) plus overrides an admin tool writes to a Redis hash (read every
+//! few seconds by every instance). Readers take a snapshot per batch; a change swaps in a
+//! whole new set of rules, so a batch never sees half of one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+
+use super::Rules;
+use crate::config::{Algorithm, LimitsConfig, Override};
+use crate::message::{valid_channel, valid_tenant_id};
+
+/// The Redis hash of live overrides, under the configured key prefix.
+pub const OVERRIDES_KEY: &str = "konstruct-gate:overrides";
+
+pub struct LiveRules {
+    current: ArcSwap<Rules>,
+    sources: Mutex<Sources>,
+}
+
+struct Sources {
+    file: LimitsConfig,
+    redis: Vec<Override>,
+}
+
+impl LiveRules {
+    pub fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Rules::from_config(limits)),
+            sources: Mutex::new(Sources {
+                file: limits.clone(),
+                redis: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Rules> {
+        self.current.load_full()
+    }
+
+    /// New limits from the configuration file.
+    pub fn set_file_limits(&self, limits: LimitsConfig) {
+        let mut sources = self.sources.lock().expect("never poisoned");
+        sources.file = limits;
+        self.rebuild(&sources);
+    }
+
+    /// New overrides from Redis; returns whether anything changed.
+    pub fn set_redis_overrides(&self, overrides: Vec<Override>) -> bool {
+        let mut sources = self.sources.lock().expect("never poisoned");
+        let same = sources.redis.len() == overrides.len()
+            && sources
+                .redis
+                .iter()
+                .zip(&overrides)
+                .all(|(a, b)| same_override(a, b));
+        if same {
+            return false;
+        }
+        sources.redis = overrides;
+        self.rebuild(&sources);
+        true
+    }
+
+    fn rebuild(&self, sources: &Sources) {
+        // Redis overrides win over the file's for the same (tenant, channel).
+        let mut limits = sources.file.clone();
+        limits.overrides.retain(|o| {
+            !sources
+                .redis
+                .iter()
+                .any(|r| r.tenant == o.tenant && r.channel == o.channel)
+        });
+        limits.overrides.extend(sources.redis.iter().cloned());
+        self.current.store(Arc::new(Rules::from_config(&limits)));
+    }
+}
+
+fn same_override(a: &Override, b: &Override) -> bool {
+    a.tenant == b.tenant
+        && a.channel == b.channel
+        && a.requests == b.requests
+        && a.window_seconds == b.window_seconds
+        && a.algorithm == b.algorithm
+        && a.burst == b.burst
+        && a.shadow == b.shadow
+}
+
+/// One hash value: the fields an override may set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisOverride {
+    requests: Option<u64>,
+    window_seconds: Option<u64>,
+    algorithm: Option<Algorithm>,
+    burst: Option<u64>,
+    shadow: Option<bool>,
+}
+
+/// Reads the hash's entries (field `tenant` or `tenant:channel`, value a JSON object),
+/// sorted so that equal contents compare equal. Invalid entries are returned as errors,
+/// one sentence each, and skipped.
+pub fn parse_overrides(entries: HashMap<String, String>) -> (Vec<Override>, Vec<String>) {
+    let mut overrides = Vec::new();
+    let mut errors = Vec::new();
+    let mut entries: Vec<_> = entries.into_iter().collect();
+    entries.sort();
+    for (field, value) in entries {
+        let (tenant, channel) = match field.split_once(':') {
+            Some((t, c)) => (t.to_owned(), Some(c.to_owned())),
+            None => (field.clone(), None),
+        };
+        if !valid_tenant_id(&tenant) || channel.as_deref().is_some_and(|c| !valid_channel(c)) {
+            errors.push(format!(
+                "override field {field:?} is not `tenant` or `tenant:channel`"
+            ));
+            continue;
+        }
+        let parsed: RedisOverride = match serde_json::from_str(&value) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                errors.push(format!("override {field:?} is not valid: {e}"));
+                continue;
+            }
+        };
+        if [parsed.requests, parsed.window_seconds, parsed.burst].contains(&Some(0)) {
+            errors.push(format!(
+                "override {field:?} sets requests, window_seconds or burst to 0"
+            ));
+            continue;
+        }
+        overrides.push(Override {
+            tenant,
+            channel,
+            requests: parsed.requests,
+            window_seconds: parsed.window_seconds,
+            algorithm: parsed.algorithm,
+            burst: parsed.burst,
+            shadow: parsed.shadow,
+        });
+    }
+    (overrides, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_overrides_parse_and_win_over_the_file() {
+        let file = LimitsConfig {
+            requests: 30,
+            overrides: vec![Override {
+                tenant: "acme".into(),
+                requests: Some(100),
+                ..Override::default()
+            }],
+            ..LimitsConfig::default()
+        };
+        let live = LiveRules::new(&file);
+        assert_eq!(live.snapshot().rule_for("acme", "slack").requests, 100);
+
+        let entries = HashMap::from([
+            ("acme".to_owned(), r#"{"requests": 7}"#.to_owned()),
+            (
+                "acme:whatsapp".to_owned(),
+                r#"{"algorithm": "token_bucket", "burst": 3}"#.to_owned(),
+            ),
+            ("bad tenant".to_owned(), "{}".to_owned()),
+            ("globex".to_owned(), r#"{"requests": 0}"#.to_owned()),
+            ("initech".to_owned(), r#"{"limit": 5}"#.to_owned()),
+        ]);
+        let (overrides, errors) = parse_overrides(entries);
+        assert_eq!(overrides.len(), 2);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(live.set_redis_overrides(overrides.clone()));
+        assert!(!live.set_redis_overrides(overrides), "unchanged");
+        let rules = live.snapshot();
+        assert_eq!(rules.rule_for("acme", "slack").requests, 7);
+        let wa = rules.rule_for("acme", "whatsapp");
+        assert_eq!(
+            (wa.algorithm, wa.requests, wa.burst),
+            (Algorithm::TokenBucket, 7, 3)
+        );
+
+        // Removing the Redis entry brings the file's override back.
+        assert!(live.set_redis_overrides(Vec::new()));
+        assert_eq!(live.snapshot().rule_for("acme", "slack").requests, 100);
+        live.set_file_limits(LimitsConfig {
+            requests: 5,
+            ..LimitsConfig::default()
+        });
+        assert_eq!(live.snapshot().rule_for("acme", "slack").requests, 5);
+    }
+}
