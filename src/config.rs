@@ -113,6 +113,9 @@ pub struct LimitsConfig {
     pub notify: Notify,
     /// How often every instance reads the live overrides hash in Redis; 0 turns it off.
     pub redis_overrides_refresh_ms: u64,
+    /// Count a message once: a redelivery (same message id) within the window gets the
+    /// first decision back instead of using up another unit of the limit.
+    pub count_once: bool,
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
@@ -129,6 +132,7 @@ impl Default for LimitsConfig {
             shadow: false,
             notify: Notify::OncePerWindow,
             redis_overrides_refresh_ms: 2000,
+            count_once: true,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
             overrides: Vec::new(),

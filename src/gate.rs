@@ -407,10 +407,11 @@ impl Gate {
             .iter()
             .map(|d| message::parse(&d.data, max_bytes))
             .collect();
-        let checks: Vec<Check> = parsed
+        let checks: Vec<Check> = batch
             .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .map(|env| {
+            .zip(&parsed)
+            .filter_map(|(delivery, parsed)| Some((delivery, parsed.as_ref().ok()?)))
+            .map(|(delivery, env)| {
                 let rule = rules.rule_for(&env.tenant_id, &env.channel);
                 let key = key_for(
                     rule.algorithm,
@@ -422,10 +423,18 @@ impl Gate {
                     Notify::Every => String::new(),
                     Notify::OncePerWindow => sender_tag(env.sender.map(|s| s.get())),
                 };
+                let message_id = if self.config.limits.count_once {
+                    route::message_id(env, &delivery.properties)
+                        .unwrap_or_default()
+                        .to_owned()
+                } else {
+                    String::new()
+                };
                 Check {
                     key,
                     rule,
                     notify_tag,
+                    message_id,
                 }
             })
             .collect();

@@ -121,7 +121,7 @@ proptest! {
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(limit).arg(window_ms).arg("").invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(&key).arg(now).arg(limit).arg(window_ms).arg("").arg("").invoke(&mut con).unwrap();
             let want = model.check(now, limit, window_ms);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
             if want.0 == 0 {
@@ -146,7 +146,7 @@ proptest! {
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(requests).arg(window_ms).arg(burst).arg("").invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(&key).arg(now).arg(requests).arg(window_ms).arg(burst).arg("").arg("").invoke(&mut con).unwrap();
             let want = model.check(now, requests, window_ms, burst);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
         }
@@ -172,6 +172,7 @@ fn the_sliding_window_closes_the_fixed_windows_boundary_burst() {
             .arg(10)
             .arg(60_000)
             .arg("")
+            .arg("")
             .invoke(&mut con)
             .unwrap();
         allowed += answer[0];
@@ -192,6 +193,7 @@ fn a_token_bucket_allows_its_burst_then_one_per_interval() {
             .arg(60) // 60 per minute: one a second
             .arg(60_000)
             .arg(5)
+            .arg("")
             .arg("")
             .invoke(con)
             .unwrap()
@@ -260,5 +262,61 @@ async fn a_tenant_on_a_token_bucket_gets_its_burst_through_the_gate() {
         // 3 per minute: the next token comes within 20 s.
         let retry = n["retry_after_seconds"].as_u64().unwrap();
         assert!((1..=20).contains(&retry), "{n}");
+    }
+}
+
+#[test]
+fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
+    let mut con = redis_sync();
+    let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+    let key = unique("once");
+    let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
+        fixed
+            .key(&key)
+            .arg(60)
+            .arg(1)
+            .arg("")
+            .arg(id)
+            .invoke(con)
+            .unwrap()
+    };
+    assert_eq!(call(&mut con, "m1")[0], 1);
+    assert_eq!(
+        call(&mut con, "m1")[0],
+        1,
+        "a redelivery is not counted again"
+    );
+    assert_eq!(call(&mut con, "m2")[0], 2, "another message is");
+    assert_eq!(
+        call(&mut con, "m2")[0],
+        2,
+        "and its rejection is repeated, not recounted"
+    );
+    let count: i64 = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
+    assert_eq!(count, 2);
+
+    for (script, args) in [
+        (SLIDING, vec!["1", "60000"]),
+        (BUCKET, vec!["1", "60000", "1"]),
+    ] {
+        let script = redis::Script::new(script);
+        let key = unique("once");
+        let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
+            let mut invocation = script.key(&key);
+            invocation.arg(clock_start());
+            for a in &args {
+                invocation.arg(*a);
+            }
+            invocation.arg("").arg(id).invoke(con).unwrap()
+        };
+        let first = call(&mut con, "m1");
+        assert_eq!(first[0], 1);
+        assert_eq!(
+            call(&mut con, "m1"),
+            first,
+            "the same decision again, nothing counted"
+        );
+        assert_eq!(call(&mut con, "m2")[0], 0, "the limit of 1 was used once");
+        assert_eq!(call(&mut con, "m1"), first);
     }
 }

@@ -165,9 +165,10 @@ async fn without_an_id_the_amqp_message_id_names_the_message() {
     let broker = Broker::new(&names).await;
     let gate = TestGate::start(names.config(1, 60)).await;
     let body = br#"{"tenant_id":"acme","channel":"slack","text":"hi"}"#;
-    let props = || BasicProperties::default().with_message_id("from-amqp".into());
-    broker.publish(body, props()).await;
-    broker.publish(body, props()).await;
+    let props = |id: &str| BasicProperties::default().with_message_id(id.into());
+    broker.publish(body, props("from-amqp-0")).await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+    broker.publish(body, props("from-amqp")).await;
     let rejected = broker.collect(&names.notifications, 1, WAIT).await;
     let n: serde_json::Value = serde_json::from_slice(&rejected[0].data).unwrap();
     assert_eq!(n["message_id"], "from-amqp");

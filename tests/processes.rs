@@ -239,3 +239,72 @@ async fn sighup_reloads_limits_and_an_invalid_file_keeps_the_old_ones() {
     broker.cleanup().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_message_redelivered_after_its_decision_is_not_counted_again() {
+    let names = Names::new("count-once");
+    let broker = Broker::new(&names).await;
+    // The orchestrator queue is missing and the gate may not declare it: every publish of
+    // an allowed message is returned, so the gate decides, fails to publish, and hands the
+    // message back, again and again: a crash between decision and ack, many times over.
+    broker
+        .channel
+        .queue_delete(names.orchestrator.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let mut env = names.env(2, 600);
+    env.push((
+        "KONSTRUCT_GATE__AMQP__DECLARE_QUEUES".into(),
+        "false".into(),
+    ));
+    let addr = free_addr();
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    let mut gate = GateProcess::spawn(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    broker
+        .publish(&message("once-1", "acme", "slack"), Default::default())
+        .await;
+    let mut redis = connect_redis().await;
+    let key = format!("{}acme:ratelimit:slack", names.key_prefix);
+    // Several redeliveries happen (one every ~200 ms); then the gate is killed mid-retry.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("konstruct_gate_publish_failures_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        failures >= 3.0,
+        "the message was retried ({failures} failed publishes)"
+    );
+    let _ = gate.child.kill();
+    let _ = gate.child.wait();
+    let count: i64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "decided {failures} times, counted once");
+
+    // A new gate, with the queue in place, delivers it: still counted once.
+    let mut declare = names.config(1, 1);
+    declare.amqp.declare_queues = true;
+    konstruct_gate::amqp::declare_queues(&broker.channel, &declare.amqp)
+        .await
+        .unwrap();
+    let (mut gate, addr) = spawn_gate(&names, 2, 600);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    let out = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(int_header(&out[0], "x-ratelimit-remaining"), 1);
+    let count: i64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    broker.cleanup().await;
+}

@@ -9,27 +9,48 @@
 -- A rejected message also learns whether its sender is the first to be told in this
 -- window: the marker {counter}:notified:{tag} lives until the sender may write again.
 --
+-- A message with an id is counted once: its decision is kept under {counter}:seen:{id}
+-- for the window, and a redelivery gets that decision back without counting again.
+--
 -- KEYS[i]       a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
--- ARGV[3i-2]    its window length in seconds
--- ARGV[3i-1]    its limit
--- ARGV[3i]      the sender's notification tag, or "" to notify every rejection
+-- ARGV[4i-3]    its window length in seconds
+-- ARGV[4i-2]    its limit
+-- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
+-- ARGV[4i]      the message id, or "" when it has none
 -- Returns       {count, pttl_ms, notify (1/0)} for each key: the count after this
 --               message and the milliseconds until the window resets. A key may appear
 --               more than once; each appearance is one message.
 local out = {}
 for i, key in ipairs(KEYS) do
-  local window = ARGV[3 * i - 2]
-  local count = redis.call('INCR', key)
-  local pttl = redis.call('PTTL', key)
-  if count == 1 or pttl < 0 then
-    redis.call('EXPIRE', key, window)
-    pttl = tonumber(window) * 1000
+  local window = ARGV[4 * i - 3]
+  local id = ARGV[4 * i]
+  local seen = nil
+  if id ~= '' then
+    seen = redis.call('GET', key .. ':seen:' .. id)
   end
-  local notify = 1
-  local tag = ARGV[3 * i]
-  if count > tonumber(ARGV[3 * i - 1]) and tag ~= '' then
-    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, pttl)) then
-      notify = 0
+  local count, pttl, notify
+  if seen then
+    local sep = string.find(seen, ':', 1, true)
+    count = tonumber(string.sub(seen, 1, sep - 1))
+    notify = tonumber(string.sub(seen, sep + 1))
+    pttl = redis.call('PTTL', key)
+    if pttl < 0 then pttl = tonumber(window) * 1000 end
+  else
+    count = redis.call('INCR', key)
+    pttl = redis.call('PTTL', key)
+    if count == 1 or pttl < 0 then
+      redis.call('EXPIRE', key, window)
+      pttl = tonumber(window) * 1000
+    end
+    notify = 1
+    local tag = ARGV[4 * i - 1]
+    if count > tonumber(ARGV[4 * i - 2]) and tag ~= '' then
+      if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, pttl)) then
+        notify = 0
+      end
+    end
+    if id ~= '' then
+      redis.call('SET', key .. ':seen:' .. id, count .. ':' .. notify, 'PX', math.max(1, pttl))
     end
   end
   out[3 * i - 2] = count

@@ -60,6 +60,8 @@ pub struct Check {
     pub rule: Rule,
     /// Identifies the sender for quiet rejections; empty to notify every rejection.
     pub notify_tag: String,
+    /// The message id, so a redelivery is counted once; empty when there is none.
+    pub message_id: String,
 }
 
 /// A short, stable tag for a sender (FNV-1a of its JSON), the same on every instance.

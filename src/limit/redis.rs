@@ -124,7 +124,8 @@ impl Limiter {
                 .key(&check.key)
                 .arg(check.rule.window_seconds)
                 .arg(check.rule.requests)
-                .arg(&check.notify_tag);
+                .arg(&check.notify_tag)
+                .arg(&check.message_id);
         }
         // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
         // again: NOSCRIPT means nothing ran, so nothing is counted twice.
@@ -157,6 +158,7 @@ impl Limiter {
                 key,
                 rule,
                 notify_tag,
+                message_id,
             } = &checks[i];
             invocation
                 .key(key)
@@ -165,7 +167,7 @@ impl Limiter {
             if rule.algorithm == Algorithm::TokenBucket {
                 invocation.arg(rule.burst);
             }
-            invocation.arg(notify_tag);
+            invocation.arg(notify_tag).arg(message_id);
         }
         let mut conn = self.conn.clone();
         let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;

@@ -5,8 +5,10 @@
 --
 -- KEYS[i]       the counter hash ({key_prefix}{tenant_id}:ratelimit:{channel}:sliding)
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
--- ARGV[3i-1], ARGV[3i], ARGV[3i+1]  limit, window length in milliseconds, and the
---               sender's notification tag ("" to notify every rejection) for KEYS[i]
+-- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
+--               notification tag ("" to notify every rejection), and the message id
+--               ("" when it has none) for KEYS[i]. A message with an id is counted once:
+--               a redelivery within the window gets the first decision back.
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0)} for
 --               each key
 local now_us
@@ -19,57 +21,72 @@ end
 local now = now_us / 1000
 local out = {}
 for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local tag = ARGV[3 * i + 1]
-  local index = math.floor(now / window)
-  local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
-  local current, previous = 0, 0
-  if stored[1] then
-    local was = tonumber(stored[1])
-    if was == index then
-      current, previous = tonumber(stored[2]), tonumber(stored[3])
-    elseif was == index - 1 then
-      previous = tonumber(stored[2])
+  local limit = tonumber(ARGV[4 * i - 2])
+  local window = tonumber(ARGV[4 * i - 1])
+  local tag = ARGV[4 * i]
+  local id = ARGV[4 * i + 1]
+  local seen_key = key .. ':seen:' .. id
+  local seen = nil
+  if id ~= '' then seen = redis.call('GET', seen_key) end
+  if seen then
+    local j = 0
+    for value in string.gmatch(seen, '[^:]+') do
+      out[5 * i - 4 + j] = tonumber(value)
+      j = j + 1
     end
-  end
-  local elapsed = now - index * window
-  local weight = (window - elapsed) / window
-  local estimate = previous * weight + current
-  local allowed = 0
-  local retry = 0
-  if estimate + 1 <= limit then
-    allowed = 1
-    current = current + 1
-    estimate = estimate + 1
-    redis.call('HSET', key, 'index', index, 'current', current, 'previous', previous)
-    redis.call('PEXPIRE', key, math.ceil(2 * window - elapsed))
   else
-    -- The earliest time the estimate leaves room for one more message.
-    if current + 1 <= limit and previous > 0 then
-      local e = window * (1 - (limit - 1 - current) / previous)
-      retry = e - elapsed
-    else
-      -- Not in this window: in the next one the current count becomes the previous.
-      local e = 0
-      if current > 0 then
-        e = window * (1 - (limit - 1) / current)
+    local index = math.floor(now / window)
+    local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
+    local current, previous = 0, 0
+    if stored[1] then
+      local was = tonumber(stored[1])
+      if was == index then
+        current, previous = tonumber(stored[2]), tonumber(stored[3])
+      elseif was == index - 1 then
+        previous = tonumber(stored[2])
       end
-      retry = (window - elapsed) + e
+    end
+    local elapsed = now - index * window
+    local weight = (window - elapsed) / window
+    local estimate = previous * weight + current
+    local allowed = 0
+    local retry = 0
+    if estimate + 1 <= limit then
+      allowed = 1
+      current = current + 1
+      estimate = estimate + 1
+      redis.call('HSET', key, 'index', index, 'current', current, 'previous', previous)
+      redis.call('PEXPIRE', key, math.ceil(2 * window - elapsed))
+    else
+      -- The earliest time the estimate leaves room for one more message.
+      if current + 1 <= limit and previous > 0 then
+        local e = window * (1 - (limit - 1 - current) / previous)
+        retry = e - elapsed
+      else
+        -- Not in this window: in the next one the current count becomes the previous.
+        local e = 0
+        if current > 0 then
+          e = window * (1 - (limit - 1) / current)
+        end
+        retry = (window - elapsed) + e
+      end
+    end
+    local remaining = math.floor(limit - estimate)
+    if remaining < 0 then remaining = 0 end
+    local notify = 1
+    if allowed == 0 and tag ~= '' then
+      if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
+        notify = 0
+      end
+    end
+    out[5 * i - 4] = allowed
+    out[5 * i - 3] = remaining
+    out[5 * i - 2] = math.ceil(window - elapsed)
+    out[5 * i - 1] = math.ceil(retry)
+    out[5 * i] = notify
+    if id ~= '' then
+      redis.call('SET', seen_key, table.concat({out[5 * i - 4], out[5 * i - 3], out[5 * i - 2], out[5 * i - 1], out[5 * i]}, ':'), 'PX', window)
     end
   end
-  local remaining = math.floor(limit - estimate)
-  if remaining < 0 then remaining = 0 end
-  local notify = 1
-  if allowed == 0 and tag ~= '' then
-    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
-      notify = 0
-    end
-  end
-  out[5 * i - 4] = allowed
-  out[5 * i - 3] = remaining
-  out[5 * i - 2] = math.ceil(window - elapsed)
-  out[5 * i - 1] = math.ceil(retry)
-  out[5 * i] = notify
 end
 return out
