@@ -9,8 +9,9 @@
 -- A rejected message also learns whether its sender is the first to be told in this
 -- window: the marker {counter}:notified:{tag} lives until the sender may write again.
 --
--- A message with an id is counted once: its decision is kept under {counter}:seen:{id}
--- for the window, and a redelivery gets that decision back without counting again.
+-- A message with an id is counted once: its decision is kept in the hash {counter}:seen
+-- (field: the id), which expires with the window, and a redelivery gets that decision
+-- back without counting again.
 --
 -- KEYS[i]       a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
 -- ARGV[4i-3]    its window length in seconds
@@ -24,9 +25,10 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local window = ARGV[4 * i - 3]
   local id = ARGV[4 * i]
+  local seen_key = key .. ':seen'
   local seen = nil
   if id ~= '' then
-    seen = redis.call('GET', key .. ':seen:' .. id)
+    seen = redis.call('HGET', seen_key, id)
   end
   local count, pttl, notify
   if seen then
@@ -50,7 +52,8 @@ for i, key in ipairs(KEYS) do
       end
     end
     if id ~= '' then
-      redis.call('SET', key .. ':seen:' .. id, count .. ':' .. notify, 'PX', math.max(1, pttl))
+      redis.call('HSET', seen_key, id, count .. ':' .. notify)
+      redis.call('PEXPIRE', seen_key, math.max(1, pttl))
     end
   end
   out[3 * i - 2] = count

@@ -35,6 +35,9 @@ pub struct DrainArgs {
     /// while still counting each one in Redis).
     #[arg(long, default_value_t = 1_000_000)]
     pub requests: u64,
+    /// Run the gates with `limits.count_once = false` (no decision kept per message id).
+    #[arg(long)]
+    pub no_count_once: bool,
     /// Skip Shovel and time the gate alone.
     #[arg(long)]
     pub gate_only: bool,
@@ -68,6 +71,7 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
         requests: args.requests,
         window_seconds: 600,
         prefetch: args.prefetch,
+        count_once: !args.no_count_once,
     };
     if !json {
         println!(

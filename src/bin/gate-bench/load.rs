@@ -45,6 +45,9 @@ pub struct LoadArgs {
     /// The gates' `amqp.prefetch`.
     #[arg(long, default_value_t = 256)]
     pub prefetch: u16,
+    /// Run the gates with `limits.count_once = false` (no decision kept per message id).
+    #[arg(long)]
+    pub no_count_once: bool,
     /// Give up waiting for outputs after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
@@ -78,6 +81,7 @@ pub async fn run(args: LoadArgs, amqp_url: String, redis_url: String, json: bool
         requests: args.requests,
         window_seconds: args.window_seconds,
         prefetch: args.prefetch,
+        count_once: !args.no_count_once,
     };
     let result = measure(&args, &conn, &channel, &queues, &settings, &redis_url, json).await;
     delete(&channel, &queues).await;

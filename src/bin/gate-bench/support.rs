@@ -278,6 +278,8 @@ pub struct GateSettings {
     pub requests: u64,
     pub window_seconds: u64,
     pub prefetch: u16,
+    /// `limits.count_once` (a decision kept per message id).
+    pub count_once: bool,
 }
 
 /// A gate process, with its resource use read from /proc.
@@ -312,6 +314,7 @@ impl GateProcess {
                 "LIMITS__WINDOW_SECONDS",
                 settings.window_seconds.to_string(),
             ),
+            ("LIMITS__COUNT_ONCE", settings.count_once.to_string()),
             ("HTTP__LISTEN", "127.0.0.1:0".into()),
             (
                 "LOG__LEVEL",
