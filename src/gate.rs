@@ -449,6 +449,14 @@ impl Gate {
 
         let mut outputs = Vec::with_capacity(batch.len());
         for (delivery, parsed) in batch.iter().zip(&parsed) {
+            let forward = |properties| {
+                (
+                    Outcome::Allowed,
+                    amqp.orchestrator_queue.as_str(),
+                    Cow::Borrowed(&delivery.data[..]),
+                    properties,
+                )
+            };
             let output = match parsed {
                 Err(invalid) => {
                     info!(
@@ -484,12 +492,7 @@ impl Gate {
                             remaining,
                             reset_after,
                         );
-                        (
-                            Outcome::Allowed,
-                            amqp.orchestrator_queue.as_str(),
-                            Cow::Borrowed(&delivery.data[..]),
-                            properties,
-                        )
+                        forward(properties)
                     }
                     (
                         Verdict::Checked(Decision::Rejected {
@@ -513,12 +516,7 @@ impl Gate {
                         );
                         let properties =
                             route::shadow_properties(&delivery.properties, limit, retry_after);
-                        (
-                            Outcome::Allowed,
-                            amqp.orchestrator_queue.as_str(),
-                            Cow::Borrowed(&delivery.data[..]),
-                            properties,
-                        )
+                        forward(properties)
                     }
                     (
                         Verdict::Checked(Decision::Rejected {
@@ -557,12 +555,7 @@ impl Gate {
                     }
                     (Verdict::Unchecked, _) => {
                         let properties = route::degraded_properties(&delivery.properties);
-                        (
-                            Outcome::Allowed,
-                            amqp.orchestrator_queue.as_str(),
-                            Cow::Borrowed(&delivery.data[..]),
-                            properties,
-                        )
+                        forward(properties)
                     }
                 },
             };

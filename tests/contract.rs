@@ -550,14 +550,7 @@ async fn an_unroutable_output_is_not_acked_and_is_retried_until_it_can_be_delive
     // The publish is returned as unroutable: the gate counts it and hands the message back.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, metrics) = http_get(gate.http, "/metrics").await.unwrap();
-        let failures = metrics
-            .lines()
-            .find(|l| l.starts_with("konstruct_gate_publish_failures_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if failures >= 1.0 {
+        if metric_value(gate.http, "konstruct_gate_publish_failures_total").await >= 1.0 {
             break;
         }
         assert!(

@@ -268,13 +268,7 @@ async fn a_message_redelivered_after_its_decision_is_not_counted_again() {
     let key = format!("{}acme:ratelimit:slack", names.key_prefix);
     // Several redeliveries happen (one every ~200 ms); then the gate is killed mid-retry.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
-    let failures: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("konstruct_gate_publish_failures_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let failures = metric_value(addr, "konstruct_gate_publish_failures_total").await;
     assert!(
         failures >= 3.0,
         "the message was retried ({failures} failed publishes)"

@@ -401,6 +401,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// The value of an unlabelled metric on the gate's `/metrics`, 0 when absent.
+pub async fn metric_value(http: SocketAddr, name: &str) -> f64 {
+    let (_, text) = http_get(http, "/metrics").await.unwrap();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A realistic normalized message.
 pub fn message(id: &str, tenant: &str, channel: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
