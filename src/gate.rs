@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::join_all;
@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::acks::{AckTracker, Settlement};
 use crate::amqp::{self, PublishError, Publisher};
 use crate::config::{Config, Notify, OnRedisError};
-use crate::limit::{Check, Decision, Limiter, LiveRules, key_for, sender_tag};
+use crate::limit::{Check, Decision, Limiter, LiveRules, RejectionCache, key_for, sender_tag};
 use crate::message;
 use crate::route;
 use crate::telemetry::Metrics;
@@ -67,6 +67,8 @@ impl Health {
 pub struct Gate {
     config: Arc<Config>,
     rules: Arc<LiveRules>,
+    /// Rejections answered without Redis while a key cannot allow anyway.
+    cache: RejectionCache,
     limiter: Limiter,
     metrics: Metrics,
     health: Arc<Health>,
@@ -110,6 +112,7 @@ impl Gate {
         Self {
             config,
             rules,
+            cache: RejectionCache::default(),
             limiter,
             metrics,
             health,
@@ -438,7 +441,15 @@ impl Gate {
                 }
             })
             .collect();
-        let decided = self.decide_batch(&checks, shutdown).await;
+        let redelivered: Vec<bool> = batch
+            .iter()
+            .zip(&parsed)
+            .filter(|(_, parsed)| parsed.is_ok())
+            .map(|(delivery, _)| delivery.redelivered)
+            .collect();
+        let decided = self
+            .decide_with_cache(&checks, &redelivered, rules.generation, shutdown)
+            .await;
         drop(redis_slot);
         let mut verdicts = match decided {
             Ok(verdicts) => verdicts
@@ -571,6 +582,50 @@ impl Gate {
                 }),
         )
         .await
+    }
+
+    /// Answers what the rejection cache can (never a redelivered message: its first
+    /// decision may have been "allowed"), asks Redis for the rest, and learns from Redis's
+    /// rejections.
+    async fn decide_with_cache(
+        &self,
+        checks: &[Check],
+        redelivered: &[bool],
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Verdict>, Stopping> {
+        let asked_at = Instant::now();
+        let cached: Vec<Option<Decision>> = checks
+            .iter()
+            .zip(redelivered)
+            .map(|(check, &again)| {
+                (!again)
+                    .then(|| self.cache.answer(check, generation, asked_at))
+                    .flatten()
+            })
+            .collect();
+        let hits = cached.iter().filter(|c| c.is_some()).count();
+        self.metrics.local_rejections.increment(hits as u64);
+        let asked: Vec<usize> = (0..checks.len()).filter(|&i| cached[i].is_none()).collect();
+        let answers = if hits == 0 {
+            self.decide_batch(checks, shutdown).await?
+        } else if asked.is_empty() {
+            Vec::new()
+        } else {
+            let subset: Vec<Check> = asked.iter().map(|&i| checks[i].clone()).collect();
+            self.decide_batch(&subset, shutdown).await?
+        };
+        let mut verdicts: Vec<Verdict> = cached
+            .into_iter()
+            .map(|c| c.map_or(Verdict::Unchecked, Verdict::Checked))
+            .collect();
+        for (&i, answer) in asked.iter().zip(answers) {
+            if let Verdict::Checked(decision) = &answer {
+                self.cache.learn(&checks[i], decision, generation, asked_at);
+            }
+            verdicts[i] = answer;
+        }
+        Ok(verdicts)
     }
 
     /// Asks Redis for every check at once; on failure applies `limits.on_redis_error` to

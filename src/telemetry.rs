@@ -20,6 +20,7 @@ pub const FLOW_BLOCKED: &str = "konstruct_gate_publish_blocked";
 pub const BATCH_SIZE: &str = "konstruct_gate_batch_size";
 pub const SHADOW_REJECTIONS_TOTAL: &str = "konstruct_gate_shadow_rejections_total";
 pub const NEAR_LIMIT_TOTAL: &str = "konstruct_gate_near_limit_total";
+pub const LOCAL_REJECTIONS_TOTAL: &str = "konstruct_gate_local_rejections_total";
 
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_tracing(config: &LogConfig) {
@@ -85,6 +86,7 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub shadow_rejections: Counter,
     pub near_limit: Counter,
+    pub local_rejections: Counter,
 }
 
 impl Metrics {
@@ -105,6 +107,7 @@ impl Metrics {
             batch_size: histogram!(BATCH_SIZE),
             shadow_rejections: counter!(SHADOW_REJECTIONS_TOTAL),
             near_limit: counter!(NEAR_LIMIT_TOTAL),
+            local_rejections: counter!(LOCAL_REJECTIONS_TOTAL),
         };
         // Make every series visible from the first scrape, before any traffic.
         for c in [
@@ -117,6 +120,7 @@ impl Metrics {
             &metrics.amqp_reconnects,
             &metrics.shadow_rejections,
             &metrics.near_limit,
+            &metrics.local_rejections,
         ] {
             c.increment(0);
         }

@@ -719,3 +719,51 @@ async fn overrides_written_to_redis_apply_within_seconds() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_flood_from_one_tenant_is_answered_locally_once_it_is_over_its_limit() {
+    let names = Names::new("flood");
+    let broker = Broker::new(&names).await;
+    let gate = TestGate::start(names.config(3, 60)).await;
+    let before = metric_value(gate.http, "konstruct_gate_local_rejections_total").await;
+    let flood = |from: usize, to: usize| {
+        (from..to).map(|i| {
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("f{i}"), "tenant_id": "flooder", "channel": "slack",
+                "sender": {"user_id": "U1"},
+            }))
+            .unwrap()
+        })
+    };
+    broker.publish_many(flood(0, 10)).await;
+    broker.collect(&names.orchestrator, 3, WAIT).await;
+    broker.collect(&names.notifications, 7, WAIT).await;
+    broker.publish_many(flood(10, 200)).await;
+    let rejected = broker.collect(&names.notifications, 190, WAIT).await;
+    for d in &rejected {
+        let n: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(
+            n["notify_user"], false,
+            "the sender was told in the first phase"
+        );
+        assert_eq!(n["limit"], 3);
+        let retry = n["retry_after_seconds"].as_u64().unwrap();
+        assert!((1..=61).contains(&retry), "{n}");
+    }
+    let mut redis = connect_redis().await;
+    let key = format!("{}flooder:ratelimit:slack", names.key_prefix);
+    let count: i64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        count <= 10,
+        "Redis counted {count} of 200: the second phase was answered locally"
+    );
+    let local = metric_value(gate.http, "konstruct_gate_local_rejections_total").await - before;
+    assert!(local >= 190.0, "{local} local answers");
+    broker.assert_empty(&names.orchestrator).await;
+    gate.stop().await;
+    broker.cleanup().await;
+}

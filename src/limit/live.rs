@@ -75,7 +75,9 @@ impl LiveRules {
                 .any(|r| r.tenant == o.tenant && r.channel == o.channel)
         });
         limits.overrides.extend(sources.redis.iter().cloned());
-        self.current.store(Arc::new(Rules::from_config(&limits)));
+        let mut rules = Rules::from_config(&limits);
+        rules.generation = self.current.load().generation + 1;
+        self.current.store(Arc::new(rules));
     }
 }
 

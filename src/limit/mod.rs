@@ -3,12 +3,14 @@
 //! - `rules`: override resolution, most specific first.
 //! - `redis`: the atomic scripts and the client that runs them.
 
+pub mod cache;
 pub mod live;
 mod redis;
 mod rules;
 
 use crate::config::Algorithm;
 
+pub use self::cache::RejectionCache;
 pub use self::live::LiveRules;
 pub use self::redis::{LimitError, Limiter};
 pub use self::rules::{Rule, Rules};

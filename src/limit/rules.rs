@@ -38,6 +38,8 @@ impl Rule {
 
 #[derive(Debug, Clone)]
 pub struct Rules {
+    /// Changes whenever the rules do, so caches of decisions know to forget.
+    pub generation: u64,
     global: Rule,
     /// Keyed by tenant, so a lookup borrows the message's strings instead of building a key.
     tenants: HashMap<String, TenantRules>,
@@ -80,7 +82,11 @@ impl Rules {
             let (rule, _) = Rule::overridden(entry.tenant, entry.tenant_has_burst, o);
             entry.channels.insert(channel.clone(), rule);
         }
-        Rules { global, tenants }
+        Rules {
+            generation: 0,
+            global,
+            tenants,
+        }
     }
 
     pub fn rule_for(&self, tenant_id: &str, channel: &str) -> Rule {
