@@ -438,17 +438,12 @@ impl Gate {
                     rule,
                     notify_tag,
                     message_id,
+                    redelivered: delivery.redelivered,
                 }
             })
             .collect();
-        let redelivered: Vec<bool> = batch
-            .iter()
-            .zip(&parsed)
-            .filter(|(_, parsed)| parsed.is_ok())
-            .map(|(delivery, _)| delivery.redelivered)
-            .collect();
         let decided = self
-            .decide_with_cache(&checks, &redelivered, rules.generation, shutdown)
+            .decide_with_cache(&checks, rules.generation, shutdown)
             .await;
         drop(redis_slot);
         let mut verdicts = match decided {
@@ -584,25 +579,18 @@ impl Gate {
         .await
     }
 
-    /// Answers what the rejection cache can (never a redelivered message: its first
-    /// decision may have been "allowed"), asks Redis for the rest, and learns from Redis's
-    /// rejections.
+    /// Answers what the rejection cache can, asks Redis for the rest, and learns from
+    /// Redis's rejections.
     async fn decide_with_cache(
         &self,
         checks: &[Check],
-        redelivered: &[bool],
         generation: u64,
         shutdown: &CancellationToken,
     ) -> Result<Vec<Verdict>, Stopping> {
         let asked_at = Instant::now();
         let cached: Vec<Option<Decision>> = checks
             .iter()
-            .zip(redelivered)
-            .map(|(check, &again)| {
-                (!again)
-                    .then(|| self.cache.answer(check, generation, asked_at))
-                    .flatten()
-            })
+            .map(|check| self.cache.answer(check, generation, asked_at))
             .collect();
         let hits = cached.iter().filter(|c| c.is_some()).count();
         self.metrics.local_rejections.increment(hits as u64);
@@ -635,59 +623,39 @@ impl Gate {
         checks: &[Check],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Verdict>, Stopping> {
-        let mut verdicts: Vec<Option<Verdict>> = vec![None; checks.len()];
-        let mut pending: Vec<usize> = (0..checks.len()).collect();
+        if checks.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut attempt: u32 = 0;
-        while !pending.is_empty() {
-            let results = if attempt == 0 {
-                self.limiter.check_batch(checks).await
-            } else {
-                let retry: Vec<_> = pending.iter().map(|&i| checks[i].clone()).collect();
-                self.limiter.check_batch(&retry).await
+        loop {
+            let error = match self.limiter.check_batch(checks).await {
+                Ok(decisions) => return Ok(decisions.into_iter().map(Verdict::Checked).collect()),
+                Err(error) => error,
             };
-            let mut failed = Vec::new();
-            let mut first_error = None;
-            for (&i, result) in pending.iter().zip(results) {
-                match result {
-                    Ok(decision) => verdicts[i] = Some(Verdict::Checked(decision)),
-                    Err(e) => {
-                        failed.push(i);
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-            let Some(error) = first_error else { break };
-            self.metrics.redis_errors.increment(failed.len() as u64);
+            let count = checks.len();
+            self.metrics.redis_errors.increment(count as u64);
             self.health.redis_ok.store(false, Ordering::Relaxed);
             match self.config.limits.on_redis_error {
                 OnRedisError::Allow => {
-                    self.metrics.degraded.increment(failed.len() as u64);
-                    warn!(error = %error, count = failed.len(), "rate limit unchecked: forwarding (on_redis_error = allow)");
-                    for i in failed {
-                        verdicts[i] = Some(Verdict::Unchecked);
-                    }
-                    break;
+                    self.metrics.degraded.increment(count as u64);
+                    warn!(error = %error, count, "rate limit unchecked: forwarding (on_redis_error = allow)");
+                    return Ok(vec![Verdict::Unchecked; count]);
                 }
                 OnRedisError::Hold => {
                     // The messages stay unacked; with every prefetch slot held, the broker
                     // sends nothing new until Redis answers again.
                     attempt = attempt.saturating_add(1);
                     if attempt == 1 {
-                        warn!(error = %error, count = failed.len(), "rate limit unchecked: holding the messages (on_redis_error = hold)");
+                        warn!(error = %error, count, "rate limit unchecked: holding the messages (on_redis_error = hold)");
                     }
                     let delay = backoff(REDIS_RETRY_MIN, REDIS_RETRY_MAX, attempt);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return Err(Stopping),
                     }
-                    pending = failed;
                 }
             }
         }
-        Ok(verdicts
-            .into_iter()
-            .map(|v| v.expect("every check has a verdict"))
-            .collect())
     }
 }
 

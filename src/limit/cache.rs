@@ -41,6 +41,9 @@ struct Entry {
 impl RejectionCache {
     /// The answer for `check` without Redis, when the cache has one.
     pub fn answer(&self, check: &Check, generation: u64, now: Instant) -> Option<Decision> {
+        if check.redelivered {
+            return None;
+        }
         let mut inner = self.inner.lock().expect("never poisoned");
         if inner.generation != generation {
             inner.entries.clear();
@@ -123,6 +126,7 @@ mod tests {
             },
             notify_tag: tag.into(),
             message_id: String::new(),
+            redelivered: false,
         }
     }
 
@@ -162,6 +166,19 @@ mod tests {
                 .answer(&check("U1"), 1, t0 + Duration::from_secs(41))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_redelivered_message_always_goes_to_redis() {
+        let cache = RejectionCache::default();
+        let t0 = Instant::now();
+        cache.learn(&check(""), &rejected(), 1, t0);
+        let again = Check {
+            redelivered: true,
+            ..check("")
+        };
+        assert!(cache.answer(&again, 1, t0).is_none());
+        assert!(cache.answer(&check(""), 1, t0).is_some());
     }
 
     #[test]

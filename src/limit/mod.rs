@@ -64,6 +64,9 @@ pub struct Check {
     pub notify_tag: String,
     /// The message id, so a redelivery is counted once; empty when there is none.
     pub message_id: String,
+    /// The broker delivered this message before: its first decision may have been
+    /// "allowed", so only Redis may answer it.
+    pub redelivered: bool,
 }
 
 /// A short, stable tag for a sender (FNV-1a of its JSON), the same on every instance.

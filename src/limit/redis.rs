@@ -16,15 +16,6 @@ pub enum LimitError {
     Timeout(Duration),
     #[error("redis failed: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis failed: {0}")]
-    Shared(String),
-}
-
-impl LimitError {
-    /// A copy for each check of a failed pipeline.
-    fn shared(&self) -> LimitError {
-        LimitError::Shared(self.to_string())
-    }
 }
 
 /// Runs rate-limit checks. Cheap to clone: clones share one connection.
@@ -60,30 +51,17 @@ impl Limiter {
         })
     }
 
-    /// Counts each (key, rule) and decides, all in one script call and one round trip.
-    /// A result per check; when the call fails, every check fails.
-    pub async fn check_batch(&self, checks: &[Check]) -> Vec<Result<Decision, LimitError>> {
+    /// Counts each check and decides, in one round trip; the batch fails as a whole.
+    pub async fn check_batch(&self, checks: &[Check]) -> Result<Vec<Decision>, LimitError> {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.run_pipeline(checks)).await;
         self.metrics.redis_check_seconds.record(started.elapsed());
-        match result {
-            Err(_) => (0..checks.len())
-                .map(|_| Err(LimitError::Timeout(self.timeout)))
-                .collect(),
-            Ok(Err(e)) => {
-                let e = LimitError::from(e);
-                (0..checks.len()).map(|_| Err(e.shared())).collect()
-            }
-            Ok(Ok(results)) => results,
-        }
+        Ok(result.map_err(|_| LimitError::Timeout(self.timeout))??)
     }
 
     /// One script call per algorithm present in the batch, sent together (the connection
     /// pipelines them), so a batch still costs one round trip.
-    async fn run_pipeline(
-        &self,
-        checks: &[Check],
-    ) -> redis::RedisResult<Vec<Result<Decision, LimitError>>> {
+    async fn run_pipeline(&self, checks: &[Check]) -> redis::RedisResult<Vec<Decision>> {
         let mut groups: [Vec<usize>; 3] = Default::default();
         for (i, check) in checks.iter().enumerate() {
             groups[algorithm_index(check.rule.algorithm)].push(i);
@@ -93,6 +71,7 @@ impl Limiter {
             self.timed_group(&self.sliding_window, checks, &groups[1]),
             self.timed_group(&self.token_bucket, checks, &groups[2]),
         )?;
+        // Back into the order of `checks`: every index is in exactly one group.
         let mut out: Vec<Option<Decision>> = vec![None; checks.len()];
         for (indices, decisions) in [
             (&groups[0], fixed),
@@ -103,10 +82,7 @@ impl Limiter {
                 out[i] = Some(decision);
             }
         }
-        Ok(out
-            .into_iter()
-            .map(|d| d.ok_or_else(|| LimitError::Shared("a check got no answer".into())))
-            .collect())
+        Ok(out.into_iter().flatten().collect())
     }
 
     async fn fixed_window_group(
@@ -159,6 +135,7 @@ impl Limiter {
                 rule,
                 notify_tag,
                 message_id,
+                ..
             } = &checks[i];
             invocation
                 .key(key)

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,18 +259,19 @@ impl Broker {
 
     /// Messages waiting in `queue` (ready, not in flight).
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                ShortString::from(queue),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        passive_depth(&self.channel, queue).await.unwrap()
+    }
+
+    /// Takes every message now on the orchestrator queue: how many, and their distinct ids.
+    pub async fn drain_allowed_ids(&self, within: Duration) -> (usize, HashSet<String>) {
+        let queue = &self.names.orchestrator;
+        let n = self.depth(queue).await as usize;
+        let out = self.collect(queue, n, within).await;
+        let ids = out
+            .iter()
+            .map(|d| output_id(OutputKind::Allowed, d))
+            .collect();
+        (n, ids)
     }
 
     /// Waits until `queue` has no ready messages, failing after `within`.
@@ -613,7 +614,14 @@ pub async fn depth_fresh(queue: &str) -> Option<u32> {
     .ok()?
     .ok()?;
     let channel = conn.create_channel().await.ok()?;
-    let depth = channel
+    let depth = passive_depth(&channel, queue).await.ok();
+    let _ = conn.close(200, ShortString::from("done")).await;
+    depth
+}
+
+/// Ready messages in `queue`, by a passive declare.
+async fn passive_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let q = channel
         .queue_declare(
             ShortString::from(queue),
             lapin::options::QueueDeclareOptions {
@@ -622,11 +630,8 @@ pub async fn depth_fresh(queue: &str) -> Option<u32> {
             },
             FieldTable::default(),
         )
-        .await
-        .ok()
-        .map(|q| q.message_count());
-    let _ = conn.close(200, ShortString::from("done")).await;
-    depth
+        .await?;
+    Ok(q.message_count())
 }
 
 /// A realistic message of about 1 KB.
