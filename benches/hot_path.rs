@@ -88,7 +88,7 @@ fn hot_path(c: &mut Criterion) {
         b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500), true))
     });
     group.bench_function("allowed_output", |b| {
-        b.iter(|| route::allowed_properties(black_box(&props), 30, 12, 42))
+        b.iter(|| route::allowed_properties(black_box(&props), 30, 12, 42, false))
     });
     group.bench_function("rejection_output", |b| {
         let env = parse(&body, MAX).unwrap();
@@ -111,7 +111,7 @@ fn hot_path(c: &mut Criterion) {
                     limit,
                     remaining,
                     reset_after,
-                } => route::allowed_properties(&props, limit, remaining, reset_after),
+                } => route::allowed_properties(&props, limit, remaining, reset_after, false),
                 Decision::Rejected { .. } => unreachable!("3 of 30 is allowed"),
             }
         })

@@ -3,7 +3,9 @@
 //! messages, and a single `basic.nack requeue` for each one handed back.
 //!
 //! The tracker never acks a tag that is still in flight or that is to be nacked, so the
-//! cumulative ack is always exactly "these messages are done".
+//! cumulative ack is always exactly "these messages are done". A *held* message (its check
+//! waits for Redis) would block every cumulative ack behind it: while one is held, the
+//! messages finished after it are settled one by one instead.
 
 use std::collections::VecDeque;
 
@@ -12,56 +14,110 @@ use std::collections::VecDeque;
 pub enum Settlement {
     /// Ack every unsettled delivery up to and including this tag.
     AckUpTo(u64),
+    /// Ack this delivery alone.
+    Ack(u64),
     /// Hand this delivery back to the queue.
     Requeue(u64),
+}
+
+/// Delivery tags on a channel go up by one per delivery: a tag out of that order means a
+/// delivery this tracker never saw, and a cumulative ack could then cover it unprocessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("delivery tag {got} arrived where {expected} was expected")]
+pub struct TagGap {
+    pub expected: u64,
+    pub got: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     InFlight,
+    /// In flight and waiting for Redis, for an unknown time.
+    Held,
     Done,
     HandBack,
+    /// Already told to the broker on its own (behind a held message).
+    Settled,
 }
 
-/// Deliveries of one channel, oldest first. Delivery tags on a channel increase by one per
-/// delivery, so a tag's slot is found by subtraction.
+/// Deliveries of one channel, oldest first, found by subtracting the first tag.
 #[derive(Debug, Default)]
 pub struct AckTracker {
     first_tag: u64,
     slots: VecDeque<Slot>,
+    /// The tag the next delivery must carry, once one was seen.
+    next_tag: Option<u64>,
+    held: usize,
+    /// Slots already told to the broker on their own, not yet popped.
+    settled_alone: usize,
 }
 
 impl AckTracker {
-    /// Records a new delivery; tags must arrive in increasing order.
-    pub fn received(&mut self, tag: u64) {
+    /// Records a new delivery; tags must follow each other without a gap.
+    pub fn received(&mut self, tag: u64) -> Result<(), TagGap> {
+        if let Some(expected) = self.next_tag
+            && tag != expected
+        {
+            return Err(TagGap { expected, got: tag });
+        }
         if self.slots.is_empty() {
             self.first_tag = tag;
         }
-        // A gap would only come from deliveries this tracker never saw; keep the
-        // arithmetic exact by treating them as done elsewhere.
-        let expected = self.first_tag + self.slots.len() as u64;
-        for _ in expected..tag {
-            self.slots.push_back(Slot::Done);
-        }
         self.slots.push_back(Slot::InFlight);
+        self.next_tag = Some(tag + 1);
+        Ok(())
+    }
+
+    fn index(&self, tag: u64) -> Option<usize> {
+        let index = usize::try_from(tag.checked_sub(self.first_tag)?).ok()?;
+        (index < self.slots.len()).then_some(index)
+    }
+
+    /// Marks `tag` as waiting for Redis; what finished behind it is settled now, one by
+    /// one, so the held message never stops the others.
+    pub fn hold(&mut self, tag: u64, out: &mut Vec<Settlement>) {
+        let Some(index) = self.index(tag) else { return };
+        if self.slots[index] != Slot::InFlight {
+            return;
+        }
+        self.slots[index] = Slot::Held;
+        self.held += 1;
+        for i in index + 1..self.slots.len() {
+            self.settle_alone(i, out);
+        }
+    }
+
+    /// Settles the finished slot at `index` on its own, if it is finished.
+    fn settle_alone(&mut self, index: usize, out: &mut Vec<Settlement>) {
+        let tag = self.first_tag + index as u64;
+        match self.slots[index] {
+            Slot::Done => out.push(Settlement::Ack(tag)),
+            Slot::HandBack => out.push(Settlement::Requeue(tag)),
+            _ => return,
+        }
+        self.slots[index] = Slot::Settled;
+        self.settled_alone += 1;
     }
 
     /// Marks `tag` finished (`ok`: its output was confirmed) and appends whatever can now
     /// be told to the broker.
     pub fn settle(&mut self, tag: u64, ok: bool, out: &mut Vec<Settlement>) {
-        let Some(index) = tag.checked_sub(self.first_tag) else {
-            return;
-        };
-        let Some(slot) = self.slots.get_mut(index as usize) else {
-            return;
-        };
-        *slot = if ok { Slot::Done } else { Slot::HandBack };
+        let Some(index) = self.index(tag) else { return };
+        match self.slots[index] {
+            Slot::Held => self.held -= 1,
+            Slot::InFlight => {}
+            // Settled twice: the first settlement stands.
+            _ => return,
+        }
+        self.slots[index] = if ok { Slot::Done } else { Slot::HandBack };
         let mut ack_up_to = None;
         while let Some(front) = self.slots.front() {
             let tag = self.first_tag;
             match front {
-                Slot::InFlight => break,
+                Slot::InFlight | Slot::Held => break,
                 Slot::Done => ack_up_to = Some(tag),
+                // Already acked alone; a later cumulative ack passes over it.
+                Slot::Settled => self.settled_alone -= 1,
                 Slot::HandBack => {
                     if let Some(t) = ack_up_to.take() {
                         out.push(Settlement::AckUpTo(t));
@@ -75,11 +131,21 @@ impl AckTracker {
         if let Some(t) = ack_up_to {
             out.push(Settlement::AckUpTo(t));
         }
+        if self.held > 0
+            && let Some(index) = self.index(tag)
+        {
+            self.settle_alone(index, out);
+        }
     }
 
     /// Deliveries received and not yet settled with the broker.
     pub fn unsettled(&self) -> usize {
-        self.slots.len()
+        self.slots.len() - self.settled_alone
+    }
+
+    /// Deliveries waiting for Redis.
+    pub fn held(&self) -> usize {
+        self.held
     }
 }
 
@@ -92,8 +158,8 @@ mod tests {
     fn in_order_completions_ack_one_by_one() {
         let mut t = AckTracker::default();
         let mut out = Vec::new();
-        t.received(1);
-        t.received(2);
+        t.received(1).unwrap();
+        t.received(2).unwrap();
         t.settle(1, true, &mut out);
         t.settle(2, true, &mut out);
         assert_eq!(out, vec![Settlement::AckUpTo(1), Settlement::AckUpTo(2)]);
@@ -105,7 +171,7 @@ mod tests {
         let mut t = AckTracker::default();
         let mut out = Vec::new();
         for tag in 1..=4 {
-            t.received(tag);
+            t.received(tag).unwrap();
         }
         t.settle(3, true, &mut out);
         t.settle(2, true, &mut out);
@@ -120,7 +186,7 @@ mod tests {
         let mut t = AckTracker::default();
         let mut out = Vec::new();
         for tag in 10..=14 {
-            t.received(tag);
+            t.received(tag).unwrap();
         }
         t.settle(11, false, &mut out);
         t.settle(12, true, &mut out);
@@ -139,18 +205,75 @@ mod tests {
         assert_eq!(out, vec![Settlement::AckUpTo(14)]);
     }
 
+    #[test]
+    fn a_gap_in_the_tags_is_an_error_not_a_silent_ack() {
+        let mut t = AckTracker::default();
+        t.received(5).unwrap();
+        assert_eq!(
+            t.received(7),
+            Err(TagGap {
+                expected: 6,
+                got: 7
+            })
+        );
+        let mut out = Vec::new();
+        t.settle(5, true, &mut out);
+        assert_eq!(out, vec![Settlement::AckUpTo(5)]);
+        assert!(
+            t.received(7).is_err(),
+            "still a gap after the tracker emptied"
+        );
+        t.received(6).unwrap();
+    }
+
+    #[test]
+    fn a_held_message_does_not_stop_the_ones_behind_it() {
+        let mut t = AckTracker::default();
+        let mut out = Vec::new();
+        for tag in 1..=5 {
+            t.received(tag).unwrap();
+        }
+        t.settle(3, true, &mut out);
+        assert!(out.is_empty());
+        t.hold(1, &mut out);
+        assert_eq!(
+            out,
+            vec![Settlement::Ack(3)],
+            "what finished behind it goes now"
+        );
+        out.clear();
+        t.settle(2, true, &mut out);
+        t.settle(4, false, &mut out);
+        assert_eq!(out, vec![Settlement::Ack(2), Settlement::Requeue(4)]);
+        assert_eq!((t.held(), t.unsettled()), (1, 2));
+        out.clear();
+        t.settle(1, true, &mut out);
+        assert_eq!(
+            out,
+            vec![Settlement::AckUpTo(1)],
+            "never an ack of a settled tag"
+        );
+        out.clear();
+        t.settle(5, true, &mut out);
+        assert_eq!(out, vec![Settlement::AckUpTo(5)]);
+        assert_eq!((t.held(), t.unsettled()), (0, 0));
+    }
+
     proptest! {
-        /// Whatever the completion order, every delivery is settled exactly once, acks and
-        /// requeues come in tag order, and no ack covers an unfinished or requeued tag.
+        /// Whatever the completion order and whichever messages are held for a while, the
+        /// broker (modelled as its set of unacked tags) hears of every delivery exactly
+        /// once, as what it became, and no cumulative ack covers an unfinished or
+        /// handed-back tag or names a tag that is no longer unacked.
         #[test]
-        fn every_tag_is_settled_once_and_in_order(
+        fn every_tag_is_settled_once_and_as_what_it_became(
             outcomes in prop::collection::vec(any::<bool>(), 1..60),
+            holds in prop::collection::vec(any::<bool>(), 60),
             order in any::<u64>(),
         ) {
             let n = outcomes.len() as u64;
             let mut t = AckTracker::default();
             for tag in 1..=n {
-                t.received(tag);
+                t.received(tag).unwrap();
             }
             let mut sequence: Vec<u64> = (1..=n).collect();
             // A deterministic shuffle from the generated seed.
@@ -159,34 +282,53 @@ mod tests {
                 seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
                 sequence.swap(i, (seed % (i as u64 + 1)) as usize);
             }
-            let mut out = Vec::new();
-            let mut done = std::collections::HashSet::new();
-            let mut acked_through = 0;
+            // A held message is held at its turn and finishes after all the others.
+            let mut events: Vec<(u64, bool)> = Vec::new();
+            let mut late = Vec::new();
             for tag in sequence {
-                let before = out.len();
-                t.settle(tag, outcomes[(tag - 1) as usize], &mut out);
-                done.insert(tag);
-                for s in &out[before..] {
+                if holds[(tag - 1) as usize] {
+                    events.push((tag, true));
+                    late.push((tag, false));
+                } else {
+                    events.push((tag, false));
+                }
+            }
+            events.extend(late);
+            let mut unacked: std::collections::BTreeSet<u64> = (1..=n).collect();
+            let mut done = std::collections::HashSet::new();
+            let mut out = Vec::new();
+            for (tag, hold) in events {
+                out.clear();
+                if hold {
+                    t.hold(tag, &mut out);
+                } else {
+                    t.settle(tag, outcomes[(tag - 1) as usize], &mut out);
+                    done.insert(tag);
+                }
+                for s in &out {
                     match *s {
                         Settlement::AckUpTo(up_to) => {
-                            prop_assert!(up_to > acked_through);
-                            for covered in acked_through + 1..=up_to {
-                                prop_assert!(done.contains(&covered));
-                                prop_assert!(outcomes[(covered - 1) as usize], "acked a hand-back");
+                            prop_assert!(unacked.contains(&up_to), "ack of unknown tag {}", up_to);
+                            let covered: Vec<u64> = unacked.range(..=up_to).copied().collect();
+                            for c in covered {
+                                prop_assert!(done.contains(&c), "acked {} unfinished", c);
+                                prop_assert!(outcomes[(c - 1) as usize], "acked hand-back {}", c);
+                                unacked.remove(&c);
                             }
-                            prop_assert!(outcomes[(up_to - 1) as usize]);
-                            acked_through = up_to;
+                        }
+                        Settlement::Ack(tag) => {
+                            prop_assert!(unacked.remove(&tag) && done.contains(&tag));
+                            prop_assert!(outcomes[(tag - 1) as usize]);
                         }
                         Settlement::Requeue(tag) => {
-                            prop_assert_eq!(tag, acked_through + 1);
+                            prop_assert!(unacked.remove(&tag) && done.contains(&tag));
                             prop_assert!(!outcomes[(tag - 1) as usize]);
-                            acked_through = tag;
                         }
                     }
                 }
             }
-            prop_assert_eq!(acked_through, n);
-            prop_assert_eq!(t.unsettled(), 0);
+            prop_assert!(unacked.is_empty(), "never settled: {:?}", unacked);
+            prop_assert_eq!((t.unsettled(), t.held()), (0, 0));
         }
     }
 }

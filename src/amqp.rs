@@ -1,6 +1,7 @@
 //! RabbitMQ: connections, queue declaration, and a publisher that reports a message as
 //! delivered only when the broker confirmed it and routed it to a queue.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -31,9 +32,24 @@ impl PublishError {
     }
 }
 
+/// This instance in connection names and consumer tags: the host name (a pod's name in
+/// Kubernetes, where every gate is PID 1) and the process id.
+pub fn instance_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "unknown-host".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
 /// Opens one connection, named so operators can tell the gate's connections apart.
 pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::Error> {
-    let name = format!("konstruct-gate {role} {}", std::process::id());
+    let name = format!("konstruct-gate {role} {}", instance_name());
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -52,7 +68,12 @@ pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::E
 /// Declares the inbound and the three output queues as durable. With quorum queues the
 /// inbound queue also gets a delivery limit, past which the broker moves a message that
 /// keeps coming back to the dead-letter queue instead of redelivering it forever.
-pub async fn declare_queues(channel: &Channel, config: &AmqpConfig) -> Result<(), lapin::Error> {
+///
+/// A queue that already exists with other arguments (an operator added `x-max-length`,
+/// or changed the delivery limit) is used as it is, with one warning: the broker refuses
+/// the declaration (and closes its channel), so each queue is declared on a channel of its
+/// own and then checked passively.
+pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<(), lapin::Error> {
     let mut outputs = FieldTable::default();
     let mut inbound = FieldTable::default();
     if config.queue_type == QueueType::Quorum {
@@ -81,15 +102,44 @@ pub async fn declare_queues(channel: &Channel, config: &AmqpConfig) -> Result<()
         (&config.notification_queue, &outputs),
         (&config.dead_letter_queue, &outputs),
     ] {
-        channel
-            .queue_declare(
-                ShortString::from(queue.as_str()),
-                QueueDeclareOptions::durable(),
-                arguments.clone(),
-            )
-            .await?;
+        let declared =
+            declare_on_own_channel(conn, queue, QueueDeclareOptions::durable(), arguments).await;
+        if let Err(refused) = declared {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            // Exists? Then use it; else the first error is the one to report.
+            if declare_on_own_channel(conn, queue, passive, &FieldTable::default())
+                .await
+                .is_err()
+            {
+                return Err(refused);
+            }
+            tracing::warn!(
+                queue = %queue,
+                reason = %refused,
+                "the queue exists with other arguments than the gate would declare; using it as it is"
+            );
+        }
     }
     Ok(())
+}
+
+async fn declare_on_own_channel(
+    conn: &Connection,
+    queue: &str,
+    options: QueueDeclareOptions,
+    arguments: &FieldTable,
+) -> Result<(), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let result = channel
+        .queue_declare(ShortString::from(queue), options, arguments.clone())
+        .await;
+    if channel.status().connected() {
+        let _ = channel.close(200, ShortString::from("declared")).await;
+    }
+    result.map(|_| ())
 }
 
 /// Publishes on one confirm-mode channel. Many messages may be awaiting their confirms at

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,9 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::gate::{Gate, Health};
+use crate::health::Health;
 use crate::limit::live::{OVERRIDES_KEY, parse_overrides};
 use crate::limit::{Limiter, LiveRules};
+use crate::pipeline::Pipeline;
+use crate::session::Gate;
 use crate::telemetry::Metrics;
 
 /// How often readiness asks Redis whether it answers.
@@ -100,6 +101,7 @@ impl Application {
         tasks.spawn(probe_redis(
             self.limiter.clone(),
             self.health.clone(),
+            self.metrics.clone(),
             background.clone(),
         ));
         let rules = Arc::new(LiveRules::new(&self.config.limits));
@@ -110,7 +112,14 @@ impl Application {
             self.limiter.clone(),
             background.clone(),
         ));
-        let gate = Gate::new(self.config, rules, self.limiter, self.metrics, self.health);
+        let pipeline = Pipeline::new(
+            self.config.clone(),
+            rules,
+            self.limiter,
+            self.metrics.clone(),
+            self.health.clone(),
+        );
+        let gate = Gate::new(self.config, pipeline, self.metrics, self.health);
         gate.run(shutdown).await;
         background.cancel();
         tasks.close();
@@ -119,10 +128,16 @@ impl Application {
     }
 }
 
-async fn probe_redis(limiter: Limiter, health: Arc<Health>, stop: CancellationToken) {
+/// Asks Redis every second whether it answers, and publishes readiness as a gauge.
+async fn probe_redis(
+    limiter: Limiter,
+    health: Arc<Health>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
     loop {
-        let ok = limiter.ping().await;
-        health.redis_ok.store(ok, Ordering::Relaxed);
+        health.set_redis_probe(limiter.ping().await);
+        metrics.ready.set(if health.ready() { 1.0 } else { 0.0 });
         tokio::select! {
             _ = tokio::time::sleep(REDIS_PROBE_INTERVAL) => {}
             _ = stop.cancelled() => return,
@@ -134,8 +149,10 @@ async fn probe_redis(limiter: Limiter, health: Arc<Health>, stop: CancellationTo
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reloads `[limits]` from the file on SIGHUP or when it changes, and reads the Redis
-/// overrides hash every `limits.redis_overrides_refresh_ms`. A file that does not load
-/// is refused with one log line, and the limits in force stay.
+/// overrides hash every `limits.redis_overrides_refresh_ms`. Every key of `[limits]`
+/// applies on reload; a changed key of another section is named in one warning, since it
+/// needs a restart. A file that does not load is refused with one log line, and the
+/// limits in force stay.
 async fn keep_limits_live(
     config: Arc<Config>,
     path: Option<PathBuf>,
@@ -153,12 +170,17 @@ async fn keep_limits_live(
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last_modified = path.as_ref().and_then(modified);
     let mut file_poll = tokio::time::interval(FILE_POLL_INTERVAL);
-    let refresh_ms = config.limits.redis_overrides_refresh_ms;
-    let mut redis_poll = tokio::time::interval(Duration::from_millis(refresh_ms.max(1)));
-    redis_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut in_force = (*config).clone();
+    let overrides_poll = |refresh_ms: u64| {
+        let mut poll = tokio::time::interval(Duration::from_millis(refresh_ms.max(1)));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll
+    };
+    let mut redis_poll = overrides_poll(in_force.limits.redis_overrides_refresh_ms);
     let overrides_key = format!("{}{OVERRIDES_KEY}", config.redis.key_prefix);
     let mut last_redis_errors: Vec<String> = Vec::new();
     loop {
+        let refresh_ms = in_force.limits.redis_overrides_refresh_ms;
         let reload = tokio::select! {
             _ = stop.cancelled() => return,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
@@ -177,10 +199,10 @@ async fn keep_limits_live(
             _ = redis_poll.tick(), if refresh_ms > 0 => {
                 match limiter.hash(&overrides_key).await {
                     Ok(entries) => {
-                        let (overrides, errors) = parse_overrides(entries);
+                        let (overrides, errors) = parse_overrides(entries, &rules.redis_overrides());
                         if errors != last_redis_errors {
                             for e in &errors {
-                                warn!(key = %overrides_key, "{e}; skipped");
+                                warn!(key = %overrides_key, "{e}; skipped, the rule in force stays");
                             }
                             last_redis_errors = errors;
                         }
@@ -189,7 +211,10 @@ async fn keep_limits_live(
                             info!(overrides = count, "live overrides from Redis applied");
                         }
                     }
-                    Err(e) => warn!(error = %e, "cannot read live overrides; keeping the current ones"),
+                    Err(e) => {
+                        let error = config.scrub(&e.to_string());
+                        warn!(%error, "cannot read live overrides; keeping the current ones");
+                    }
                 }
                 false
             }
@@ -201,14 +226,28 @@ async fn keep_limits_live(
             warn!("no configuration file to reload: start with --config to use SIGHUP");
             continue;
         };
-        match Config::load(Some(path)) {
-            Ok(new) => {
-                rules.set_file_limits(new.limits);
-                info!(file = %path.display(), "limits reloaded (other sections apply at the next start)");
-            }
+        let new = match Config::load(Some(path)) {
+            Ok(new) => new,
             Err(e) => {
-                error!(file = %path.display(), "configuration reload refused, the previous limits stay: {e}")
+                error!(file = %path.display(), "configuration reload refused, the limits in force stay: {e}");
+                continue;
             }
+        };
+        let changed = in_force.changed_keys(&new);
+        let (limits, others): (Vec<String>, Vec<String>) =
+            changed.into_iter().partition(|k| k.starts_with("limits."));
+        if !others.is_empty() {
+            warn!(keys = ?others, "configuration keys outside [limits] changed; they apply at the next start");
         }
+        if limits.is_empty() {
+            info!(file = %path.display(), "limits reloaded: nothing changed");
+            continue;
+        }
+        if new.limits.redis_overrides_refresh_ms != refresh_ms {
+            redis_poll = overrides_poll(new.limits.redis_overrides_refresh_ms);
+        }
+        rules.set_file_limits(new.limits.clone());
+        in_force.limits = new.limits;
+        info!(file = %path.display(), changed = ?limits, "limits reloaded");
     }
 }

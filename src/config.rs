@@ -15,12 +15,51 @@ use crate::message::{valid_channel, valid_tenant_id};
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "KONSTRUCT_GATE__";
 
+/// Most requests (and burst) a limit may allow per window.
+pub const MAX_REQUESTS: u64 = 1_000_000_000;
+/// Longest window: 366 days.
+pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 60 * 60;
+/// RabbitMQ's own ceiling on a message body: 128 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+pub const MAX_SHUTDOWN_GRACE_SECONDS: u64 = 3_600;
+pub const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
+/// The overrides hash is read at least once an hour.
+pub const MAX_OVERRIDES_REFRESH_MS: u64 = 3_600_000;
+pub const MAX_DELIVERY_LIMIT: u32 = 1_000_000;
+
+/// Checks the numbers one limit sets (the file's global limit, a file override, a Redis
+/// override, the admin command line), so every source accepts exactly the same values.
+/// `key` names where the values come from, e.g. `limits.overrides[2]`.
+pub fn check_limit_numbers(
+    key: &str,
+    requests: Option<u64>,
+    window_seconds: Option<u64>,
+    burst: Option<u64>,
+) -> Result<(), String> {
+    for (field, value, max) in [
+        ("requests", requests, MAX_REQUESTS),
+        ("window_seconds", window_seconds, MAX_WINDOW_SECONDS),
+        ("burst", burst, MAX_REQUESTS),
+    ] {
+        match value {
+            Some(0) => return Err(format!("{key}.{field} must be at least 1")),
+            Some(v) if v > max => {
+                return Err(format!(
+                    "{key}.{field} = {v} is out of range (at most {max})"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A configuration that cannot be used, described in one sentence naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(String);
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub amqp: AmqpConfig,
@@ -30,7 +69,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: SecretUrl,
@@ -77,7 +116,7 @@ pub enum QueueType {
     Quorum,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: SecretUrl,
@@ -97,7 +136,7 @@ impl Default for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub algorithm: Algorithm,
@@ -173,7 +212,7 @@ pub enum OnRedisError {
 
 /// A limit for one tenant, or for one (tenant, channel). Fields left out fall back to the
 /// tenant-wide override, then to the global limit.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Override {
     pub tenant: String,
@@ -191,7 +230,7 @@ pub struct Override {
     pub shadow: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -205,7 +244,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -267,30 +306,90 @@ impl Serialize for SecretUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***`.
+/// Where the user information of `url` lies: between `://` and the last `@`. The last
+/// one, not the first: a password with an unencoded `@`, `/`, `#` or `?` must still be
+/// hidden whole, whatever a URL parser would make of it.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let at = url[start..].rfind('@')? + start;
+    Some((start, at))
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`. Everything up
+/// to the last `@` counts as user information, so no fragment of a malformed password
+/// is ever printed.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((start, at)) = userinfo_span(url) else {
         return url.to_owned();
     };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let user = userinfo.split(':').next().unwrap_or_default();
-    if !userinfo.contains(':') {
-        return url.to_owned();
+    let userinfo = &url[start..at];
+    match userinfo.split_once(':') {
+        Some((user, _)) if !user.contains(['/', '?', '#', '@']) => {
+            format!("{}{user}:***{}", &url[..start], &url[at..])
+        }
+        // The user name itself is ambiguous: hide it too.
+        Some(_) => format!("{}***{}", &url[..start], &url[at..]),
+        None => url.to_owned(),
     }
-    format!(
-        "{}{}:***{}",
-        &url[..authority_start],
-        user,
-        &url[authority_start + at..]
-    )
+}
+
+/// The password of a URL, as written (percent-encoded or not), when it has one.
+fn password_of(url: &str) -> Option<&str> {
+    let (start, at) = userinfo_span(url)?;
+    let (_, password) = url[start..at].split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// Refuses user information that a URL parser would split differently than its author
+/// meant: an unencoded `@ / # ?` in the user name or password.
+fn check_userinfo(key: &str, url: &SecretUrl) -> Result<(), ConfigError> {
+    let Some((start, at)) = userinfo_span(url.expose()) else {
+        return Ok(());
+    };
+    if url.expose()[start..at].contains(['@', '/', '?', '#']) {
+        return Err(ConfigError(format!(
+            "{key} ({url}) has an unencoded @, /, # or ? in its user name or password; \
+             percent-encode them (%40, %2F, %23, %3F)"
+        )));
+    }
+    Ok(())
+}
+
+/// Removes every secret of `urls` from `text` (an error message a client library wrote,
+/// which may quote its URL): the password as written and percent-decoded.
+pub fn scrub(text: &str, urls: &[&SecretUrl]) -> String {
+    let mut out = text.to_owned();
+    for url in urls {
+        if let Some(password) = password_of(url.expose()) {
+            let decoded = percent_decode(password);
+            for secret in [password, decoded.as_str()] {
+                if !secret.is_empty() {
+                    out = out.replace(secret, "***");
+                }
+            }
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Config {
@@ -332,10 +431,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         let amqp = &self.amqp;
+        check_userinfo("amqp.url", &amqp.url)?;
+        check_userinfo("redis.url", &self.redis.url)?;
         if let Err(e) = amqp.url.expose().parse::<lapin::uri::AMQPUri>() {
             return fail(format!(
-                "amqp.url is not a valid AMQP URL ({}): {e}",
-                amqp.url
+                "amqp.url is not a valid AMQP URL ({}): {}",
+                amqp.url,
+                scrub(&e.to_string(), &[&amqp.url])
             ));
         }
         for (key, name) in [
@@ -366,27 +468,110 @@ impl Config {
         if amqp.delivery_limit == 0 {
             return fail("amqp.delivery_limit must be at least 1".into());
         }
-        if let Err(e) = redis::Client::open(self.redis.url.expose()) {
+        if amqp.delivery_limit > MAX_DELIVERY_LIMIT {
             return fail(format!(
-                "redis.url is not a valid Redis URL ({}): {e}",
-                self.redis.url
+                "amqp.delivery_limit = {} is out of range (at most {MAX_DELIVERY_LIMIT})",
+                amqp.delivery_limit
             ));
         }
-        if self.redis.timeout_ms == 0 {
-            return fail("redis.timeout_ms must be at least 1".into());
+        if amqp.shutdown_grace_seconds > MAX_SHUTDOWN_GRACE_SECONDS {
+            return fail(format!(
+                "amqp.shutdown_grace_seconds = {} is out of range (at most {MAX_SHUTDOWN_GRACE_SECONDS})",
+                amqp.shutdown_grace_seconds
+            ));
         }
-        let limits = &self.limits;
-        if limits.requests == 0 {
-            return fail("limits.requests must be at least 1".into());
+        if let Err(e) = redis::Client::open(self.redis.url.expose()) {
+            return fail(format!(
+                "redis.url is not a valid Redis URL ({}): {}",
+                self.redis.url,
+                scrub(&e.to_string(), &[&self.redis.url])
+            ));
         }
-        if limits.window_seconds == 0 {
-            return fail("limits.window_seconds must be at least 1".into());
+        if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis.timeout_ms) {
+            return fail(format!(
+                "redis.timeout_ms = {} is out of range (1 to {MAX_REDIS_TIMEOUT_MS})",
+                self.redis.timeout_ms
+            ));
         }
-        if limits.burst == Some(0) {
-            return fail("limits.burst must be at least 1".into());
+        self.limits.validate().map_err(ConfigError)?;
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return fail(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.log.level
+            ));
         }
-        if limits.max_message_bytes == 0 {
-            return fail("limits.max_message_bytes must be at least 1".into());
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration always serializes")
+    }
+
+    /// The keys (`section.key`) whose values differ between `self` and `other`.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let table = |c: &Config| match toml::Value::try_from(c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        let (old, new) = (table(self), table(other));
+        let mut changed = Vec::new();
+        for (section, old_section) in &old {
+            let empty = toml::Table::new();
+            let old_keys = old_section.as_table().unwrap_or(&empty);
+            let new_keys = new
+                .get(section)
+                .and_then(|v| v.as_table())
+                .unwrap_or(&empty);
+            let mut names: Vec<&String> = old_keys.keys().chain(new_keys.keys()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                if old_keys.get(name) != new_keys.get(name) {
+                    changed.push(format!("{section}.{name}"));
+                }
+            }
+        }
+        // URLs print redacted: a new password alone must still count as a change.
+        for (key, a, b) in [
+            ("amqp.url", &self.amqp.url, &other.amqp.url),
+            ("redis.url", &self.redis.url, &other.redis.url),
+        ] {
+            if a != b && !changed.iter().any(|c| c == key) {
+                changed.push(key.to_owned());
+            }
+        }
+        changed
+    }
+
+    /// `text` with every password of the configured URLs removed.
+    pub fn scrub(&self, text: &str) -> String {
+        scrub(text, &[&self.amqp.url, &self.redis.url])
+    }
+}
+
+impl LimitsConfig {
+    /// Checks `[limits]` alone (what a reload applies), naming the first bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        let limits = self;
+        let fail = |msg: String| Err(msg);
+        check_limit_numbers(
+            "limits",
+            Some(limits.requests),
+            Some(limits.window_seconds),
+            limits.burst,
+        )?;
+        if !(1..=MAX_MESSAGE_BYTES).contains(&limits.max_message_bytes) {
+            return fail(format!(
+                "limits.max_message_bytes = {} is out of range (1 to {MAX_MESSAGE_BYTES})",
+                limits.max_message_bytes
+            ));
+        }
+        if limits.redis_overrides_refresh_ms > MAX_OVERRIDES_REFRESH_MS {
+            return fail(format!(
+                "limits.redis_overrides_refresh_ms = {} is out of range (at most {MAX_OVERRIDES_REFRESH_MS})",
+                limits.redis_overrides_refresh_ms
+            ));
         }
         for (i, o) in limits.overrides.iter().enumerate() {
             let key = format!("limits.overrides[{i}]");
@@ -403,15 +588,7 @@ impl Config {
                     "{key}.channel {channel:?} is not a valid channel (1-32 of a-z 0-9 _ -)"
                 ));
             }
-            if o.requests == Some(0) {
-                return fail(format!("{key}.requests must be at least 1"));
-            }
-            if o.window_seconds == Some(0) {
-                return fail(format!("{key}.window_seconds must be at least 1"));
-            }
-            if o.burst == Some(0) {
-                return fail(format!("{key}.burst must be at least 1"));
-            }
+            check_limit_numbers(&key, o.requests, o.window_seconds, o.burst)?;
             let duplicate = limits.overrides[..i]
                 .iter()
                 .any(|p| p.tenant == o.tenant && p.channel == o.channel);
@@ -421,18 +598,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
-            return fail(format!(
-                "log.level {:?} is not a valid filter: {e}",
-                self.log.level
-            ));
-        }
         Ok(())
-    }
-
-    /// The effective configuration as TOML, with secrets redacted.
-    pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the configuration always serializes")
     }
 }
 
@@ -561,6 +727,26 @@ mod tests {
     }
 
     #[test]
+    fn changed_keys_name_each_difference() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.limits.max_message_bytes = 10;
+        b.limits.notify = Notify::Every;
+        b.amqp.prefetch = 10;
+        b.redis.url = SecretUrl::new("redis://:other@127.0.0.1:6379/0");
+        assert_eq!(
+            a.changed_keys(&b),
+            vec![
+                "amqp.prefetch",
+                "limits.max_message_bytes",
+                "limits.notify",
+                "redis.url"
+            ]
+        );
+        assert!(a.changed_keys(&a.clone()).is_empty());
+    }
+
+    #[test]
     fn a_missing_file_is_an_error() {
         let err =
             Config::load_with_env(Some(Path::new("/nonexistent/gate.toml")), no_env()).unwrap_err();
@@ -579,5 +765,75 @@ mod tests {
         assert_eq!(redact_url("amqp://a:b:c@h/v"), "amqp://a:***@h/v");
         let secret = SecretUrl::new("amqp://a:topsecret@h");
         assert!(!format!("{secret:?} {secret}").contains("topsecret"));
+    }
+
+    /// Passwords with unencoded `@ / # ?`: no fragment of them in any message.
+    const TRICKY: [&str; 3] = ["Xq7@Zr9/Wm3", "Yh4#Lc8?Nv6", "Bd2/Fg5@Hk8#Qs1?Tu4"];
+
+    #[test]
+    fn a_malformed_password_is_hidden_whole_and_refused_by_name() {
+        for password in TRICKY {
+            for (key, url) in [
+                (
+                    "amqp.url",
+                    format!("amqp://gate:{password}@rabbit:5672/%2f"),
+                ),
+                ("redis.url", format!("redis://gate:{password}@redis:6379/0")),
+            ] {
+                let redacted = redact_url(&url);
+                for fragment in password.split(['@', '/', '#', '?']) {
+                    assert!(!redacted.contains(fragment), "{redacted} shows {fragment}");
+                }
+                let toml = format!("[{}]\nurl = {url:?}\n", &key[..key.len() - 4]);
+                let err = Config::from_toml_str(&toml).unwrap_err().to_string();
+                assert!(err.contains(key) && err.contains("percent-encode"), "{err}");
+                for fragment in password.split(['@', '/', '#', '?']) {
+                    assert!(!err.contains(fragment), "{err} shows {fragment}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scrub_removes_a_password_as_written_and_decoded() {
+        let url = SecretUrl::new("redis://u:s%40cret%2Fpw@h:6379/0");
+        let text = "failed: redis://u:s%40cret%2Fpw@h:6379/0 said s@cret/pw";
+        let clean = scrub(text, &[&url]);
+        assert!(!clean.contains("cret"), "{clean}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_by_name() {
+        for (toml, key) in [
+            (
+                "[limits]\nrequests = 100000000000000000\n",
+                "limits.requests",
+            ),
+            (
+                "[limits]\nwindow_seconds = 31622401\n",
+                "limits.window_seconds",
+            ),
+            ("[limits]\nburst = 1000000001\n", "limits.burst"),
+            (
+                "[limits]\nmax_message_bytes = 134217729\n",
+                "limits.max_message_bytes",
+            ),
+            (
+                "[amqp]\nshutdown_grace_seconds = 9223372036854775807\n",
+                "amqp.shutdown_grace_seconds",
+            ),
+            ("[amqp]\nprefetch = 65536\n", "amqp.prefetch"),
+            ("[redis]\ntimeout_ms = 60001\n", "redis.timeout_ms"),
+            (
+                "[[limits.overrides]]\ntenant = \"acme\"\nrequests = 1000000001\n",
+                "limits.overrides[0].requests",
+            ),
+        ] {
+            let err = Config::from_toml_str(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let edge = "[limits]\nrequests = 1000000000\nwindow_seconds = 31622400\n\
+                    max_message_bytes = 134217728\n[amqp]\nshutdown_grace_seconds = 3600\n";
+        Config::from_toml_str(edge).expect("the bounds themselves are accepted");
     }
 }

@@ -11,7 +11,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::gate::Health;
+use crate::health::Health;
 use crate::telemetry;
 
 pub fn router(health: Arc<Health>) -> Router {
@@ -23,14 +23,19 @@ pub fn router(health: Arc<Health>) -> Router {
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let consuming = health.consuming.load(std::sync::atomic::Ordering::Relaxed);
-    let redis = health.redis_ok.load(std::sync::atomic::Ordering::Relaxed);
-    let status = if health.ready() {
+    let r = health.readiness();
+    let status = if r.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, format!("consuming: {consuming}\nredis: {redis}\n"))
+    (
+        status,
+        format!(
+            "consuming: {}\nredis: {}\nredis_checks_failing: {}\n",
+            r.consuming, r.redis_probe, r.checks_failing
+        ),
+    )
 }
 
 async fn metrics() -> impl IntoResponse {

@@ -8,11 +8,16 @@
 //!
 //! # Layout
 //!
-//! - [`gate`]: what happens to one message, top to bottom, and the session that reconnects.
+//! - [`pipeline`]: what happens to one batch of messages, top to bottom: parse → decide →
+//!   route → publish → confirm.
+//! - [`session`]: one broker session after another: connect, watch, consume, settle, and
+//!   reconnect with backoff.
 //! - [`message`]: the inbound envelope: borrowing parse and validation, the error codes.
-//! - [`limit`]: override resolution, decisions, and the atomic Redis script.
-//! - [`route`]: a decision turned into the outgoing body and properties.
-//! - [`acks`]: settling out-of-order completions with in-order cumulative acks.
+//! - [`limit`]: override resolution, decisions, the atomic Redis scripts, the rejection cache.
+//! - [`route`]: a verdict turned into the one outgoing message (a pure function).
+//! - [`acks`]: settling out-of-order completions with in-order cumulative acks, and held
+//!   messages without blocking the rest.
+//! - [`health`]: readiness from the consumer, the Redis probe and the checks themselves.
 //! - [`amqp`]: connections, queue declaration, the confirming publisher.
 //! - [`config`]: typed configuration, layered loading, validation, redaction.
 //! - [`app`]: the application the binary and the tests start.
@@ -24,11 +29,13 @@ pub mod acks;
 pub mod amqp;
 pub mod app;
 pub mod config;
-pub mod gate;
+pub mod health;
 pub mod http;
 pub mod limit;
 pub mod message;
+pub mod pipeline;
 pub mod route;
+pub mod session;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -1,12 +1,121 @@
 //! From a decision to the one outgoing message: forward to the orchestrator, a rejection
-//! to the notifier, or the unread body to the dead-letter queue.
+//! to the notifier, or the unread body to the dead-letter queue. [`output`] decides which,
+//! as a pure function of what the pipeline knows about one message.
+
+use std::borrow::Cow;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::limit::{Answer, Decision, Rule};
 use crate::message::{Envelope, Invalid};
+
+/// What the limit said about one valid message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Checked(Answer),
+    /// Redis could not decide and `on_redis_error = allow`: forward, marked degraded.
+    Unchecked,
+}
+
+/// Where a message went, counted once its output is confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    /// Over its limit, forwarded because its rule is in shadow mode.
+    Shadowed,
+    /// Forwarded without a check (Redis could not decide).
+    Unchecked,
+    Rejected,
+    Invalid,
+}
+
+/// The queue an output goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Orchestrator,
+    Notifications,
+    DeadLetter,
+}
+
+/// The one message published for an inbound one.
+#[derive(Debug)]
+pub struct Output<'a> {
+    pub outcome: Outcome,
+    pub to: Destination,
+    pub body: Cow<'a, [u8]>,
+    pub properties: BasicProperties,
+}
+
+/// The output for one message: its body and properties, its parse, and (for a valid
+/// message) the limit's verdict under `rule`.
+pub fn output<'a>(
+    body: &'a [u8],
+    properties: &BasicProperties,
+    parsed: &Result<Envelope<'_>, Invalid>,
+    verdict: Option<(Verdict, Rule)>,
+) -> Output<'a> {
+    let forward = |outcome, properties| Output {
+        outcome,
+        to: Destination::Orchestrator,
+        body: Cow::Borrowed(body),
+        properties,
+    };
+    let (envelope, verdict, rule) = match (parsed, verdict) {
+        (Err(invalid), _) => {
+            return Output {
+                outcome: Outcome::Invalid,
+                to: Destination::DeadLetter,
+                body: Cow::Borrowed(body),
+                properties: dead_letter_properties(properties, invalid),
+            };
+        }
+        (Ok(_), None) => unreachable!("every valid message has a verdict"),
+        (Ok(envelope), Some((verdict, rule))) => (envelope, verdict, rule),
+    };
+    let Verdict::Checked(Answer { decision, replayed }) = verdict else {
+        return forward(Outcome::Unchecked, degraded_properties(properties));
+    };
+    match decision {
+        Decision::Allowed {
+            limit,
+            remaining,
+            reset_after,
+        } => forward(
+            Outcome::Allowed,
+            allowed_properties(properties, limit, remaining, reset_after, replayed),
+        ),
+        Decision::Rejected {
+            limit, retry_after, ..
+        } if rule.shadow => forward(
+            Outcome::Shadowed,
+            shadow_properties(properties, limit, retry_after, replayed),
+        ),
+        Decision::Rejected {
+            limit,
+            window_seconds,
+            retry_after,
+            notify_user,
+        } => {
+            let (body, properties) = rejection(
+                envelope,
+                message_id(envelope, properties),
+                limit,
+                window_seconds,
+                retry_after,
+                notify_user,
+            );
+            Output {
+                outcome: Outcome::Rejected,
+                to: Destination::Notifications,
+                body: Cow::Owned(body),
+                properties,
+            }
+        }
+    }
+}
 
 /// AMQP delivery mode for messages that survive a broker restart.
 pub const PERSISTENT: u8 = 2;
@@ -67,21 +176,28 @@ fn text(v: &str) -> AMQPValue {
 }
 
 /// Properties of an allowed message on its way to the orchestrator.
+/// `replayed`: the decision was replayed for the message's id (counted once), so this may
+/// be a duplicate of an earlier forward.
 pub fn allowed_properties(
     inbound: &BasicProperties,
     limit: u64,
     remaining: u64,
     reset_after: u64,
+    replayed: bool,
 ) -> BasicProperties {
-    let headers = [
+    let mut headers = vec![
         ("x-ratelimit-limit", int(limit)),
         ("x-ratelimit-remaining", int(remaining)),
         ("x-ratelimit-reset", int(reset_after)),
-        ("x-ratelimit-near-limit", text("true")),
     ];
     // The near-limit signal only when at most a fifth of the limit is left.
-    let n = if near_limit(limit, remaining) { 4 } else { 3 };
-    copy_properties(inbound, &headers[..n])
+    if near_limit(limit, remaining) {
+        headers.push(("x-ratelimit-near-limit", text("true")));
+    }
+    if replayed {
+        headers.push(("x-ratelimit-replayed", text("true")));
+    }
+    copy_properties(inbound, &headers)
 }
 
 /// True when at most 20 % of the limit remains.
@@ -95,16 +211,16 @@ pub fn shadow_properties(
     inbound: &BasicProperties,
     limit: u64,
     retry_after: u64,
+    replayed: bool,
 ) -> BasicProperties {
-    copy_properties(
-        inbound,
-        &[
-            ("x-ratelimit-limit", int(limit)),
-            ("x-ratelimit-remaining", int(0)),
-            ("x-ratelimit-reset", int(retry_after)),
-            ("x-ratelimit-shadow", text("rejected")),
-        ],
-    )
+    let headers = [
+        ("x-ratelimit-limit", int(limit)),
+        ("x-ratelimit-remaining", int(0)),
+        ("x-ratelimit-reset", int(retry_after)),
+        ("x-ratelimit-shadow", text("rejected")),
+        ("x-ratelimit-replayed", text("true")),
+    ];
+    copy_properties(inbound, &headers[..if replayed { 5 } else { 4 }])
 }
 
 /// Properties of a message forwarded unchecked because Redis could not be asked.
@@ -221,7 +337,7 @@ mod tests {
 
     #[test]
     fn allowed_keeps_properties_but_user_id_and_adds_headers() {
-        let p = allowed_properties(&full_properties(), 30, 29, 60);
+        let p = allowed_properties(&full_properties(), 30, 29, 60, false);
         assert_eq!(p.user_id(), &None);
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "amqp-id");
@@ -238,19 +354,19 @@ mod tests {
 
     #[test]
     fn near_limit_is_flagged_at_a_fifth_of_the_limit_or_less() {
-        let p = allowed_properties(&BasicProperties::default(), 30, 6, 60);
+        let p = allowed_properties(&BasicProperties::default(), 30, 6, 60, false);
         assert_eq!(
             header(p.headers(), "x-ratelimit-near-limit"),
             Some(&text("true"))
         );
-        let p = allowed_properties(&BasicProperties::default(), 30, 7, 60);
+        let p = allowed_properties(&BasicProperties::default(), 30, 7, 60, false);
         assert_eq!(header(p.headers(), "x-ratelimit-near-limit"), None);
         assert!(near_limit(1, 0) && !near_limit(10, 3) && near_limit(10, 2));
     }
 
     #[test]
     fn shadow_rejections_are_marked() {
-        let p = shadow_properties(&full_properties(), 30, 42);
+        let p = shadow_properties(&full_properties(), 30, 42, false);
         assert_eq!(
             header(p.headers(), "x-ratelimit-shadow"),
             Some(&text("rejected"))
@@ -301,5 +417,102 @@ mod tests {
             "application/json"
         );
         assert_eq!(p.delivery_mode(), &Some(2));
+    }
+
+    fn rule(shadow: bool) -> Rule {
+        Rule {
+            algorithm: crate::config::Algorithm::FixedWindow,
+            requests: 30,
+            window_seconds: 60,
+            burst: 30,
+            shadow,
+        }
+    }
+
+    fn checked(decision: Decision, replayed: bool) -> Verdict {
+        Verdict::Checked(Answer { decision, replayed })
+    }
+
+    const REJECTED: Decision = Decision::Rejected {
+        limit: 30,
+        window_seconds: 60,
+        retry_after: 42,
+        notify_user: true,
+    };
+
+    #[test]
+    fn every_verdict_routes_to_its_one_output() {
+        let body = br#"{"tenant_id":"acme","channel":"slack","id":"m1"}"#;
+        let props = full_properties();
+        let parsed = parse(body, 1 << 20);
+        let allowed = Decision::Allowed {
+            limit: 30,
+            remaining: 29,
+            reset_after: 60,
+        };
+        let route = |verdict, shadow| output(body, &props, &parsed, Some((verdict, rule(shadow))));
+
+        let o = route(checked(allowed, false), false);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Allowed, Destination::Orchestrator)
+        );
+        assert_eq!(&o.body[..], &body[..]);
+        assert_eq!(header(o.properties.headers(), "x-ratelimit-replayed"), None);
+
+        let o = route(checked(allowed, true), false);
+        assert_eq!(
+            header(o.properties.headers(), "x-ratelimit-replayed"),
+            Some(&text("true"))
+        );
+
+        let o = route(checked(REJECTED, false), false);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Rejected, Destination::Notifications)
+        );
+        let note: serde_json::Value = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(
+            (
+                note["message_id"].as_str(),
+                note["retry_after_seconds"].as_u64()
+            ),
+            (Some("m1"), Some(42))
+        );
+
+        let o = route(checked(REJECTED, true), true);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Shadowed, Destination::Orchestrator)
+        );
+        assert_eq!(
+            header(o.properties.headers(), "x-ratelimit-shadow"),
+            Some(&text("rejected"))
+        );
+        assert_eq!(
+            header(o.properties.headers(), "x-ratelimit-replayed"),
+            Some(&text("true"))
+        );
+
+        let o = route(Verdict::Unchecked, false);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Unchecked, Destination::Orchestrator)
+        );
+        assert_eq!(
+            header(o.properties.headers(), "x-ratelimit-degraded"),
+            Some(&text("true"))
+        );
+
+        let bad = parse(b"{}", 1 << 20);
+        let o = output(b"{}", &props, &bad, None);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Invalid, Destination::DeadLetter)
+        );
+        assert_eq!(
+            header(o.properties.headers(), "x-gate-error"),
+            Some(&text("missing_tenant_id"))
+        );
     }
 }

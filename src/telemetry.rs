@@ -12,6 +12,8 @@ pub const MESSAGES_TOTAL: &str = "konstruct_gate_messages_total";
 pub const REDIS_CHECK_SECONDS: &str = "konstruct_gate_redis_check_seconds";
 pub const PUBLISH_CONFIRM_SECONDS: &str = "konstruct_gate_publish_confirm_seconds";
 pub const IN_FLIGHT: &str = "konstruct_gate_messages_in_flight";
+pub const HELD: &str = "konstruct_gate_messages_held";
+pub const READY: &str = "konstruct_gate_ready";
 pub const REDIS_ERRORS_TOTAL: &str = "konstruct_gate_redis_errors_total";
 pub const DEGRADED_TOTAL: &str = "konstruct_gate_degraded_total";
 pub const PUBLISH_FAILURES_TOTAL: &str = "konstruct_gate_publish_failures_total";
@@ -77,7 +79,12 @@ pub struct Metrics {
     pub invalid: Counter,
     pub redis_check_seconds: Histogram,
     pub publish_confirm_seconds: Histogram,
+    /// Deliveries received and not yet settled with the broker, from the ack tracker.
     pub in_flight: Gauge,
+    /// Deliveries whose checks wait for Redis (`on_redis_error = hold`).
+    pub held: Gauge,
+    /// 1 while `/readyz` would answer 200.
+    pub ready: Gauge,
     pub redis_errors: Counter,
     pub degraded: Counter,
     pub publish_failures: Counter,
@@ -99,6 +106,8 @@ impl Metrics {
             redis_check_seconds: histogram!(REDIS_CHECK_SECONDS),
             publish_confirm_seconds: histogram!(PUBLISH_CONFIRM_SECONDS),
             in_flight: gauge!(IN_FLIGHT),
+            held: gauge!(HELD),
+            ready: gauge!(READY),
             redis_errors: counter!(REDIS_ERRORS_TOTAL),
             degraded: counter!(DEGRADED_TOTAL),
             publish_failures: counter!(PUBLISH_FAILURES_TOTAL),
@@ -125,6 +134,8 @@ impl Metrics {
             c.increment(0);
         }
         metrics.in_flight.increment(0.0);
+        metrics.held.increment(0.0);
+        metrics.ready.increment(0.0);
         metrics.publish_blocked.set(0.0);
         metrics
     }

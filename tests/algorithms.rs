@@ -294,6 +294,10 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
     );
     let count: i64 = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
     assert_eq!(count, 2);
+    assert_eq!(call(&mut con, "m1")[3], 1, "a replay is marked");
+    // The counter is gone (an operator deleted it): decided afresh, not replayed.
+    let _: i64 = redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+    assert_eq!(call(&mut con, "m2"), vec![1, 60_000, 1, 0]);
 
     for (script, args) in [
         (SLIDING, vec!["1", "60000"]),
@@ -310,13 +314,128 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
             invocation.arg("").arg(id).invoke(con).unwrap()
         };
         let first = call(&mut con, "m1");
-        assert_eq!(first[0], 1);
+        assert_eq!((first[0], first[5]), (1, 0), "allowed, fresh");
+        let again = call(&mut con, "m1");
         assert_eq!(
-            call(&mut con, "m1"),
-            first,
-            "the same decision again, nothing counted"
+            (&again[..5], again[5]),
+            (&first[..5], 1),
+            "the same decision again, nothing counted, marked replayed"
         );
         assert_eq!(call(&mut con, "m2")[0], 0, "the limit of 1 was used once");
-        assert_eq!(call(&mut con, "m1"), first);
+        assert_eq!(call(&mut con, "m1")[..5], first[..5]);
     }
+}
+
+/// The `limits` bounds of the configuration: the scripts must work anywhere inside them.
+const MAX_REQUESTS: u64 = konstruct_gate::config::MAX_REQUESTS;
+const MAX_WINDOW_S: u64 = konstruct_gate::config::MAX_WINDOW_SECONDS;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// At the extremes of every number (1 to 1e9 requests and burst, 1 s to 366 days, ids
+    /// replayed), every script answers with integers, never an error, and a replay
+    /// repeats the first decision exactly.
+    #[test]
+    fn every_script_answers_at_the_extremes_of_its_numbers(
+        requests in prop_oneof![Just(1u64), Just(MAX_REQUESTS), 1u64..MAX_REQUESTS],
+        window_s in prop_oneof![Just(1u64), Just(MAX_WINDOW_S), 1u64..MAX_WINDOW_S],
+        burst in prop_oneof![Just(1u64), Just(MAX_REQUESTS), 1u64..MAX_REQUESTS],
+        messages in 1usize..4,
+    ) {
+        let mut con = redis_sync();
+        let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+        let sliding = redis::Script::new(SLIDING);
+        let bucket = redis::Script::new(BUCKET);
+        let base = unique("extreme");
+        for m in 0..messages {
+            let id = format!("m{m}");
+            for round in 0..2 {
+                let got: Vec<redis::Value> = fixed.key(&base).arg(window_s).arg(requests).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
+                prop_assert_eq!(ints[0], m as i64 + 1, "count");
+                prop_assert!(ints[1] > 0 && ints[1] as u64 <= window_s * 1000);
+                prop_assert_eq!(ints[3], round, "replayed on the second round");
+
+                let window_ms = window_s * 1000;
+                let got: Vec<redis::Value> = sliding.key(format!("{base}:sliding")).arg("").arg(requests).arg(window_ms).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
+                prop_assert!(ints[0] == 0 || ints[0] == 1, "{:?}", ints);
+                prop_assert!(ints[2] >= 0 && ints[2] as u64 <= window_ms, "{:?}", ints);
+                prop_assert_eq!(ints[5], round);
+
+                let got: Vec<redis::Value> = bucket.key(format!("{base}:bucket")).arg("").arg(requests).arg(window_ms).arg(burst).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
+                prop_assert!(ints[0] == 0 || ints[0] == 1, "{:?}", ints);
+                prop_assert!(ints[1] >= 0 && ints[3] >= 0, "{:?}", ints);
+                prop_assert_eq!(ints[5], round);
+            }
+        }
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{base}*")).query(&mut con).unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL").arg(keys).query(&mut con).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_key_redis_cannot_count_fails_alone_within_one_script_call() {
+    let mut con = redis_sync();
+    let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+    let (good, text, full) = (unique("good"), unique("text"), unique("full"));
+    let _: () = redis::cmd("SET")
+        .arg(&text)
+        .arg("not a number")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&full)
+        .arg(i64::MAX)
+        .query(&mut con)
+        .unwrap();
+    let mut call = fixed.prepare_invoke();
+    for key in [&text, &good, &full, &good] {
+        call.key(key).arg(60).arg(10).arg("").arg("");
+    }
+    let got: Vec<redis::Value> = call.invoke(&mut con).unwrap();
+    let int = |v: &redis::Value| match v {
+        redis::Value::Int(n) => *n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(int(&got[0]), -1, "text: failed");
+    assert!(
+        matches!(&got[1], redis::Value::BulkString(e) if String::from_utf8_lossy(e).contains("not an integer")),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(int(&got[4]), 1, "good: counted");
+    assert_eq!(int(&got[8]), -1, "full: out of range, failed");
+    assert_eq!(int(&got[12]), 2, "good again: counted");
+    let count: i64 = redis::cmd("GET").arg(&good).query(&mut con).unwrap();
+    assert_eq!(count, 2);
+
+    for (script, args) in [
+        (SLIDING, vec!["10", "60000"]),
+        (BUCKET, vec!["10", "60000", "5"]),
+    ] {
+        let script = redis::Script::new(script);
+        let good = unique("good");
+        let mut call = script.prepare_invoke();
+        call.arg("");
+        for key in [&text, &good] {
+            call.key(key);
+            for a in &args {
+                call.arg(*a);
+            }
+            call.arg("").arg("");
+        }
+        let got: Vec<redis::Value> = call.invoke(&mut con).unwrap();
+        assert_eq!(int(&got[0]), -1, "{:?}", got);
+        assert_eq!(int(&got[6]), 1, "the other key is allowed: {:?}", got);
+        let _: i64 = redis::cmd("DEL").arg(&good).query(&mut con).unwrap();
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(&[&good, &text, &full])
+        .query(&mut con)
+        .unwrap();
 }

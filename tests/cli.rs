@@ -164,3 +164,100 @@ fn the_compose_file_configures_the_gate_only_with_keys_it_accepts() {
     assert!(dockerfile.contains("AS build"), "multi-stage build");
     assert!(dockerfile.contains("USER 10001"), "runs as non-root");
 }
+
+/// Passwords with unencoded `@ / # ?`, whose every fragment is distinctive.
+const TRICKY: [&str; 3] = ["Xq7@Zr9/Wm3", "Yh4#Lc8?Nv6", "Bd2/Fg5@Hk8#Qs1?Tu4"];
+
+fn fragments(password: &str) -> impl Iterator<Item = &str> {
+    password.split(['@', '/', '#', '?']).chain([password])
+}
+
+fn assert_no_fragment(output: &str, password: &str) {
+    for fragment in fragments(password) {
+        assert!(
+            !output.contains(fragment),
+            "{fragment:?} of a password shows in: {output}"
+        );
+    }
+}
+
+#[test]
+fn a_password_with_unencoded_characters_never_shows_in_check_config_or_run() {
+    for password in TRICKY {
+        for (var, url) in [
+            (
+                "KONSTRUCT_GATE__AMQP__URL",
+                format!("amqp://gate:{password}@127.0.0.1:5672/%2f"),
+            ),
+            (
+                "KONSTRUCT_GATE__REDIS__URL",
+                format!("redis://gate:{password}@127.0.0.1:6379/0"),
+            ),
+        ] {
+            for command in ["check-config", "run"] {
+                let out = gate(&[command], &[(var, url.as_str())]);
+                assert_eq!(out.status.code(), Some(2), "{command} accepted {url}");
+                let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+                assert!(all.contains("percent-encode"), "{all}");
+                assert_no_fragment(&all, password);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wrong_password_never_shows_in_the_logs_of_run() {
+    // Percent-encoded, so the URLs parse; RabbitMQ refuses the login and Redis (without
+    // a password) refuses the AUTH: the gate logs both failures and keeps retrying.
+    let password = "Xq7@Zr9/Wm3";
+    let encoded = "Xq7%40Zr9%2FWm3";
+    let amqp = format!("amqp://guest:{encoded}@127.0.0.1:5672/%2f");
+    let redis = format!("redis://gate:{encoded}@127.0.0.1:6379/0");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_konstruct-gate"));
+    command.arg("run");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KONSTRUCT_GATE") {
+            command.env_remove(k);
+        }
+    }
+    let child = command
+        .env("KONSTRUCT_GATE__AMQP__URL", &amqp)
+        .env("KONSTRUCT_GATE__REDIS__URL", &redis)
+        .env("KONSTRUCT_GATE__HTTP__LISTEN", listen.to_string())
+        .env("KONSTRUCT_GATE__LOG__LEVEL", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        all.contains("reconnecting") || all.contains("error"),
+        "it logged the failures: {all}"
+    );
+    assert_no_fragment(&all, password);
+    assert!(!all.contains(encoded), "{all}");
+}
+
+#[test]
+fn a_number_out_of_range_is_refused_naming_the_key() {
+    let out = gate(
+        &["check-config"],
+        &[("KONSTRUCT_GATE__LIMITS__REQUESTS", "100000000000000000")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("limits.requests") && stderr.contains("out of range"),
+        "{stderr}"
+    );
+}

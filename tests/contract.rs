@@ -562,7 +562,7 @@ async fn an_unroutable_output_is_not_acked_and_is_retried_until_it_can_be_delive
     // Once the queue exists, the retried message arrives.
     let mut declare = names.config(1, 1);
     declare.amqp.declare_queues = true;
-    konstruct_gate::amqp::declare_queues(&broker.channel, &declare.amqp)
+    konstruct_gate::amqp::declare_queues(&broker.conn, &declare.amqp)
         .await
         .unwrap();
     let out = broker.collect(&names.orchestrator, 1, WAIT).await;

@@ -23,26 +23,19 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 async fn rabbitmqctl(args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let status = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new("rabbitmqctl")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status(),
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rabbitmqctl_status(&args)
+        }),
     )
     .await
     .expect("rabbitmqctl finished within 120 s")
-    .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+    .expect("rabbitmqctl ran");
+    assert!(status.success(), "rabbitmqctl failed");
 }
 
 /// Restarts the broker application if a test stopped it and then failed.
@@ -53,10 +46,8 @@ struct BrokerAppGuard {
 impl Drop for BrokerAppGuard {
     fn drop(&mut self) {
         if self.stopped {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .arg("start_app")
-                .status();
-            let _ = std::process::Command::new("rabbitmqctl")
+            let _ = rabbitmqctl_command().arg("start_app").status();
+            let _ = rabbitmqctl_command()
                 .args(["await_startup", "--timeout", "120"])
                 .status();
         }
@@ -481,7 +472,7 @@ struct WatermarkGuard(String);
 
 impl Drop for WatermarkGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["set_vm_memory_high_watermark", &self.0])
             .status();
     }
@@ -500,7 +491,7 @@ async fn a_memory_alarm_pauses_new_deliveries_until_the_broker_unblocks() {
         )
         .await;
 
-    let original = tokio::process::Command::new("rabbitmqctl")
+    let original = tokio::process::Command::from(rabbitmqctl_command())
         .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
         .output()
         .await
@@ -546,6 +537,49 @@ async fn a_memory_alarm_pauses_new_deliveries_until_the_broker_unblocks() {
     wait_drained(&names.inbound, Duration::from_secs(60)).await;
     gate.signal("TERM");
     assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    let (_, ids) = broker.drain_allowed_ids(Duration::from_secs(60)).await;
+    assert_eq!(ids.len(), total, "every message came out");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_broker_closes_every_connection_the_in_flight_gauge_returns_to_zero() {
+    let _serial = serial().await;
+    let names = Names::new("gauges");
+    let broker = Broker::new(&names).await;
+    let total = 8_000;
+    broker
+        .publish_many(
+            (0..total)
+                .map(|i| realistic_message(&format!("g{i}"), &format!("t{}", i % 40), "slack")),
+        )
+        .await;
+    let _ = broker.conn.close(200, "prefilled".into()).await;
+
+    let env = gate_env(&names, &redis_url(), 10_000);
+    let (mut gate, addr) = spawn_gate(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    wait_progress(&names.inbound, total, 0.1, Duration::from_secs(60)).await;
+    let in_flight = metric_value(addr, "konstruct_gate_messages_in_flight").await;
+    rabbitmqctl(&["close_all_connections", "gauge test"]).await;
+    wait_drained(&names.inbound, Duration::from_secs(120)).await;
+    // Everything is settled: the gauge says 0, not what the lost session had in flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric_value(addr, "konstruct_gate_messages_in_flight").await;
+        if now == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight stays {now} (was {in_flight} mid-drain)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric_value(addr, "konstruct_gate_amqp_reconnects_total").await >= 1.0);
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(60)).await.code(), Some(0));
+    let broker = Broker::new(&names).await;
     let (_, ids) = broker.drain_allowed_ids(Duration::from_secs(60)).await;
     assert_eq!(ids.len(), total, "every message came out");
     broker.cleanup().await;

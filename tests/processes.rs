@@ -11,11 +11,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 fn spawn_gate(names: &Names, requests: u64, window: u64) -> (GateProcess, SocketAddr) {
     let addr = free_addr();
     let mut env = names.env(requests, window);
@@ -280,7 +275,7 @@ async fn a_message_redelivered_after_its_decision_is_not_counted_again() {
     // A new gate, with the queue in place, delivers it: still counted once.
     let mut declare = names.config(1, 1);
     declare.amqp.declare_queues = true;
-    konstruct_gate::amqp::declare_queues(&broker.channel, &declare.amqp)
+    konstruct_gate::amqp::declare_queues(&broker.conn, &declare.amqp)
         .await
         .unwrap();
     let (mut gate, addr) = spawn_gate(&names, 2, 600);
@@ -296,4 +291,52 @@ async fn a_message_redelivered_after_its_decision_is_not_counted_again() {
     gate.signal("TERM");
     assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
     broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_sighup_that_lowers_max_message_bytes_dead_letters_the_next_big_message() {
+    let names = Names::new("sighup-bytes");
+    let broker = Broker::new(&names).await;
+    let dir = std::env::temp_dir().join(unique("sighup-bytes"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gate.toml");
+    let write = |max_bytes: usize| {
+        std::fs::write(
+            &file,
+            format!(
+                "[limits]\nrequests = 100\nwindow_seconds = 600\nmax_message_bytes = {max_bytes}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write(100_000);
+    let addr = free_addr();
+    let mut env = names.env(100, 600);
+    env.retain(|(k, _)| !k.contains("LIMITS__"));
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    env.push(("KONSTRUCT_GATE_CONFIG".into(), file.display().to_string()));
+    let mut gate = GateProcess::spawn(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+
+    let big = |id: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "tenant_id": "acme", "channel": "slack", "text": "x".repeat(5_000),
+        }))
+        .unwrap()
+    };
+    broker.publish(&big("before"), Default::default()).await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+
+    write(1_000);
+    gate.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.publish(&big("after"), Default::default()).await;
+    let dead = broker.collect(&names.dead_letter, 1, WAIT).await;
+    assert_eq!(text_header(&dead[0], "x-gate-error"), "too_large");
+    broker.assert_empty(&names.orchestrator).await;
+
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    broker.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

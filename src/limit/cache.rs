@@ -2,20 +2,27 @@
 //! "rejected" until the earliest moment the key could allow again, so an instance can give
 //! it from memory until then.
 //!
-//! An entry only answers what Redis would answer: it is dropped when the rules change (a
-//! reload or an override), it answers only for senders Redis has already marked as told
-//! (so `notify_user` is the same), and redelivered messages always go to Redis (their
-//! first decision may have been "allowed").
+//! An entry only answers what Redis would answer: it is learnt only from fresh decisions
+//! (a replayed one carries the wait of its first decision, long past), dropped when the
+//! rules change (a reload or an override), it answers only for senders Redis has already
+//! marked as told (so `notify_user` is the same), and redelivered messages always go to
+//! Redis (their first decision may have been "allowed").
+//!
+//! Memory is bounded: expired entries are swept as new ones come, a full cache evicts the
+//! entry that expires first, and each entry remembers a bounded number of told senders
+//! (the others are simply asked of Redis).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Check, Decision};
+use super::{Answer, Check, Decision};
 
-/// Keys remembered at most; beyond this the cache stops adding (a flood of distinct keys
-/// is not what it is for).
-const MAX_ENTRIES: usize = 100_000;
+/// Keys remembered at most (about 30 MiB, see the memory test); beyond this the entry that
+/// expires first is evicted.
+pub const MAX_ENTRIES: usize = 100_000;
+/// Told senders remembered per key.
+pub const MAX_TOLD: usize = 16;
 
 #[derive(Default)]
 pub struct RejectionCache {
@@ -26,16 +33,57 @@ pub struct RejectionCache {
 struct Inner {
     /// The rules generation the entries were decided under.
     generation: u64,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Arc<str>, Entry>,
+    /// The same keys by expiry, for sweeping and eviction; the number breaks ties.
+    by_expiry: BTreeMap<(Instant, u64), Arc<str>>,
+    next_seq: u64,
 }
 
 struct Entry {
     /// When the key could allow a message again.
     until: Instant,
+    seq: u64,
     limit: u64,
     window_seconds: u64,
-    /// Senders Redis has already marked as told in this window.
-    told: HashSet<String>,
+    /// Senders Redis has already marked as told in this window, by [`sender_id`].
+    told: HashSet<u64>,
+}
+
+impl Inner {
+    fn forget_all_unless(&mut self, generation: u64) {
+        if self.generation != generation {
+            self.entries.clear();
+            self.by_expiry.clear();
+            self.generation = generation;
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.by_expiry.remove(&(entry.until, entry.seq));
+        }
+    }
+
+    /// Drops every entry that expired by `now`, oldest first.
+    fn sweep(&mut self, now: Instant) {
+        while let Some(first) = self.by_expiry.first_entry() {
+            if first.key().0 > now {
+                break;
+            }
+            let key = first.remove();
+            self.entries.remove(&key);
+        }
+    }
+}
+
+/// A sender's notification tag as a number: the tag is already a 64-bit hash in hex, so
+/// this is that hash (eight bytes instead of a string).
+fn sender_id(tag: &str) -> u64 {
+    u64::from_str_radix(tag, 16).unwrap_or_else(|_| {
+        tag.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    })
 }
 
 impl RejectionCache {
@@ -45,18 +93,14 @@ impl RejectionCache {
             return None;
         }
         let mut inner = self.inner.lock().expect("never poisoned");
-        if inner.generation != generation {
-            inner.entries.clear();
-            inner.generation = generation;
-            return None;
-        }
-        let entry = inner.entries.get(&check.key)?;
+        inner.forget_all_unless(generation);
+        let entry = inner.entries.get(check.key.as_str())?;
         if now >= entry.until {
-            inner.entries.remove(&check.key);
+            inner.remove(&check.key);
             return None;
         }
         let once_per_window = !check.notify_tag.is_empty();
-        if once_per_window && !entry.told.contains(&check.notify_tag) {
+        if once_per_window && !entry.told.contains(&sender_id(&check.notify_tag)) {
             return None;
         }
         // Redis reported whole seconds, so the true wait is at most a second longer than
@@ -65,46 +109,73 @@ impl RejectionCache {
         Some(Decision::Rejected {
             limit: entry.limit,
             window_seconds: entry.window_seconds,
-            retry_after: left.as_millis().div_ceil(1000) as u64 + 1,
+            retry_after: (left.as_millis().div_ceil(1000) as u64).saturating_add(1),
             notify_user: !once_per_window,
         })
     }
 
-    /// Learns from a decision Redis made for `check` at `decided_at`.
-    pub fn learn(&self, check: &Check, decision: &Decision, generation: u64, decided_at: Instant) {
+    /// Learns from an answer Redis gave for `check` at `decided_at`.
+    pub fn learn(&self, check: &Check, answer: &Answer, generation: u64, decided_at: Instant) {
         let Decision::Rejected {
             limit,
             window_seconds,
             retry_after,
             ..
-        } = *decision
+        } = answer.decision
         else {
             return;
         };
         // `retry_after` is rounded up to whole seconds: the key surely cannot allow before
-        // one second less than that. Nothing to remember below that.
-        if retry_after <= 1 {
+        // one second less than that. Nothing to remember below that, nor from a replayed
+        // decision, whose wait was measured when it was first made.
+        if retry_after <= 1 || answer.replayed {
             return;
         }
+        let Some(until) = decided_at.checked_add(Duration::from_secs(retry_after - 1)) else {
+            return;
+        };
         let mut inner = self.inner.lock().expect("never poisoned");
-        if inner.generation != generation {
-            inner.entries.clear();
-            inner.generation = generation;
-        }
-        if inner.entries.len() >= MAX_ENTRIES && !inner.entries.contains_key(&check.key) {
-            return;
-        }
-        let until = decided_at + Duration::from_secs(retry_after - 1);
-        let entry = inner.entries.entry(check.key.clone()).or_insert(Entry {
+        inner.forget_all_unless(generation);
+        inner.sweep(decided_at);
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        let key: Arc<str> = match inner.entries.get_key_value(check.key.as_str()) {
+            Some((key, entry)) => {
+                let (key, old) = (key.clone(), (entry.until, entry.seq));
+                inner.by_expiry.remove(&old);
+                key
+            }
+            None => {
+                if inner.entries.len() >= MAX_ENTRIES
+                    && let Some((_, evicted)) = inner.by_expiry.pop_first()
+                {
+                    inner.entries.remove(&evicted);
+                }
+                Arc::from(check.key.as_str())
+            }
+        };
+        inner.by_expiry.insert((until, seq), key.clone());
+        let entry = inner.entries.entry(key).or_insert(Entry {
             until,
+            seq,
             limit,
             window_seconds,
             told: HashSet::new(),
         });
         entry.until = until;
-        if !check.notify_tag.is_empty() {
-            entry.told.insert(check.notify_tag.clone());
+        entry.seq = seq;
+        if !check.notify_tag.is_empty() && entry.told.len() < MAX_TOLD {
+            entry.told.insert(sender_id(&check.notify_tag));
         }
+    }
+
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("never poisoned").entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -130,6 +201,13 @@ mod tests {
         }
     }
 
+    fn fresh(decision: Decision) -> Answer {
+        Answer {
+            decision,
+            replayed: false,
+        }
+    }
+
     fn rejected() -> Decision {
         Decision::Rejected {
             limit: 3,
@@ -144,7 +222,7 @@ mod tests {
         let cache = RejectionCache::default();
         let t0 = Instant::now();
         assert!(cache.answer(&check("U1"), 1, t0).is_none());
-        cache.learn(&check("U1"), &rejected(), 1, t0);
+        cache.learn(&check("U1"), &fresh(rejected()), 1, t0);
         match cache.answer(&check("U1"), 1, t0 + Duration::from_millis(500)) {
             Some(Decision::Rejected {
                 retry_after,
@@ -172,7 +250,7 @@ mod tests {
     fn a_redelivered_message_always_goes_to_redis() {
         let cache = RejectionCache::default();
         let t0 = Instant::now();
-        cache.learn(&check(""), &rejected(), 1, t0);
+        cache.learn(&check(""), &fresh(rejected()), 1, t0);
         let again = Check {
             redelivered: true,
             ..check("")
@@ -185,7 +263,7 @@ mod tests {
     fn a_rules_change_forgets_everything() {
         let cache = RejectionCache::default();
         let t0 = Instant::now();
-        cache.learn(&check(""), &rejected(), 1, t0);
+        cache.learn(&check(""), &fresh(rejected()), 1, t0);
         assert!(matches!(
             cache.answer(&check(""), 1, t0),
             Some(Decision::Rejected {
@@ -209,7 +287,70 @@ mod tests {
             remaining: 0,
             reset_after: 10,
         };
-        cache.learn(&check(""), &allowed, 1, t0);
+        cache.learn(&check(""), &fresh(allowed), 1, t0);
         assert!(cache.answer(&check(""), 1, t0).is_none());
+    }
+
+    #[test]
+    fn a_replayed_rejection_teaches_nothing() {
+        let cache = RejectionCache::default();
+        let t0 = Instant::now();
+        let replayed = Answer {
+            decision: rejected(),
+            replayed: true,
+        };
+        cache.learn(&check(""), &replayed, 1, t0);
+        assert!(cache.answer(&check(""), 1, t0).is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_swept_and_a_full_cache_evicts_the_soonest_to_expire() {
+        let cache = RejectionCache::default();
+        let t0 = Instant::now();
+        let keyed = |key: String| Check { key, ..check("") };
+        let short = Decision::Rejected {
+            limit: 3,
+            window_seconds: 60,
+            retry_after: 2,
+            notify_user: true,
+        };
+        cache.learn(&keyed("short".into()), &fresh(short), 1, t0);
+        // Learning after the short entry expired sweeps it.
+        cache.learn(
+            &keyed("long".into()),
+            &fresh(rejected()),
+            1,
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(cache.len(), 1);
+
+        for i in 0..MAX_ENTRIES + 10 {
+            cache.learn(&keyed(format!("k{i}")), &fresh(rejected()), 1, t0);
+        }
+        assert_eq!(cache.len(), MAX_ENTRIES, "bounded, and still learning");
+        let newest = keyed(format!("k{}", MAX_ENTRIES + 9));
+        assert!(
+            cache.answer(&newest, 1, t0).is_some(),
+            "the newest key was added"
+        );
+        assert!(
+            cache.answer(&keyed("k0".into()), 1, t0).is_none(),
+            "k0 expired first, evicted"
+        );
+    }
+
+    #[test]
+    fn told_senders_are_bounded_per_key() {
+        let cache = RejectionCache::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_TOLD + 5 {
+            cache.learn(&check(&format!("U{i}")), &fresh(rejected()), 1, t0);
+        }
+        assert!(cache.answer(&check("U0"), 1, t0).is_some());
+        let late = format!("U{}", MAX_TOLD + 1);
+        assert!(
+            cache.answer(&check(&late), 1, t0).is_none(),
+            "a sender beyond the bound is asked of Redis"
+        );
     }
 }

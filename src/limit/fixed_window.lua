@@ -6,58 +6,69 @@
 -- TTL) sets EXPIRE to the window. All of it runs atomically, so no crash can leave a
 -- counter without its expiry.
 --
+-- Each counter is checked on its own: an error on one (a counter someone SET to text, a
+-- wrong type, a value out of range) fails only that counter's check, before it wrote
+-- anything, and the others are decided as usual.
+--
 -- A rejected message also learns whether its sender is the first to be told in this
 -- window: the marker {counter}:notified:{tag} lives until the sender may write again.
 --
 -- A message with an id is counted once: its decision is kept in the hash {counter}:seen
 -- (field: the id), which expires with the window, and a redelivery gets that decision
--- back without counting again.
+-- back without counting again, marked as replayed. When the counter itself is gone (it
+-- expired, or an operator deleted it), the message is decided afresh.
 --
 -- KEYS[i]       a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
 -- ARGV[4i-3]    its window length in seconds
 -- ARGV[4i-2]    its limit
 -- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
 -- ARGV[4i]      the message id, or "" when it has none
--- Returns       {count, pttl_ms, notify (1/0)} for each key: the count after this
---               message and the milliseconds until the window resets. A key may appear
---               more than once; each appearance is one message.
-local out = {}
-for i, key in ipairs(KEYS) do
-  local window = ARGV[4 * i - 3]
+-- Returns       {count, pttl_ms, notify (1/0), replayed (1/0)} for each key: the count
+--               after this message and the milliseconds until the window resets; or
+--               {-1, error text, 0, 0} when this key could not be checked. A key may
+--               appear more than once; each appearance is one message.
+local function check(i, key)
+  local window = tonumber(ARGV[4 * i - 3])
+  local limit = tonumber(ARGV[4 * i - 2])
+  local tag = ARGV[4 * i - 1]
   local id = ARGV[4 * i]
   local seen_key = key .. ':seen'
-  local seen = nil
   if id ~= '' then
-    seen = redis.call('HGET', seen_key, id)
-  end
-  local count, pttl, notify
-  if seen then
-    local sep = string.find(seen, ':', 1, true)
-    count = tonumber(string.sub(seen, 1, sep - 1))
-    notify = tonumber(string.sub(seen, sep + 1))
-    pttl = redis.call('PTTL', key)
-    if pttl < 0 then pttl = tonumber(window) * 1000 end
-  else
-    count = redis.call('INCR', key)
-    pttl = redis.call('PTTL', key)
-    if count == 1 or pttl < 0 then
-      redis.call('EXPIRE', key, window)
-      pttl = tonumber(window) * 1000
-    end
-    notify = 1
-    local tag = ARGV[4 * i - 1]
-    if count > tonumber(ARGV[4 * i - 2]) and tag ~= '' then
-      if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, pttl)) then
-        notify = 0
+    local seen = redis.call('HGET', seen_key, id)
+    if seen then
+      local pttl = redis.call('PTTL', key)
+      if pttl >= 0 then
+        local sep = string.find(seen, ':', 1, true)
+        return tonumber(string.sub(seen, 1, sep - 1)), pttl, tonumber(string.sub(seen, sep + 1)), 1
       end
     end
-    if id ~= '' then
-      redis.call('HSET', seen_key, id, count .. ':' .. notify)
-      redis.call('PEXPIRE', seen_key, math.max(1, pttl))
+  end
+  local count = redis.call('INCR', key)
+  local pttl = redis.call('PTTL', key)
+  if count == 1 or pttl < 0 then
+    redis.call('EXPIRE', key, window)
+    pttl = window * 1000
+  end
+  local notify = 1
+  if count > limit and tag ~= '' then
+    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, pttl)) then
+      notify = 0
     end
   end
-  out[3 * i - 2] = count
-  out[3 * i - 1] = pttl
-  out[3 * i] = notify
+  if id ~= '' then
+    -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
+    redis.call('HSET', seen_key, id, string.format('%d:%d', count, notify))
+    redis.call('PEXPIRE', seen_key, math.max(1, pttl))
+  end
+  return count, pttl, notify, 0
+end
+
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok, a, b, c, d = pcall(check, i, key)
+  if not ok then
+    a, b, c, d = -1, type(a) == 'table' and tostring(a.err) or tostring(a), 0, 0
+  end
+  out[4 * i - 3], out[4 * i - 2], out[4 * i - 1], out[4 * i] = a, b, c, d
 end
 return out

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 
 use super::Rules;
-use crate::config::{Algorithm, LimitsConfig, Override};
+use crate::config::{Algorithm, LimitsConfig, Override, check_limit_numbers};
 use crate::message::{valid_channel, valid_tenant_id};
 
 /// The Redis hash of live overrides, under the configured key prefix.
@@ -41,6 +41,11 @@ impl LiveRules {
         self.current.load_full()
     }
 
+    /// The overrides read from Redis last, in force now.
+    pub fn redis_overrides(&self) -> Vec<Override> {
+        self.sources.lock().expect("never poisoned").redis.clone()
+    }
+
     /// New limits from the configuration file.
     pub fn set_file_limits(&self, limits: LimitsConfig) {
         let mut sources = self.sources.lock().expect("never poisoned");
@@ -51,13 +56,7 @@ impl LiveRules {
     /// New overrides from Redis; returns whether anything changed.
     pub fn set_redis_overrides(&self, overrides: Vec<Override>) -> bool {
         let mut sources = self.sources.lock().expect("never poisoned");
-        let same = sources.redis.len() == overrides.len()
-            && sources
-                .redis
-                .iter()
-                .zip(&overrides)
-                .all(|(a, b)| same_override(a, b));
-        if same {
+        if sources.redis == overrides {
             return false;
         }
         sources.redis = overrides;
@@ -81,16 +80,6 @@ impl LiveRules {
     }
 }
 
-fn same_override(a: &Override, b: &Override) -> bool {
-    a.tenant == b.tenant
-        && a.channel == b.channel
-        && a.requests == b.requests
-        && a.window_seconds == b.window_seconds
-        && a.algorithm == b.algorithm
-        && a.burst == b.burst
-        && a.shadow == b.shadow
-}
-
 /// One hash value: the fields an override may set.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,8 +93,12 @@ struct RedisOverride {
 
 /// Reads the hash's entries (field `tenant` or `tenant:channel`, value a JSON object),
 /// sorted so that equal contents compare equal. Invalid entries are returned as errors,
-/// one sentence each, and skipped.
-pub fn parse_overrides(entries: HashMap<String, String>) -> (Vec<Override>, Vec<String>) {
+/// one sentence each, and skipped: the rule in force for that field (from `previous`, the
+/// overrides applied until now) stays.
+pub fn parse_overrides(
+    entries: HashMap<String, String>,
+    previous: &[Override],
+) -> (Vec<Override>, Vec<String>) {
     let mut overrides = Vec::new();
     let mut errors = Vec::new();
     let mut entries: Vec<_> = entries.into_iter().collect();
@@ -121,17 +114,30 @@ pub fn parse_overrides(entries: HashMap<String, String>) -> (Vec<Override>, Vec<
             ));
             continue;
         }
+        let keep_previous = |overrides: &mut Vec<Override>| {
+            if let Some(p) = previous
+                .iter()
+                .find(|p| p.tenant == tenant && p.channel == channel)
+            {
+                overrides.push(p.clone());
+            }
+        };
         let parsed: RedisOverride = match serde_json::from_str(&value) {
             Ok(parsed) => parsed,
             Err(e) => {
                 errors.push(format!("override {field:?} is not valid: {e}"));
+                keep_previous(&mut overrides);
                 continue;
             }
         };
-        if [parsed.requests, parsed.window_seconds, parsed.burst].contains(&Some(0)) {
-            errors.push(format!(
-                "override {field:?} sets requests, window_seconds or burst to 0"
-            ));
+        if let Err(e) = check_limit_numbers(
+            &format!("override {field:?}"),
+            parsed.requests,
+            parsed.window_seconds,
+            parsed.burst,
+        ) {
+            errors.push(e);
+            keep_previous(&mut overrides);
             continue;
         }
         overrides.push(Override {
@@ -175,7 +181,7 @@ mod tests {
             ("globex".to_owned(), r#"{"requests": 0}"#.to_owned()),
             ("initech".to_owned(), r#"{"limit": 5}"#.to_owned()),
         ]);
-        let (overrides, errors) = parse_overrides(entries);
+        let (overrides, errors) = parse_overrides(entries, &[]);
         assert_eq!(overrides.len(), 2);
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(live.set_redis_overrides(overrides.clone()));
@@ -196,5 +202,36 @@ mod tests {
             ..LimitsConfig::default()
         });
         assert_eq!(live.snapshot().rule_for("acme", "slack").requests, 5);
+    }
+
+    #[test]
+    fn an_out_of_range_redis_override_is_skipped_and_the_previous_rule_stays() {
+        let (first, errors) = parse_overrides(
+            HashMap::from([("acme".to_owned(), r#"{"requests": 7}"#.to_owned())]),
+            &[],
+        );
+        assert!(errors.is_empty());
+        let huge = HashMap::from([
+            ("acme".to_owned(), r#"{"requests": 1e17}"#.to_owned()),
+            (
+                "globex".to_owned(),
+                r#"{"requests": 100000000000000000}"#.to_owned(),
+            ),
+            (
+                "initech".to_owned(),
+                r#"{"window_seconds": 40000000}"#.to_owned(),
+            ),
+        ]);
+        let (overrides, errors) = parse_overrides(huge, &first);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[1].contains("requests") && errors[1].contains("globex"),
+            "{errors:?}"
+        );
+        assert!(errors[2].contains("window_seconds"), "{errors:?}");
+        assert_eq!(
+            overrides, first,
+            "acme keeps its 7; the others stay without an override"
+        );
     }
 }

@@ -12,27 +12,8 @@ use crate::config::Algorithm;
 
 pub use self::cache::RejectionCache;
 pub use self::live::LiveRules;
-pub use self::redis::{LimitError, Limiter};
+pub use self::redis::{CheckError, Checked, LimitError, Limiter};
 pub use self::rules::{Rule, Rules};
-
-#[cfg(test)]
-mod tag_tests {
-    use super::sender_tag;
-
-    #[test]
-    fn sender_tags_are_stable_and_distinct() {
-        assert_eq!(
-            sender_tag(Some(r#"{"user_id":"U1"}"#)),
-            sender_tag(Some(r#"{"user_id":"U1"}"#))
-        );
-        assert_ne!(
-            sender_tag(Some(r#"{"user_id":"U1"}"#)),
-            sender_tag(Some(r#"{"user_id":"U2"}"#))
-        );
-        assert_eq!(sender_tag(Some("")), "cbf29ce484222325");
-        assert_eq!(sender_tag(None), "anyone");
-    }
-}
 
 /// The outcome of one check against a (tenant, channel) window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,13 +50,40 @@ pub struct Check {
     pub redelivered: bool,
 }
 
-/// A short, stable tag for a sender (FNV-1a of its JSON), the same on every instance.
+/// A decision and whether Redis replayed it: the message's id was already decided in this
+/// window (a redelivery, counted once), so the decision is the first one again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub decision: Decision,
+    pub replayed: bool,
+}
+
+/// A short, stable tag for a sender, the same on every instance: the FNV-1a hash of
+/// `sender.user_id` when it is a string or a number (other sender fields, such as a display
+/// name, may change between one user's messages), else of the whole `sender` JSON.
 pub fn sender_tag(sender_json: Option<&str>) -> String {
     let Some(json) = sender_json else {
         return "anyone".to_owned();
     };
+    #[derive(serde::Deserialize)]
+    struct Sender<'a> {
+        #[serde(borrow)]
+        user_id: Option<&'a serde_json::value::RawValue>,
+    }
+    let user_id = serde_json::from_str::<Sender>(json)
+        .ok()
+        .and_then(|s| s.user_id)
+        .and_then(|raw| match serde_json::from_str(raw.get()) {
+            Ok(serde_json::Value::String(s)) => Some(s),
+            Ok(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        });
+    let identity = match &user_id {
+        Some(id) => id.as_bytes(),
+        None => json.as_bytes(),
+    };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in json.as_bytes() {
+    for byte in identity {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -156,6 +164,28 @@ pub fn key_for(algorithm: Algorithm, prefix: &str, tenant_id: &str, channel: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sender_is_its_user_id_when_it_has_one() {
+        let tag = |s| sender_tag(Some(s));
+        assert_eq!(
+            tag(r#"{"user_id":"U1","name":"Ann"}"#),
+            tag(r#"{"name":"Ann B.","avatar":"x","user_id":"U1"}"#),
+            "a new display name is the same sender"
+        );
+        assert_ne!(tag(r#"{"user_id":"U1"}"#), tag(r#"{"user_id":"U2"}"#));
+        assert_eq!(
+            tag(r#"{"user_id":4917612345}"#),
+            tag(r#"{"user_id":"4917612345"}"#)
+        );
+        assert_eq!(tag(r#"{"user_id":"U\u0031"}"#), tag(r#"{"user_id":"U1"}"#));
+        // Without a usable user_id, the whole sender JSON identifies the sender.
+        assert_ne!(tag(r#"{"name":"Ann"}"#), tag(r#"{"name":"Bob"}"#));
+        assert_ne!(tag(r#"{"user_id":{"a":1}}"#), tag(r#"{"user_id":{"a":2}}"#));
+        assert_ne!(tag(r#"["U1"]"#), tag(r#"["U2"]"#));
+        assert_eq!(sender_tag(Some("")), "cbf29ce484222325");
+        assert_eq!(sender_tag(None), "anyone");
+    }
 
     const RULE: Rule = Rule {
         algorithm: Algorithm::FixedWindow,

@@ -1,15 +1,47 @@
-//! The Redis side of a check: one script call per message on one multiplexed connection
-//! that every in-flight message shares, and that re-establishes itself after a failure.
+//! The Redis side of a check: one script call per algorithm per batch on one multiplexed
+//! connection that every batch shares, and that re-establishes itself after a failure.
+//!
+//! Every check gets an answer of its own: a key that Redis cannot count (a counter someone
+//! `SET` to text, a wrong type, a value out of range) fails only its own check.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::{Client, Script, Value};
 
-use super::{Check, Decision};
+use super::{Answer, Check, Decision};
 use crate::config::{Algorithm, RedisConfig};
 use crate::telemetry::Metrics;
 
+/// Why Redis could not decide a check.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The call failed as a whole: connection, script or protocol.
+    #[error("redis failed: {0}")]
+    Redis(Arc<str>),
+    /// Redis answered, but could not count this one key.
+    #[error("key {key} cannot be counted: {reason}")]
+    Key { key: String, reason: String },
+}
+
+impl CheckError {
+    /// True when Redis itself answered and only this key is at fault: says nothing about
+    /// whether Redis is healthy.
+    pub fn is_key_error(&self) -> bool {
+        matches!(self, CheckError::Key { .. })
+    }
+}
+
+impl From<redis::RedisError> for CheckError {
+    fn from(e: redis::RedisError) -> Self {
+        CheckError::Redis(e.to_string().into())
+    }
+}
+
+/// Failures of the client itself, outside the checks.
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
     #[error("redis did not answer within {0:?}")]
@@ -17,6 +49,9 @@ pub enum LimitError {
     #[error("redis failed: {0}")]
     Redis(#[from] redis::RedisError),
 }
+
+/// The answer for each check of a batch, in order.
+pub type Checked = Vec<Result<Answer, CheckError>>;
 
 /// Runs rate-limit checks. Cheap to clone: clones share one connection.
 #[derive(Clone)]
@@ -51,84 +86,66 @@ impl Limiter {
         })
     }
 
-    /// Counts each check and decides, in one round trip; the batch fails as a whole.
-    pub async fn check_batch(&self, checks: &[Check]) -> Result<Vec<Decision>, LimitError> {
+    /// Counts each check and decides, in one round trip. One script call per algorithm
+    /// present in the batch, sent together (the connection pipelines them); a call that
+    /// fails as a whole fails the checks it carried, and no other.
+    pub async fn check_batch(&self, checks: &[Check]) -> Checked {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.run_pipeline(checks)).await;
-        self.metrics.redis_check_seconds.record(started.elapsed());
-        Ok(result.map_err(|_| LimitError::Timeout(self.timeout))??)
-    }
-
-    /// One script call per algorithm present in the batch, sent together (the connection
-    /// pipelines them), so a batch still costs one round trip.
-    async fn run_pipeline(&self, checks: &[Check]) -> redis::RedisResult<Vec<Decision>> {
         let mut groups: [Vec<usize>; 3] = Default::default();
         for (i, check) in checks.iter().enumerate() {
             groups[algorithm_index(check.rule.algorithm)].push(i);
         }
-        let (fixed, sliding, bucket) = futures::try_join!(
-            self.fixed_window_group(checks, &groups[0]),
-            self.timed_group(&self.sliding_window, checks, &groups[1]),
-            self.timed_group(&self.token_bucket, checks, &groups[2]),
-        )?;
+        let answers = futures::join!(
+            self.timed(self.group(&self.fixed_window, checks, &groups[0])),
+            self.timed(self.group(&self.sliding_window, checks, &groups[1])),
+            self.timed(self.group(&self.token_bucket, checks, &groups[2])),
+        );
+        self.metrics.redis_check_seconds.record(started.elapsed());
         // Back into the order of `checks`: every index is in exactly one group.
-        let mut out: Vec<Option<Decision>> = vec![None; checks.len()];
-        for (indices, decisions) in [
-            (&groups[0], fixed),
-            (&groups[1], sliding),
-            (&groups[2], bucket),
-        ] {
-            for (&i, decision) in indices.iter().zip(decisions) {
-                out[i] = Some(decision);
+        let mut out: Vec<Option<Result<Answer, CheckError>>> = vec![None; checks.len()];
+        for (indices, answers) in groups.iter().zip([answers.0, answers.1, answers.2]) {
+            match answers {
+                Ok(answers) => {
+                    for (&i, answer) in indices.iter().zip(answers) {
+                        out[i] = Some(answer);
+                    }
+                }
+                Err(e) => {
+                    for &i in indices {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
             }
         }
-        Ok(out.into_iter().flatten().collect())
+        out.into_iter()
+            .map(|a| a.expect("every check is in one group"))
+            .collect()
     }
 
-    async fn fixed_window_group(
-        &self,
-        checks: &[Check],
-        indices: &[usize],
-    ) -> redis::RedisResult<Vec<Decision>> {
-        if indices.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut invocation = self.fixed_window.prepare_invoke();
-        for &i in indices {
-            let check = &checks[i];
-            invocation
-                .key(&check.key)
-                .arg(check.rule.window_seconds)
-                .arg(check.rule.requests)
-                .arg(&check.notify_tag)
-                .arg(&check.message_id);
-        }
-        // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
-        // again: NOSCRIPT means nothing ran, so nothing is counted twice.
-        let mut conn = self.conn.clone();
-        let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        expect_len(&flat, indices.len() * 3)?;
-        Ok(flat
-            .chunks_exact(3)
-            .zip(indices)
-            .map(|(v, &i)| {
-                Decision::fixed_window(checks[i].rule, v[0].max(0) as u64, v[1], v[2] == 1)
-            })
-            .collect())
+    async fn timed<F>(&self, call: F) -> Result<Checked, CheckError>
+    where
+        F: Future<Output = Result<Checked, CheckError>>,
+    {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| CheckError::Timeout(self.timeout))?
     }
 
-    /// The sliding-window and token-bucket scripts, with Redis's own clock.
-    async fn timed_group(
+    /// One script call for the checks at `indices` (all of one algorithm).
+    async fn group(
         &self,
         script: &Script,
         checks: &[Check],
         indices: &[usize],
-    ) -> redis::RedisResult<Vec<Decision>> {
-        if indices.is_empty() {
+    ) -> Result<Checked, CheckError> {
+        let Some(&first) = indices.first() else {
             return Ok(Vec::new());
-        }
+        };
+        let algorithm = checks[first].rule.algorithm;
         let mut invocation = script.prepare_invoke();
-        invocation.arg("");
+        if algorithm != Algorithm::FixedWindow {
+            invocation.arg("");
+        }
         for &i in indices {
             let Check {
                 key,
@@ -137,22 +154,37 @@ impl Limiter {
                 message_id,
                 ..
             } = &checks[i];
-            invocation
-                .key(key)
-                .arg(rule.requests)
-                .arg(rule.window_seconds * 1000);
-            if rule.algorithm == Algorithm::TokenBucket {
-                invocation.arg(rule.burst);
-            }
+            invocation.key(key);
+            match algorithm {
+                Algorithm::FixedWindow => invocation.arg(rule.window_seconds).arg(rule.requests),
+                Algorithm::SlidingWindow => invocation
+                    .arg(rule.requests)
+                    .arg(rule.window_seconds.saturating_mul(1000)),
+                Algorithm::TokenBucket => invocation
+                    .arg(rule.requests)
+                    .arg(rule.window_seconds.saturating_mul(1000))
+                    .arg(rule.burst),
+            };
             invocation.arg(notify_tag).arg(message_id);
         }
+        // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
+        // again: NOSCRIPT means nothing ran, so nothing is counted twice.
         let mut conn = self.conn.clone();
-        let flat: Vec<i64> = invocation.invoke_async(&mut conn).await?;
-        expect_len(&flat, indices.len() * 5)?;
+        let flat: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let width = if algorithm == Algorithm::FixedWindow {
+            4
+        } else {
+            6
+        };
+        if flat.len() != indices.len() * width {
+            return Err(CheckError::Redis(
+                "a rate-limit script returned an unexpected number of values".into(),
+            ));
+        }
         Ok(flat
-            .chunks_exact(5)
+            .chunks_exact(width)
             .zip(indices)
-            .map(|(v, &i)| Decision::from_script(v, checks[i].rule))
+            .map(|(values, &i)| answer(&checks[i], values))
             .collect())
     }
 
@@ -178,21 +210,47 @@ impl Limiter {
     }
 }
 
+/// One key's values as a script returned them: `{-1, error text, …}` when the key could
+/// not be counted, else the algorithm's numbers.
+fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    if int(&values[0]) == Some(-1) {
+        let reason = match &values[1] {
+            Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            Value::SimpleString(text) => text.clone(),
+            other => format!("{other:?}"),
+        };
+        return Err(CheckError::Key {
+            key: check.key.clone(),
+            reason,
+        });
+    }
+    let numbers: Option<Vec<i64>> = values.iter().map(int).collect();
+    let Some(v) = numbers else {
+        return Err(CheckError::Redis(
+            "a rate-limit script returned a value that is not a number".into(),
+        ));
+    };
+    let rule = check.rule;
+    Ok(match check.rule.algorithm {
+        Algorithm::FixedWindow => Answer {
+            decision: Decision::fixed_window(rule, v[0].max(0) as u64, v[1], v[2] == 1),
+            replayed: v[3] == 1,
+        },
+        Algorithm::SlidingWindow | Algorithm::TokenBucket => Answer {
+            decision: Decision::from_script(&v[..5], rule),
+            replayed: v[5] == 1,
+        },
+    })
+}
+
 fn algorithm_index(algorithm: Algorithm) -> usize {
     match algorithm {
         Algorithm::FixedWindow => 0,
         Algorithm::SlidingWindow => 1,
         Algorithm::TokenBucket => 2,
-    }
-}
-
-fn expect_len(values: &[i64], len: usize) -> redis::RedisResult<()> {
-    if values.len() == len {
-        Ok(())
-    } else {
-        Err(redis::RedisError::from((
-            redis::ErrorKind::Parse,
-            "a rate-limit script returned an unexpected number of values",
-        )))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Algorithm, LimitsConfig, Override};
+use crate::config::{Algorithm, LimitsConfig, Notify, OnRedisError, Override};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
@@ -36,10 +36,21 @@ impl Rule {
     }
 }
 
+/// The keys of `[limits]` that shape how every message is handled, taken with the rules
+/// so that a reload changes them all at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub max_message_bytes: usize,
+    pub notify: Notify,
+    pub count_once: bool,
+    pub on_redis_error: OnRedisError,
+}
+
 #[derive(Debug, Clone)]
 pub struct Rules {
     /// Changes whenever the rules do, so caches of decisions know to forget.
     pub generation: u64,
+    pub settings: Settings,
     global: Rule,
     /// Keyed by tenant, so a lookup borrows the message's strings instead of building a key.
     tenants: HashMap<String, TenantRules>,
@@ -84,6 +95,12 @@ impl Rules {
         }
         Rules {
             generation: 0,
+            settings: Settings {
+                max_message_bytes: limits.max_message_bytes,
+                notify: limits.notify,
+                count_once: limits.count_once,
+                on_redis_error: limits.on_redis_error,
+            },
             global,
             tenants,
         }

@@ -8,9 +8,11 @@
 -- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
 --               notification tag ("" to notify every rejection), and the message id
 --               ("" when it has none) for KEYS[i]. A message with an id is counted once:
---               a redelivery within the window gets the first decision back.
--- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0)} for
---               each key
+--               a redelivery within the window gets the first decision back, marked as
+--               replayed, unless the counter is gone (then it is decided afresh).
+-- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
+--               replayed (1/0)} for each key, or {-1, error text, 0, 0, 0, 0} when this
+--               key could not be checked (the others are decided as usual).
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -19,74 +21,84 @@ else
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local now = now_us / 1000
-local out = {}
-for i, key in ipairs(KEYS) do
+
+local function check(i, key)
   local limit = tonumber(ARGV[4 * i - 2])
   local window = tonumber(ARGV[4 * i - 1])
   local tag = ARGV[4 * i]
   local id = ARGV[4 * i + 1]
   local seen_key = key .. ':seen:' .. id
-  local seen = nil
-  if id ~= '' then seen = redis.call('GET', seen_key) end
-  if seen then
-    local j = 0
-    for value in string.gmatch(seen, '[^:]+') do
-      out[5 * i - 4 + j] = tonumber(value)
-      j = j + 1
-    end
-  else
-    local index = math.floor(now / window)
-    local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
-    local current, previous = 0, 0
-    if stored[1] then
-      local was = tonumber(stored[1])
-      if was == index then
-        current, previous = tonumber(stored[2]), tonumber(stored[3])
-      elseif was == index - 1 then
-        previous = tonumber(stored[2])
-      end
-    end
-    local elapsed = now - index * window
-    local weight = (window - elapsed) / window
-    local estimate = previous * weight + current
-    local allowed = 0
-    local retry = 0
-    if estimate + 1 <= limit then
-      allowed = 1
-      current = current + 1
-      estimate = estimate + 1
-      redis.call('HSET', key, 'index', index, 'current', current, 'previous', previous)
-      redis.call('PEXPIRE', key, math.ceil(2 * window - elapsed))
-    else
-      -- The earliest time the estimate leaves room for one more message.
-      if current + 1 <= limit and previous > 0 then
-        local e = window * (1 - (limit - 1 - current) / previous)
-        retry = e - elapsed
-      else
-        -- Not in this window: in the next one the current count becomes the previous.
-        local e = 0
-        if current > 0 then
-          e = window * (1 - (limit - 1) / current)
-        end
-        retry = (window - elapsed) + e
-      end
-    end
-    local remaining = math.floor(limit - estimate)
-    if remaining < 0 then remaining = 0 end
-    local notify = 1
-    if allowed == 0 and tag ~= '' then
-      if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
-        notify = 0
-      end
-    end
-    out[5 * i - 4] = allowed
-    out[5 * i - 3] = remaining
-    out[5 * i - 2] = math.ceil(window - elapsed)
-    out[5 * i - 1] = math.ceil(retry)
-    out[5 * i] = notify
-    if id ~= '' then
-      redis.call('SET', seen_key, table.concat({out[5 * i - 4], out[5 * i - 3], out[5 * i - 2], out[5 * i - 1], out[5 * i]}, ':'), 'PX', window)
+  if id ~= '' then
+    local seen = redis.call('GET', seen_key)
+    if seen and redis.call('EXISTS', key) == 1 then
+      local v = {}
+      for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
+      return v[1], v[2], v[3], v[4], v[5], 1
     end
   end
+  local index = math.floor(now / window)
+  local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
+  local current, previous = 0, 0
+  if stored[1] then
+    local was = tonumber(stored[1])
+    if was == index then
+      current, previous = tonumber(stored[2]), tonumber(stored[3])
+    elseif was == index - 1 then
+      previous = tonumber(stored[2])
+    end
+  end
+  if not (current and previous) then
+    error({err = 'the sliding window at ' .. key .. ' does not hold numbers'})
+  end
+  local elapsed = now - index * window
+  local weight = (window - elapsed) / window
+  local estimate = previous * weight + current
+  local allowed = 0
+  local retry = 0
+  if estimate + 1 <= limit then
+    allowed = 1
+    current = current + 1
+    estimate = estimate + 1
+    redis.call('HSET', key, 'index', index, 'current', current, 'previous', previous)
+    redis.call('PEXPIRE', key, math.ceil(2 * window - elapsed))
+  else
+    -- The earliest time the estimate leaves room for one more message.
+    if current + 1 <= limit and previous > 0 then
+      local e = window * (1 - (limit - 1 - current) / previous)
+      retry = e - elapsed
+    else
+      -- Not in this window: in the next one the current count becomes the previous.
+      local e = 0
+      if current > 0 then
+        e = window * (1 - (limit - 1) / current)
+      end
+      retry = (window - elapsed) + e
+    end
+  end
+  local remaining = math.floor(limit - estimate)
+  if remaining < 0 then remaining = 0 end
+  local notify = 1
+  if allowed == 0 and tag ~= '' then
+    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
+      notify = 0
+    end
+  end
+  local reset_ms = math.ceil(window - elapsed)
+  local retry_ms = math.ceil(retry)
+  if id ~= '' then
+    -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, reset_ms, retry_ms, notify), 'PX', window)
+  end
+  return allowed, remaining, reset_ms, retry_ms, notify, 0
+end
+
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = {pcall(check, i, key)}
+  if not r[1] then
+    local e = r[2]
+    r = {true, -1, type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}
+  end
+  for j = 1, 6 do out[6 * i - 6 + j] = r[j + 1] end
 end
 return out

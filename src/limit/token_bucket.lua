@@ -8,9 +8,11 @@
 -- ARGV[5i-3] .. ARGV[5i+1]  requests, window in milliseconds, burst, the sender's
 --               notification tag ("" to notify every rejection), and the message id
 --               ("" when it has none) for KEYS[i]. A message with an id is counted once:
---               a redelivery within the window gets the first decision back.
--- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0)} for
---               each key
+--               a redelivery within the window gets the first decision back, marked as
+--               replayed, unless the bucket's key is gone (then it is decided afresh).
+-- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
+--               replayed (1/0)} for each key, or {-1, error text, 0, 0, 0, 0} when this
+--               key could not be checked (the others are decided as usual).
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -18,55 +20,72 @@ else
   local t = redis.call('TIME')
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local out = {}
-for i, key in ipairs(KEYS) do
+
+local function check(i, key)
   local requests = tonumber(ARGV[5 * i - 3])
   local window_us = tonumber(ARGV[5 * i - 2]) * 1000
   local burst = tonumber(ARGV[5 * i - 1])
   local tag = ARGV[5 * i]
   local id = ARGV[5 * i + 1]
   local seen_key = key .. ':seen:' .. id
-  local seen = nil
-  if id ~= '' then seen = redis.call('GET', seen_key) end
-  if seen then
-    local j = 0
-    for value in string.gmatch(seen, '[^:]+') do
-      out[5 * i - 4 + j] = tonumber(value)
-      j = j + 1
-    end
-  else
-    local interval = window_us / requests
-    local tat = tonumber(redis.call('GET', key) or now_us)
-    if tat < now_us then tat = now_us end
-    local new_tat = tat + interval
-    local allow_at = new_tat - burst * interval
-    local allowed, remaining, reset, retry
-    if now_us >= allow_at then
-      allowed = 1
-      redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now_us) / 1000))
-      remaining = math.floor((now_us - allow_at) / interval)
-      reset = new_tat - now_us
-      retry = 0
-    else
-      allowed = 0
-      remaining = 0
-      reset = tat - now_us
-      retry = allow_at - now_us
-    end
-    local notify = 1
-    if allowed == 0 and tag ~= '' then
-      if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
-        notify = 0
-      end
-    end
-    out[5 * i - 4] = allowed
-    out[5 * i - 3] = remaining
-    out[5 * i - 2] = math.ceil(reset / 1000)
-    out[5 * i - 1] = math.ceil(retry / 1000)
-    out[5 * i] = notify
-    if id ~= '' then
-      redis.call('SET', seen_key, table.concat({out[5 * i - 4], out[5 * i - 3], out[5 * i - 2], out[5 * i - 1], out[5 * i]}, ':'), 'PX', math.ceil(window_us / 1000))
+  local stored = redis.call('GET', key)
+  if id ~= '' and stored then
+    local seen = redis.call('GET', seen_key)
+    if seen then
+      local v = {}
+      for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
+      return v[1], v[2], v[3], v[4], v[5], 1
     end
   end
+  -- TAT is stored in whole microseconds: an interval below one would be lost to rounding
+  -- (and let everything through), so rates above a million per second per key count as
+  -- a million per second.
+  local interval = math.max(1, window_us / requests)
+  local tat = now_us
+  if stored then
+    tat = tonumber(stored)
+    if not tat then
+      error({err = 'the token bucket at ' .. key .. ' does not hold a number'})
+    end
+  end
+  if tat < now_us then tat = now_us end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  local allowed, remaining, reset, retry
+  if now_us >= allow_at then
+    allowed = 1
+    redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now_us) / 1000)))
+    remaining = math.floor((now_us - allow_at) / interval)
+    reset = new_tat - now_us
+    retry = 0
+  else
+    allowed = 0
+    remaining = 0
+    reset = tat - now_us
+    retry = allow_at - now_us
+  end
+  local notify = 1
+  if allowed == 0 and tag ~= '' then
+    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
+      notify = 0
+    end
+  end
+  local reset_ms = math.ceil(reset / 1000)
+  local retry_ms = math.ceil(retry / 1000)
+  if id ~= '' then
+    -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, reset_ms, retry_ms, notify), 'PX', math.ceil(window_us / 1000))
+  end
+  return allowed, remaining, reset_ms, retry_ms, notify, 0
+end
+
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = {pcall(check, i, key)}
+  if not r[1] then
+    local e = r[2]
+    r = {true, -1, type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}
+  end
+  for j = 1, 6 do out[6 * i - 6 + j] = r[j + 1] end
 end
 return out

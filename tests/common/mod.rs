@@ -33,6 +33,32 @@ pub fn redis_url() -> String {
     std::env::var("KONSTRUCT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// RabbitMQ's control command: `KONSTRUCT_TEST_RABBITMQCTL` split on whitespace (for a
+/// broker in a container: `docker compose exec -T rabbitmq rabbitmqctl`), else the local
+/// `rabbitmqctl`.
+pub fn rabbitmqctl_command() -> Command {
+    let line = std::env::var("KONSTRUCT_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = line.split_whitespace();
+    let mut command = Command::new(words.next().unwrap_or("rabbitmqctl"));
+    command.args(words);
+    command
+}
+
+/// Runs the control command with `args` to the end; panics with how to set it up when it
+/// cannot be started.
+pub fn rabbitmqctl_status(args: &[&str]) -> std::process::ExitStatus {
+    rabbitmqctl_command()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run rabbitmqctl ({e}): install RabbitMQ's tools or set KONSTRUCT_TEST_RABBITMQCTL, e.g. to `docker compose exec -T rabbitmq rabbitmqctl`."
+            )
+        })
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(label: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -168,21 +194,26 @@ impl Broker {
         Self::with_queues(names, &config.amqp).await
     }
 
-    /// Declares the queues as `amqp` says (for instance as quorum queues).
-    pub async fn with_queues(names: &Names, amqp: &konstruct_gate::config::AmqpConfig) -> Self {
+    /// A client that declares nothing: the gate (or the test) declares the queues.
+    pub async fn new_without_declaring(names: &Names) -> Self {
         let conn = connect_amqp().await;
         let channel = conn.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .unwrap();
-        let broker = Self {
+        Self {
             conn,
             channel,
             names: names.clone(),
-        };
+        }
+    }
+
+    /// Declares the queues as `amqp` says (for instance as quorum queues).
+    pub async fn with_queues(names: &Names, amqp: &konstruct_gate::config::AmqpConfig) -> Self {
+        let broker = Self::new_without_declaring(names).await;
         // Declared up front (as the gate does) so publishing before the gate starts works.
-        konstruct_gate::amqp::declare_queues(&broker.channel, amqp)
+        konstruct_gate::amqp::declare_queues(&broker.conn, amqp)
             .await
             .unwrap();
         broker
@@ -457,6 +488,41 @@ pub fn text_header(delivery: &Delivery, name: &str) -> String {
         }
         other => panic!("header {name} is {other:?}"),
     }
+}
+
+/// An address on loopback that nothing listens on now.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Reads the text output of the broker's control command.
+pub fn rabbitmqctl_output(args: &[&str]) -> String {
+    let out = rabbitmqctl_command()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run rabbitmqctl ({e}): set KONSTRUCT_TEST_RABBITMQCTL.")
+        });
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Messages the broker has delivered from `queue` and not yet seen settled.
+pub fn unacked(queue: &str) -> u64 {
+    rabbitmqctl_output(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_unacknowledged",
+    ])
+    .lines()
+    .filter_map(|l| l.split_once('\t'))
+    .find(|(name, _)| name.trim() == queue)
+    .and_then(|(_, n)| n.trim().parse().ok())
+    .unwrap_or_else(|| panic!("queue {queue} not listed by rabbitmqctl"))
 }
 
 /// A gate run as a separate `konstruct-gate run` process.

@@ -1,0 +1,118 @@
+//! What `/readyz` reports: the instance consumes, and Redis answers both the probe and the
+//! checks themselves. A PING can succeed where every check fails (a script error, an
+//! out-of-memory Redis), so a failed check counts too; and one failed batch keeps the
+//! instance not ready for a few seconds, so readiness does not flap between a failed
+//! batch and the next successful PING.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a failed check keeps the instance not ready.
+pub const CHECK_FAILURE_HOLD: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    consuming: AtomicBool,
+    redis_probe_ok: AtomicBool,
+    /// Milliseconds after `started` of the last check that failed for a reason other than
+    /// its own key, plus one (0: none yet).
+    last_check_failure: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            consuming: AtomicBool::new(false),
+            redis_probe_ok: AtomicBool::new(false),
+            last_check_failure: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One look at the instance's health, as `/readyz` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub consuming: bool,
+    pub redis_probe: bool,
+    /// A check failed within the last [`CHECK_FAILURE_HOLD`].
+    pub checks_failing: bool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.consuming && self.redis_probe && !self.checks_failing
+    }
+}
+
+impl Health {
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+
+    pub fn set_redis_probe(&self, ok: bool) {
+        self.redis_probe_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// A check failed because Redis did not answer or failed as a whole.
+    pub fn check_failed(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_check_failure.store(ms + 1, Ordering::Relaxed);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness_at(Instant::now())
+    }
+
+    fn readiness_at(&self, now: Instant) -> Readiness {
+        let failed = self.last_check_failure.load(Ordering::Relaxed);
+        let since_start = now.saturating_duration_since(self.started).as_millis() as u64;
+        let checks_failing = failed > 0
+            && since_start.saturating_sub(failed - 1) < CHECK_FAILURE_HOLD.as_millis() as u64;
+        Readiness {
+            consuming: self.consuming.load(Ordering::Relaxed),
+            redis_probe: self.redis_probe_ok.load(Ordering::Relaxed),
+            checks_failing,
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.readiness().ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_check_outweighs_a_good_probe_for_a_while() {
+        let health = Health::default();
+        health.set_consuming(true);
+        health.set_redis_probe(true);
+        let t0 = Instant::now();
+        assert!(health.readiness_at(t0).ready());
+        health.check_failed();
+        let r = health.readiness_at(Instant::now());
+        assert!(r.checks_failing && !r.ready(), "{r:?}");
+        health.set_redis_probe(true);
+        assert!(
+            !health
+                .readiness_at(Instant::now() + Duration::from_secs(1))
+                .ready(),
+            "the next good PING does not make it ready again"
+        );
+        assert!(
+            health
+                .readiness_at(Instant::now() + CHECK_FAILURE_HOLD + Duration::from_millis(10))
+                .ready()
+        );
+        health.set_redis_probe(false);
+        assert!(
+            !health
+                .readiness_at(Instant::now() + CHECK_FAILURE_HOLD * 2)
+                .ready()
+        );
+    }
+}

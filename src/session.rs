@@ -1,0 +1,548 @@
+//! One broker session after another: connect, declare, consume, settle; after any failure,
+//! reconnect with a capped, jittered backoff. What a message *means* is the pipeline's
+//! business; this module only moves deliveries in and settlements out.
+//!
+//! A session is one pair of broker connections (consuming and publishing apart, so that
+//! flow control on publishing never delays acks). Deliveries are taken in batches (one
+//! Redis round trip each), up to two batches wait for Redis at once, and the inbound
+//! messages are settled in delivery-tag order by the [`AckTracker`]. A message whose check
+//! is held (`on_redis_error = hold`) is retried on its own with a backoff while the others
+//! go on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Connection, Event};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::acks::{AckTracker, Settlement, TagGap};
+use crate::amqp::{self, Publisher};
+use crate::config::Config;
+use crate::health::Health;
+use crate::pipeline::{Fate, Pipeline};
+use crate::route::Outcome;
+use crate::telemetry::Metrics;
+
+/// Most deliveries taken into one batch (one Redis round trip).
+const MAX_BATCH: usize = 512;
+/// How long a batch may wait for more deliveries after its first one.
+const BATCH_GATHER: Duration = Duration::from_micros(500);
+/// Batches waiting for Redis at once. While they wait, deliveries queue up and the next
+/// batch takes them all: under load batches grow, when idle a message goes alone.
+const REDIS_BATCHES_IN_FLIGHT: usize = 2;
+/// Wait before handing a message back after a failed publish, so a broken route does not
+/// become a hot redelivery loop.
+const HAND_BACK_DELAY: Duration = Duration::from_millis(200);
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+const HOLD_RETRY_MIN: Duration = Duration::from_millis(50);
+const HOLD_RETRY_MAX: Duration = Duration::from_secs(2);
+
+fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("broker connection failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    ConsumerCancelled,
+    #[error("a connection reported an error: {0}")]
+    ConnectionLost(String),
+    #[error("{0}: ending the session so no ack can cover an unseen delivery")]
+    TagGap(#[from] TagGap),
+}
+
+/// Where a session's consume loop stands.
+enum Phase {
+    /// Taking deliveries.
+    Consuming,
+    /// Taking no more: the gate is stopping or the consumer is gone. What is in flight
+    /// finishes until the deadline, then the rest is handed back by closing the channel.
+    Draining,
+}
+
+/// The gate: the pipeline every session feeds, and the reconnect loop.
+pub struct Gate {
+    config: Arc<Config>,
+    pipeline: Pipeline,
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+/// What every batch of one session shares.
+struct Session<'a> {
+    publisher: &'a Publisher,
+    /// Cancelled when a connection is lost: the session ends.
+    lost: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+    tracker: &'a Mutex<AckTracker>,
+    settle: &'a mpsc::UnboundedSender<Settlement>,
+}
+
+/// Deliveries held for Redis, with the number of tries so far.
+type Held = (Vec<Delivery>, u32);
+
+impl Gate {
+    pub fn new(
+        config: Arc<Config>,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            config,
+            pipeline,
+            metrics,
+            health,
+        }
+    }
+
+    /// Consumes until `shutdown` is cancelled, reconnecting after every failure. Never
+    /// returns because of a transient outage.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut delays = backoff(RECONNECT_MIN, RECONNECT_MAX);
+        loop {
+            let mut consumed = false;
+            let result = self.session(&shutdown, &mut consumed).await;
+            self.health.set_consuming(false);
+            self.metrics.in_flight.set(0.0);
+            self.metrics.held.set(0.0);
+            let Err(e) = result else { return };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // A session that got as far as consuming was healthy: start the backoff from
+            // the bottom again.
+            if consumed {
+                delays = backoff(RECONNECT_MIN, RECONNECT_MAX);
+            }
+            let delay = delays.next().unwrap_or(RECONNECT_MAX);
+            self.metrics.amqp_reconnects.increment(1);
+            let error = self.config.scrub(&e.to_string());
+            warn!(%error, retry_in_ms = delay.as_millis() as u64, "session ended; reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pair of connections, from connect to the end of its consumer.
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        consumed: &mut bool,
+    ) -> Result<(), SessionError> {
+        let amqp = &self.config.amqp;
+        let consume_conn = amqp::connect(&amqp.url, "consume").await?;
+        let publish_conn = match amqp::connect(&amqp.url, "publish").await {
+            Ok(conn) => conn,
+            Err(e) => {
+                close(&consume_conn).await;
+                return Err(e.into());
+            }
+        };
+        // Watchers stop before the connections close, so a deliberate close is not
+        // reported as a connection error.
+        let watching = CancellationToken::new();
+        let result = self
+            .consume(&consume_conn, &publish_conn, shutdown, &watching, consumed)
+            .await;
+        self.health.set_consuming(false);
+        watching.cancel();
+        close(&consume_conn).await;
+        close(&publish_conn).await;
+        result
+    }
+
+    async fn consume(
+        &self,
+        consume_conn: &Connection,
+        publish_conn: &Connection,
+        shutdown: &CancellationToken,
+        watching: &CancellationToken,
+        consumed: &mut bool,
+    ) -> Result<(), SessionError> {
+        let amqp = &self.config.amqp;
+        // Declared before the watchers start: a queue that exists with other arguments
+        // closes its declaring channel, which the connection reports as an error event,
+        // and that is not a lost connection.
+        if amqp.declare_queues {
+            amqp::declare_queues(publish_conn, amqp).await?;
+        }
+        let lost = watching.child_token();
+        let (flow_tx, mut flow) = watch::channel(true);
+        watch_connection(consume_conn, lost.clone(), None, self.metrics.clone());
+        watch_connection(
+            publish_conn,
+            lost.clone(),
+            Some(flow_tx),
+            self.metrics.clone(),
+        );
+        let publisher =
+            Publisher::new(publish_conn.create_channel().await?, self.metrics.clone()).await?;
+        let channel = consume_conn.create_channel().await?;
+        channel
+            .basic_qos(amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = ShortString::from(format!("konstruct-gate-{}", amqp::instance_name()));
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from(amqp.inbound_queue.as_str()),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.health.set_consuming(true);
+        *consumed = true;
+        info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
+
+        let tracker = Mutex::new(AckTracker::default());
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let acks = send_settlements(channel.clone(), settle_rx);
+        tokio::pin!(acks);
+        let session = Session {
+            publisher: &publisher,
+            lost: &lost,
+            shutdown,
+            tracker: &tracker,
+            settle: &settle_tx,
+        };
+        let redis_slots = Arc::new(Semaphore::new(REDIS_BATCHES_IN_FLIGHT));
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut phase = Phase::Consuming;
+        let mut result = Ok(());
+        let deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(deadline);
+
+        loop {
+            let taking = matches!(phase, Phase::Consuming) && *flow.borrow();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if matches!(phase, Phase::Consuming) => {
+                    phase = Phase::Draining;
+                    self.health.set_consuming(false);
+                    info!(in_flight = in_flight.len(), "stopping: cancelling the consumer and draining");
+                    deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(amqp.shutdown_grace_seconds));
+                    if let Err(e) = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
+                        warn!(error = %e, "basic.cancel failed");
+                    }
+                }
+                _ = &mut deadline => {
+                    warn!(in_flight = in_flight.len(), "grace period over: handing back unfinished messages");
+                    break;
+                }
+                _ = lost.cancelled() => {
+                    result = Err(SessionError::ConnectionLost("see the previous log line".into()));
+                    break;
+                }
+                ended = &mut acks => {
+                    let reason = ended.err().map_or_else(|| "the acknowledgement channel closed".to_owned(), |e| e.to_string());
+                    result = Err(SessionError::ConnectionLost(reason));
+                    break;
+                }
+                Some(held) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some((held, tries)) = held {
+                        in_flight.push(self.handle(held, tries, None, &session));
+                    }
+                }
+                _ = flow.changed() => {}
+                permit = redis_slots.clone().acquire_owned(), if taking && slot.is_none() => {
+                    slot = permit.ok();
+                }
+                next = consumer.next(), if taking && slot.is_some() => {
+                    let (batch, end) = gather(&mut consumer, next).await;
+                    if !batch.is_empty() {
+                        let received = {
+                            let mut t = tracker.lock().expect("the ack tracker is never poisoned");
+                            let received = batch.iter().try_for_each(|d| t.received(d.delivery_tag));
+                            self.metrics.in_flight.set(t.unsettled() as f64);
+                            received
+                        };
+                        if let Err(gap) = received {
+                            result = Err(gap.into());
+                            break;
+                        }
+                        in_flight.push(self.handle(batch, 0, slot.take(), &session));
+                    }
+                    if let Some(end) = end {
+                        // The consumer is gone; what is in flight gets a moment to finish
+                        // (its acks may fail, and the broker redelivers those messages).
+                        result = end;
+                        phase = Phase::Draining;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
+                    }
+                }
+            }
+            if matches!(phase, Phase::Draining) && in_flight.is_empty() {
+                break;
+            }
+        }
+        // Whatever is still in flight is dropped unsettled: closing the channel hands it
+        // back. What was settled is sent first.
+        drop(in_flight);
+        drop(settle_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut acks).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, ShortString::from("bye")),
+        )
+        .await;
+        result
+    }
+
+    /// Runs one batch through the pipeline and settles what it can. `tries` > 0: the batch
+    /// was held, and waits its backoff first. Returns what is (still) held.
+    async fn handle(
+        &self,
+        batch: Vec<Delivery>,
+        tries: u32,
+        redis_slot: Option<OwnedSemaphorePermit>,
+        session: &Session<'_>,
+    ) -> Option<Held> {
+        if tries > 0 {
+            let delay = backoff(HOLD_RETRY_MIN, HOLD_RETRY_MAX)
+                .nth(tries.min(16) as usize - 1)
+                .unwrap_or(HOLD_RETRY_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // Stopping: whatever waits for Redis goes back to the broker now.
+                _ = session.shutdown.cancelled() => {
+                    self.hand_back(&batch, session);
+                    return None;
+                }
+            }
+        }
+        self.metrics.batch_size.record(batch.len() as f64);
+        debug!(size = batch.len(), tries, "batch");
+        let fates = self
+            .pipeline
+            .run(&batch, session.publisher, tries > 0)
+            .await;
+        drop(redis_slot);
+        let failures: Vec<_> = fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::HandBack(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        if let Some(first) = failures.first() {
+            self.metrics
+                .publish_failures
+                .increment(failures.len() as u64);
+            if failures.iter().any(|e| e.is_channel_lost()) {
+                session.lost.cancel();
+            }
+            warn!(count = failures.len(), error = %first, "messages handed back for redelivery");
+            tokio::time::sleep(HAND_BACK_DELAY).await;
+        }
+        let held = self.settle(&batch, fates, session);
+        let held: Vec<Delivery> = batch
+            .into_iter()
+            .zip(held)
+            .filter_map(|(d, held)| held.then_some(d))
+            .collect();
+        (!held.is_empty()).then(|| (held, tries.saturating_add(1)))
+    }
+
+    /// Hands back deliveries whose checks still wait for Redis while the gate stops.
+    fn hand_back(&self, batch: &[Delivery], session: &Session<'_>) {
+        self.update_tracker(session, |t, out| {
+            for delivery in batch {
+                t.settle(delivery.delivery_tag, false, out);
+            }
+        });
+    }
+
+    /// Tells the tracker each delivery's fate and sends what can be settled; returns which
+    /// deliveries are held.
+    fn settle(&self, batch: &[Delivery], fates: Vec<Fate>, session: &Session<'_>) -> Vec<bool> {
+        let mut held = Vec::with_capacity(batch.len());
+        self.update_tracker(session, |t, out| {
+            for (delivery, fate) in batch.iter().zip(fates) {
+                let tag = delivery.delivery_tag;
+                held.push(matches!(fate, Fate::Held));
+                match fate {
+                    Fate::Held => t.hold(tag, out),
+                    Fate::HandBack(_) => t.settle(tag, false, out),
+                    Fate::Done(outcome) => {
+                        t.settle(tag, true, out);
+                        match outcome {
+                            Outcome::Allowed | Outcome::Shadowed | Outcome::Unchecked => {
+                                self.metrics.allowed.increment(1)
+                            }
+                            Outcome::Rejected => self.metrics.rejected.increment(1),
+                            Outcome::Invalid => self.metrics.invalid.increment(1),
+                        }
+                    }
+                }
+            }
+        });
+        held
+    }
+
+    /// Changes the tracker, keeps the gauges exact, and sends the settlements that
+    /// follow, all under the lock, so they reach the broker in tag order.
+    fn update_tracker(
+        &self,
+        session: &Session<'_>,
+        change: impl FnOnce(&mut AckTracker, &mut Vec<Settlement>),
+    ) {
+        let mut settlements = Vec::new();
+        let mut t = session
+            .tracker
+            .lock()
+            .expect("the ack tracker is never poisoned");
+        change(&mut t, &mut settlements);
+        self.metrics.in_flight.set(t.unsettled() as f64);
+        self.metrics.held.set(t.held() as f64);
+        for s in settlements {
+            let _ = session.settle.send(s);
+        }
+    }
+}
+
+/// Takes everything the broker has already sent after `first`, up to a batch: one Redis
+/// round trip then serves all of it. Returns the batch, and how the consumer ended if it
+/// did (`Ok` when it was cancelled on purpose is decided by the caller's phase).
+async fn gather(
+    consumer: &mut lapin::Consumer,
+    first: Option<Result<Delivery, lapin::Error>>,
+) -> (Vec<Delivery>, Option<Result<(), SessionError>>) {
+    let mut batch = Vec::new();
+    let end_of = |next: Option<Result<Delivery, lapin::Error>>| match next {
+        Some(Err(e)) => Some(Err(e.into())),
+        // The stream ends after our own basic.cancel (stopping) or the broker's.
+        None => Some(Err(SessionError::ConsumerCancelled)),
+        Some(Ok(_)) => None,
+    };
+    match first {
+        Some(Ok(delivery)) => batch.push(delivery),
+        other => return (batch, end_of(other)),
+    }
+    // Let a short burst gather: fewer, larger batches cost far fewer thread wake-ups than
+    // many single messages.
+    tokio::time::sleep(BATCH_GATHER).await;
+    while batch.len() < MAX_BATCH {
+        match consumer.next().now_or_never() {
+            None => break,
+            Some(Some(Ok(delivery))) => batch.push(delivery),
+            Some(other) => return (batch, end_of(other)),
+        }
+    }
+    (batch, None)
+}
+
+/// Sends settlements to the broker in the order they were made, collapsing a run of
+/// cumulative acks into its last one. Ends when every sender is gone, or with the
+/// channel's error.
+async fn send_settlements(
+    channel: lapin::Channel,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+) -> Result<(), lapin::Error> {
+    let mut batch = Vec::with_capacity(256);
+    let alone = BasicAckOptions { multiple: false };
+    let requeue = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut pending_ack: Option<u64> = None;
+        for settlement in batch.drain(..) {
+            if let Settlement::AckUpTo(tag) = settlement {
+                pending_ack = Some(tag);
+                continue;
+            }
+            if let Some(up_to) = pending_ack.take() {
+                channel
+                    .basic_ack(up_to, BasicAckOptions { multiple: true })
+                    .await?;
+            }
+            match settlement {
+                Settlement::Ack(tag) => channel.basic_ack(tag, alone).await?,
+                Settlement::Requeue(tag) => channel.basic_nack(tag, requeue).await?,
+                Settlement::AckUpTo(_) => unreachable!("handled above"),
+            }
+        }
+        if let Some(up_to) = pending_ack {
+            channel
+                .basic_ack(up_to, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Follows one connection's events: an error ends the session; `connection.blocked` on the
+/// publishing connection closes the flow gate so no new deliveries are taken.
+fn watch_connection(
+    conn: &Connection,
+    lost: CancellationToken,
+    flow: Option<watch::Sender<bool>>,
+    metrics: Metrics,
+) {
+    let mut events = Box::pin(conn.events_listener());
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = lost.cancelled() => None,
+                event = events.next() => event,
+            };
+            let Some(event) = event else { break };
+            match event {
+                Event::Error(e) => {
+                    error!(error = %e, "broker connection error");
+                    lost.cancel();
+                    break;
+                }
+                Event::ConnectionBlocked(reason) => {
+                    if let Some(flow) = &flow {
+                        warn!(%reason, "broker blocked publishing; pausing new deliveries");
+                        metrics.publish_blocked.set(1.0);
+                        let _ = flow.send(false);
+                    }
+                }
+                Event::ConnectionUnblocked => {
+                    if let Some(flow) = &flow {
+                        info!("broker unblocked publishing; resuming");
+                        metrics.publish_blocked.set(0.0);
+                        let _ = flow.send(true);
+                    }
+                }
+                _ => {}
+            }
+        }
+        metrics.publish_blocked.set(0.0);
+    });
+}
+
+async fn close(conn: &Connection) {
+    if conn.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.close(200, ShortString::from("bye")),
+        )
+        .await;
+    }
+}
