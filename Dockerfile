@@ -3,10 +3,13 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked && rm -rf src
+# gate-bench is a workspace member: its manifest must be there, its code need not be.
+COPY bench/Cargo.toml ./bench/Cargo.toml
+RUN mkdir -p src bench/src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked -p konstruct-gate && rm -rf src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin konstruct-gate
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p konstruct-gate --bin konstruct-gate
 
 # Runtime stage: a small image with only the binary and CA certificates, run as non-root.
 FROM debian:bookworm-slim

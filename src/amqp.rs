@@ -105,6 +105,11 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
         let declared =
             declare_on_own_channel(conn, queue, QueueDeclareOptions::durable(), arguments).await;
         if let Err(refused) = declared {
+            // Only "exists with other arguments" (406) is worked around; any other refusal
+            // (access, an exclusive lock) is the broker's answer to report.
+            if !is_precondition_failed(&refused) {
+                return Err(refused);
+            }
             let passive = QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -124,6 +129,10 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
         }
     }
     Ok(())
+}
+
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
 }
 
 async fn declare_on_own_channel(

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -73,6 +73,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: SecretUrl,
+    /// A file holding the password (a mounted Kubernetes secret): it replaces the URL's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     pub inbound_queue: String,
     pub orchestrator_queue: String,
     pub notification_queue: String,
@@ -96,6 +99,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            password_file: None,
             inbound_queue: "konstruct.inbound".into(),
             orchestrator_queue: "konstruct.orchestrator".into(),
             notification_queue: "konstruct.notifications".into(),
@@ -120,6 +124,9 @@ pub enum QueueType {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: SecretUrl,
+    /// A file holding the password (a mounted Kubernetes secret): it replaces the URL's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// Prepended to every key, so several deployments (or tests) can share one Redis.
     pub key_prefix: String,
     /// Upper bound on one rate-limit check, so a slow Redis cannot stall the pipeline.
@@ -130,6 +137,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl("redis://127.0.0.1:6379/0".into()),
+            password_file: None,
             key_prefix: String::new(),
             timeout_ms: 250,
         }
@@ -306,47 +314,99 @@ impl Serialize for SecretUrl {
     }
 }
 
-/// Where the user information of `url` lies: between `://` and the last `@`. The last
-/// one, not the first: a password with an unencoded `@`, `/`, `#` or `?` must still be
-/// hidden whole, whatever a URL parser would make of it.
+/// Where the user information of `url` lies: between `://` (or the start, for a string
+/// that is not a URL at all) and the last `@`. The last one, not the first: a password
+/// with an unencoded `@`, `/`, `#` or `?` must still be hidden whole, whatever a URL
+/// parser would make of it.
 fn userinfo_span(url: &str) -> Option<(usize, usize)> {
-    let start = url.find("://")? + 3;
+    let start = url.find("://").map_or(0, |i| i + 3);
     let at = url[start..].rfind('@')? + start;
     Some((start, at))
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***`. Everything up
-/// to the last `@` counts as user information, so no fragment of a malformed password
-/// is ever printed.
+/// Query parameters that carry a password (the Redis client reads `pass` and `password`).
+const PASSWORD_PARAMS: [&str; 2] = ["password", "pass"];
+
+/// Replaces the password of `scheme://user:password@host/...` (and of a `password` or
+/// `pass` query parameter) with `***`. Everything up to the last `@` counts as user
+/// information, so no fragment of a malformed password is ever printed.
 pub fn redact_url(url: &str) -> String {
-    let Some((start, at)) = userinfo_span(url) else {
-        return url.to_owned();
-    };
-    let userinfo = &url[start..at];
-    match userinfo.split_once(':') {
-        Some((user, _)) if !user.contains(['/', '?', '#', '@']) => {
-            format!("{}{user}:***{}", &url[..start], &url[at..])
-        }
-        // The user name itself is ambiguous: hide it too.
-        Some(_) => format!("{}***{}", &url[..start], &url[at..]),
+    let mut out = match userinfo_span(url) {
         None => url.to_owned(),
+        Some((start, at)) => match url[start..at].split_once(':') {
+            Some((user, _)) if start > 0 && !user.contains(['/', '?', '#', '@']) => {
+                format!("{}{user}:***{}", &url[..start], &url[at..])
+            }
+            Some(_) => format!("{}***{}", &url[..start], &url[at..]),
+            // A user name alone is no secret, in a well-formed URL.
+            None if start > 0 => url.to_owned(),
+            None => format!("***{}", &url[at..]),
+        },
+    };
+    for (_, value) in query_secrets(&out.clone()) {
+        out = out.replace(&format!("={value}"), "=***");
     }
+    out
 }
 
-/// The password of a URL, as written (percent-encoded or not), when it has one.
-fn password_of(url: &str) -> Option<&str> {
-    let (start, at) = userinfo_span(url)?;
-    let (_, password) = url[start..at].split_once(':')?;
-    (!password.is_empty()).then_some(password)
+/// The values of the password parameters of `url`'s query.
+fn query_secrets(url: &str) -> Vec<(String, String)> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Vec::new();
+    };
+    query
+        .split(['&', '#'])
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, value)| {
+            PASSWORD_PARAMS.contains(name) && !value.is_empty() && *value != "***"
+        })
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
 }
 
-/// Refuses user information that a URL parser would split differently than its author
-/// meant: an unencoded `@ / # ?` in the user name or password.
-fn check_userinfo(key: &str, url: &SecretUrl) -> Result<(), ConfigError> {
+/// Redacts every URL found in `text` (an error message that quotes a configuration value
+/// or a line of the file): each run of characters around a `://` up to a space or quote.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let boundary = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>');
+    while let Some(i) = rest.find("://") {
+        let start = rest[..i].rfind(boundary).map_or(0, |b| b + 1);
+        let end = rest[i..].find(boundary).map_or(rest.len(), |e| i + e);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The secrets of a URL, as written (percent-encoded or not): its password and the values
+/// of its password query parameters.
+fn secrets_of(url: &str) -> Vec<String> {
+    let mut secrets: Vec<String> = query_secrets(url).into_iter().map(|(_, v)| v).collect();
+    if let Some((start, at)) = userinfo_span(url)
+        && let Some((_, password)) = url[start..at].split_once(':')
+        && !password.is_empty()
+    {
+        secrets.push(password.to_owned());
+    }
+    secrets
+}
+
+/// Refuses what a URL parser would read differently than its author meant: no `://`, or
+/// an unencoded `@ / # ?` in the user name or password. The message never quotes the URL
+/// beyond its redacted form.
+fn check_url_shape(key: &str, url: &SecretUrl) -> Result<(), ConfigError> {
+    let Some(scheme_end) = url.expose().find("://") else {
+        return Err(ConfigError(format!(
+            "{key} must look like scheme://user:password@host:port/..., and it has no `://`"
+        )));
+    };
     let Some((start, at)) = userinfo_span(url.expose()) else {
         return Ok(());
     };
-    if url.expose()[start..at].contains(['@', '/', '?', '#']) {
+    if start == scheme_end + 3 && url.expose()[start..at].contains(['@', '/', '?', '#']) {
         return Err(ConfigError(format!(
             "{key} ({url}) has an unencoded @, /, # or ? in its user name or password; \
              percent-encode them (%40, %2F, %23, %3F)"
@@ -356,13 +416,14 @@ fn check_userinfo(key: &str, url: &SecretUrl) -> Result<(), ConfigError> {
 }
 
 /// Removes every secret of `urls` from `text` (an error message a client library wrote,
-/// which may quote its URL): the password as written and percent-decoded.
+/// which may quote its URL): each password as written and percent-decoded, and any URL
+/// left in the text.
 pub fn scrub(text: &str, urls: &[&SecretUrl]) -> String {
-    let mut out = text.to_owned();
+    let mut out = redact_urls_in(text);
     for url in urls {
-        if let Some(password) = password_of(url.expose()) {
-            let decoded = percent_decode(password);
-            for secret in [password, decoded.as_str()] {
+        for secret in secrets_of(url.expose()) {
+            let decoded = percent_decode(&secret);
+            for secret in [secret.as_str(), decoded.as_str()] {
                 if !secret.is_empty() {
                     out = out.replace(secret, "***");
                 }
@@ -370,6 +431,33 @@ pub fn scrub(text: &str, urls: &[&SecretUrl]) -> String {
         }
     }
     out
+}
+
+/// `url` with its password replaced by `password` (percent-encoded), keeping the user name.
+fn with_password(url: &str, password: &str) -> Option<String> {
+    let start = url.find("://")? + 3;
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (user, host_start) = match url[start..].rfind('@') {
+        Some(at) => {
+            let userinfo = &url[start..start + at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            (user, start + at + 1)
+        }
+        None => ("", start),
+    };
+    Some(format!(
+        "{}{user}:{encoded}@{}",
+        &url[..start],
+        &url[host_start..]
+    ))
 }
 
 fn percent_decode(text: &str) -> String {
@@ -410,10 +498,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .merge(env)
             .extract()
-            .map_err(|error| ConfigError(describe_figment_error(error)))?;
+            .map_err(|error| ConfigError(redact_urls_in(&describe_figment_error(error))))?;
+        config.read_password_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -423,16 +512,45 @@ impl Config {
         let config: Config = Figment::new()
             .merge(Toml::string(toml))
             .extract()
-            .map_err(|error| ConfigError(describe_figment_error(error)))?;
+            .map_err(|error| ConfigError(redact_urls_in(&describe_figment_error(error))))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Puts the password of each `password_file` into its URL.
+    fn read_password_files(&mut self) -> Result<(), ConfigError> {
+        for (key, file, url) in [
+            (
+                "amqp.password_file",
+                &self.amqp.password_file,
+                &mut self.amqp.url,
+            ),
+            (
+                "redis.password_file",
+                &self.redis.password_file,
+                &mut self.redis.url,
+            ),
+        ] {
+            let Some(path) = file else { continue };
+            let password = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("{key} {} cannot be read: {e}", path.display()))
+            })?;
+            // A mounted secret often ends with a newline that is not part of it.
+            let password = password.trim_end_matches(['\n', '\r']);
+            *url = SecretUrl(with_password(url.expose(), password).ok_or_else(|| {
+                ConfigError(format!(
+                    "{key} is set, but the URL it belongs to has no `scheme://host`"
+                ))
+            })?);
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         let amqp = &self.amqp;
-        check_userinfo("amqp.url", &amqp.url)?;
-        check_userinfo("redis.url", &self.redis.url)?;
+        check_url_shape("amqp.url", &amqp.url)?;
+        check_url_shape("redis.url", &self.redis.url)?;
         if let Err(e) = amqp.url.expose().parse::<lapin::uri::AMQPUri>() {
             return fail(format!(
                 "amqp.url is not a valid AMQP URL ({}): {}",
@@ -792,6 +910,76 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_password_shows_from_a_url_without_scheme_slashes_a_query_or_a_toml_error() {
+        for (toml, secret) in [
+            (
+                "[amqp]\nurl = \"amqp:/gate:Pq9secret@rabbit/\"\n",
+                "Pq9secret",
+            ),
+            (
+                "[amqp]\nurl = \"amqp:gate:Pq9secret@rabbit\"\n",
+                "Pq9secret",
+            ),
+            (
+                "[redis]\nurl = \"redis+unix:///run/redis.sock?pass=Pq9secret\"\n",
+                "Pq9secret",
+            ),
+            (
+                "[amqp]\nurl = \"amqp://gate:ab\\qPq9secret@rabbit\"\n",
+                "Pq9secret",
+            ),
+            (
+                "[amqp]\nurl = [\"amqp://gate:Pq9secret@rabbit\"]\n",
+                "Pq9secret",
+            ),
+        ] {
+            let shown = match Config::from_toml_str(toml) {
+                Ok(c) => c.to_redacted_toml(),
+                Err(e) => e.to_string(),
+            };
+            assert!(!shown.contains(secret), "{toml} shows: {shown}");
+        }
+        assert_eq!(
+            redact_url("redis://h:6379/0?protocol=resp3&password=hunter2"),
+            "redis://h:6379/0?protocol=resp3&password=***"
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
+    fn a_password_file_replaces_the_urls_password_and_never_prints() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("amqp-password", "s3cr@t/pw\n")?;
+            jail.create_file("redis-password", "r3dis-pw")?;
+            jail.create_file(
+                "gate.toml",
+                "[amqp]\nurl = \"amqp://gate@rabbit:5672/%2f\"\npassword_file = \"amqp-password\"\n\
+                 [redis]\nurl = \"redis://:old@cache:6379/0\"\npassword_file = \"redis-password\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("gate.toml"))).unwrap();
+            assert_eq!(
+                c.amqp.url.expose(),
+                "amqp://gate:s3cr%40t%2Fpw@rabbit:5672/%2f"
+            );
+            assert_eq!(c.redis.url.expose(), "redis://:r3dis-pw@cache:6379/0");
+            let printed = c.to_redacted_toml();
+            assert!(
+                !printed.contains("s3cr") && !printed.contains("r3dis"),
+                "{printed}"
+            );
+            jail.set_env("KONSTRUCT_GATE__REDIS__PASSWORD_FILE", "/no/such/secret");
+            let err = Config::load(Some(Path::new("gate.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("redis.password_file") && err.contains("/no/such/secret"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

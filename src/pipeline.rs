@@ -17,7 +17,9 @@ use tracing::{info, warn};
 use crate::amqp::{PublishError, Publisher};
 use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
-use crate::limit::{Answer, Check, Limiter, LiveRules, RejectionCache, Rules, key_for, sender_tag};
+use crate::limit::{
+    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, key_for, sender_tag,
+};
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, Destination, Outcome, Verdict};
 use crate::telemetry::Metrics;
@@ -37,7 +39,8 @@ pub enum Fate {
 /// The answer for one valid message, before routing.
 #[derive(Debug, Clone, Copy)]
 enum Decided {
-    Verdict(Verdict),
+    /// The verdict, and whether Redis gave it now (not the rejection cache).
+    Verdict(Verdict, bool),
     Held,
 }
 
@@ -71,8 +74,16 @@ impl Pipeline {
     }
 
     /// Runs one batch through; one fate per delivery, in order. `retry`: the batch was
-    /// held before, and its Redis failure was already logged.
-    pub async fn run(&self, batch: &[Delivery], publisher: &Publisher, retry: bool) -> Vec<Fate> {
+    /// held before (its Redis failure was already logged, and a timed-out call may have
+    /// counted it, so only Redis may answer it). `session` tells this session's delivery
+    /// tags apart from another's.
+    pub async fn run(
+        &self,
+        batch: &[Delivery],
+        publisher: &Publisher,
+        retry: bool,
+        session: u64,
+    ) -> Vec<Fate> {
         // One snapshot per batch: a reload never changes the rules halfway through.
         let rules = self.rules.snapshot();
         let settings = rules.settings;
@@ -84,33 +95,45 @@ impl Pipeline {
             .iter()
             .zip(&parsed)
             .filter_map(|(delivery, parsed)| {
-                Some(self.check(delivery, parsed.as_ref().ok()?, &rules))
+                let envelope = parsed.as_ref().ok()?;
+                Some(self.check(delivery, envelope, &rules, retry, session))
             })
             .collect();
         let decided = self.decide(&checks, &rules, retry).await;
 
-        let mut decided = decided.into_iter().zip(checks.iter().map(|c| c.rule));
+        let mut decided = decided.into_iter().zip(&checks);
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
         let mut outputs = Vec::with_capacity(batch.len());
         for (i, (delivery, parsed)) in batch.iter().zip(&parsed).enumerate() {
-            let verdict = match parsed {
-                Err(_) => None,
+            let (verdict, check) = match parsed {
+                Err(_) => (None, None),
                 Ok(_) => match decided.next().expect("one answer per valid message") {
                     (Decided::Held, _) => {
                         fates.push(Some(Fate::Held));
                         continue;
                     }
-                    (Decided::Verdict(verdict), rule) => Some((verdict, rule)),
+                    (Decided::Verdict(verdict, from_redis), check) => (
+                        Some((verdict, check.rule)),
+                        // Only a fresh decision Redis keeps by id can be marked forwarded.
+                        match verdict {
+                            Verdict::Checked(a)
+                                if from_redis && !a.replayed && !check.message_id.is_empty() =>
+                            {
+                                Some(check)
+                            }
+                            _ => None,
+                        },
+                    ),
                 },
             };
             let output = route::output(&delivery.data, &delivery.properties, parsed, verdict);
-            log_output(delivery, parsed, verdict, output.outcome);
+            self.observe(delivery, parsed, verdict, output.outcome);
             fates.push(None);
-            outputs.push((i, output));
+            outputs.push((i, output, check));
         }
         // Every publish is sent before any confirm is awaited.
         let amqp = &self.config.amqp;
-        let published = join_all(outputs.into_iter().map(|(i, output)| async move {
+        let published = join_all(outputs.into_iter().map(|(i, output, check)| async move {
             let queue = match output.to {
                 Destination::Orchestrator => &amqp.orchestrator_queue,
                 Destination::Notifications => &amqp.notification_queue,
@@ -119,15 +142,23 @@ impl Pipeline {
             let result = publisher
                 .publish(queue, &output.body, output.properties)
                 .await;
-            (i, result.map(|()| output.outcome))
+            (i, result.map(|()| output.outcome), check)
         }))
         .await;
-        for (i, result) in published {
+        let mut confirmed = Vec::new();
+        for (i, result, check) in published {
+            if result.is_ok()
+                && let Some(check) = check
+            {
+                confirmed.push(check);
+            }
             fates[i] = Some(match result {
                 Ok(outcome) => Fate::Done(outcome),
                 Err(e) => Fate::HandBack(e),
             });
         }
+        // Before the acks: a redelivery after this point is known to be a duplicate.
+        self.limiter.mark_forwarded(&confirmed).await;
         fates
             .into_iter()
             .map(|f| f.expect("every delivery has a fate"))
@@ -135,7 +166,14 @@ impl Pipeline {
     }
 
     /// The check for one valid message under `rules`.
-    fn check(&self, delivery: &Delivery, envelope: &Envelope<'_>, rules: &Rules) -> Check {
+    fn check(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope<'_>,
+        rules: &Rules,
+        retry: bool,
+        session: u64,
+    ) -> Check {
         let settings = rules.settings;
         let rule = rules.rule_for(&envelope.tenant_id, &envelope.channel);
         let key = key_for(
@@ -148,20 +186,54 @@ impl Pipeline {
             Notify::Every => String::new(),
             Notify::OncePerWindow => sender_tag(envelope.sender.map(|s| s.get())),
         };
-        let message_id = if settings.count_once {
-            route::message_id(envelope, &delivery.properties)
-                .unwrap_or_default()
-                .to_owned()
-        } else {
-            String::new()
+        let id = route::message_id(envelope, &delivery.properties).filter(|_| settings.count_once);
+        let message_id = match (id, settings.on_redis_error) {
+            (Some(id), _) => id.to_owned(),
+            // A held check is tried again, and a call that timed out may have counted it:
+            // a token of this delivery lets the retry get that decision back.
+            (None, OnRedisError::Hold) => format!(
+                "~{}-{session}-{}",
+                crate::amqp::instance_name(),
+                delivery.delivery_tag
+            ),
+            (None, OnRedisError::Allow) => String::new(),
         };
         Check {
             key,
             rule,
             notify_tag,
             message_id,
-            redelivered: delivery.redelivered,
+            redelivered: delivery.redelivered || retry,
         }
+    }
+
+    /// Counts what the metrics count per output, and logs the messages that did not
+    /// simply pass.
+    fn observe(
+        &self,
+        delivery: &Delivery,
+        parsed: &Result<Envelope<'_>, Invalid>,
+        verdict: Option<(Verdict, crate::limit::Rule)>,
+        outcome: Outcome,
+    ) {
+        match (outcome, verdict) {
+            (Outcome::Shadowed, _) => self.metrics.shadow_rejections.increment(1),
+            (
+                Outcome::Allowed,
+                Some((
+                    Verdict::Checked(Answer {
+                        decision:
+                            Decision::Allowed {
+                                limit, remaining, ..
+                            },
+                        ..
+                    }),
+                    _,
+                )),
+            ) if route::near_limit(limit, remaining) => self.metrics.near_limit.increment(1),
+            _ => {}
+        }
+        log_output(delivery, parsed, verdict, outcome);
     }
 
     /// Answers what the rejection cache can, asks Redis for the rest (one round trip),
@@ -175,10 +247,7 @@ impl Pipeline {
                 self.cache
                     .answer(check, rules.generation, asked_at)
                     .map(|decision| {
-                        Decided::Verdict(Verdict::Checked(Answer {
-                            decision,
-                            replayed: false,
-                        }))
+                        Decided::Verdict(Verdict::Checked(Answer::fresh(decision)), false)
                     })
             })
             .collect();
@@ -205,7 +274,7 @@ impl Pipeline {
                 Ok(answer) => {
                     self.cache
                         .learn(&checks[i], &answer, rules.generation, asked_at);
-                    Decided::Verdict(Verdict::Checked(answer))
+                    Decided::Verdict(Verdict::Checked(answer), true)
                 }
                 Err(error) => {
                     failed += 1;
@@ -214,7 +283,7 @@ impl Pipeline {
                     }
                     first_error.get_or_insert(error);
                     match policy {
-                        OnRedisError::Allow => Decided::Verdict(Verdict::Unchecked),
+                        OnRedisError::Allow => Decided::Verdict(Verdict::Unchecked, false),
                         OnRedisError::Hold => Decided::Held,
                     }
                 }
@@ -268,7 +337,7 @@ fn log_output(
             Some((
                 Verdict::Checked(Answer {
                     decision:
-                        crate::limit::Decision::Rejected {
+                        Decision::Rejected {
                             limit,
                             window_seconds,
                             retry_after,

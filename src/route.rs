@@ -75,7 +75,13 @@ pub fn output<'a>(
         (Ok(_), None) => unreachable!("every valid message has a verdict"),
         (Ok(envelope), Some((verdict, rule))) => (envelope, verdict, rule),
     };
-    let Verdict::Checked(Answer { decision, replayed }) = verdict else {
+    // Marked only when the first output was confirmed: then downstream already has it.
+    let Verdict::Checked(Answer {
+        decision,
+        forwarded_before: replayed,
+        ..
+    }) = verdict
+    else {
         return forward(Outcome::Unchecked, degraded_properties(properties));
     };
     match decision {
@@ -429,8 +435,12 @@ mod tests {
         }
     }
 
-    fn checked(decision: Decision, replayed: bool) -> Verdict {
-        Verdict::Checked(Answer { decision, replayed })
+    fn checked(decision: Decision, forwarded_before: bool) -> Verdict {
+        Verdict::Checked(Answer {
+            decision,
+            replayed: forwarded_before,
+            forwarded_before,
+        })
     }
 
     const REJECTED: Decision = Decision::Rejected {

@@ -9,8 +9,9 @@
 //! is held (`on_redis_error = hold`) is retried on its own with a backoff while the others
 //! go on.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::FutureExt;
@@ -47,6 +48,12 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 const HOLD_RETRY_MIN: Duration = Duration::from_millis(50);
 const HOLD_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Longest a message is held before it is handed back to the broker anyway: well under
+/// RabbitMQ's consumer timeout (30 minutes by default), which would close the channel.
+const MAX_HOLD: Duration = Duration::from_secs(10 * 60);
+/// Each step of closing a session (final acks, channel, connections) is bounded, so a
+/// stop fits in the shutdown grace plus a few seconds.
+const CLOSE_STEP: Duration = Duration::from_secs(2);
 
 fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::new()
@@ -84,10 +91,17 @@ pub struct Gate {
     pipeline: Pipeline,
     metrics: Metrics,
     health: Arc<Health>,
+    /// Numbers the sessions, so that delivery tags of different sessions never meet.
+    sessions: AtomicU64,
 }
 
 /// What every batch of one session shares.
 struct Session<'a> {
+    id: u64,
+    /// Most deliveries held for Redis at once: past it, a message whose check fails is
+    /// handed back (after a pause) instead, so held messages never fill the prefetch
+    /// window and stop the others.
+    max_held: usize,
     publisher: &'a Publisher,
     /// Cancelled when a connection is lost: the session ends.
     lost: &'a CancellationToken,
@@ -96,8 +110,12 @@ struct Session<'a> {
     settle: &'a mpsc::UnboundedSender<Settlement>,
 }
 
-/// Deliveries held for Redis, with the number of tries so far.
-type Held = (Vec<Delivery>, u32);
+/// Deliveries held for Redis: the number of tries so far, and since when.
+struct Held {
+    deliveries: Vec<Delivery>,
+    tries: u32,
+    since: Instant,
+}
 
 impl Gate {
     pub fn new(
@@ -111,6 +129,7 @@ impl Gate {
             pipeline,
             metrics,
             health,
+            sessions: AtomicU64::new(0),
         }
     }
 
@@ -189,12 +208,19 @@ impl Gate {
         }
         let lost = watching.child_token();
         let (flow_tx, mut flow) = watch::channel(true);
-        watch_connection(consume_conn, lost.clone(), None, self.metrics.clone());
+        watch_connection(
+            consume_conn,
+            lost.clone(),
+            None,
+            self.metrics.clone(),
+            self.config.clone(),
+        );
         watch_connection(
             publish_conn,
             lost.clone(),
             Some(flow_tx),
             self.metrics.clone(),
+            self.config.clone(),
         );
         let publisher =
             Publisher::new(publish_conn.create_channel().await?, self.metrics.clone()).await?;
@@ -220,6 +246,8 @@ impl Gate {
         let acks = send_settlements(channel.clone(), settle_rx);
         tokio::pin!(acks);
         let session = Session {
+            id: self.sessions.fetch_add(1, Ordering::Relaxed),
+            max_held: usize::from(amqp.prefetch / 2).max(1),
             publisher: &publisher,
             lost: &lost,
             shutdown,
@@ -230,6 +258,7 @@ impl Gate {
         let mut slot: Option<OwnedSemaphorePermit> = None;
         let mut in_flight = FuturesUnordered::new();
         let mut phase = Phase::Consuming;
+        let mut acks_ended = false;
         let mut result = Ok(());
         let deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(deadline);
@@ -243,8 +272,11 @@ impl Gate {
                     self.health.set_consuming(false);
                     info!(in_flight = in_flight.len(), "stopping: cancelling the consumer and draining");
                     deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(amqp.shutdown_grace_seconds));
-                    if let Err(e) = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
-                        warn!(error = %e, "basic.cancel failed");
+                    let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
+                    match tokio::time::timeout(CLOSE_STEP, cancel).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %self.config.scrub(&e.to_string()), "basic.cancel failed"),
+                        Err(_) => warn!("basic.cancel got no answer; closing the channel hands back the rest"),
                     }
                 }
                 _ = &mut deadline => {
@@ -256,16 +288,22 @@ impl Gate {
                     break;
                 }
                 ended = &mut acks => {
+                    acks_ended = true;
                     let reason = ended.err().map_or_else(|| "the acknowledgement channel closed".to_owned(), |e| e.to_string());
                     result = Err(SessionError::ConnectionLost(reason));
                     break;
                 }
                 Some(held) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Some((held, tries)) = held {
-                        in_flight.push(self.handle(held, tries, None, &session));
+                    if let Some(held) = held as Option<Held> {
+                        in_flight.push(self.handle(held.deliveries, Some((held.tries, held.since)), None, &session));
                     }
                 }
-                _ = flow.changed() => {}
+                changed = flow.changed() => {
+                    if changed.is_err() {
+                        result = Err(SessionError::ConnectionLost("the publishing connection's events ended".into()));
+                        break;
+                    }
+                }
                 permit = redis_slots.clone().acquire_owned(), if taking && slot.is_none() => {
                     slot = permit.ok();
                 }
@@ -282,7 +320,7 @@ impl Gate {
                             result = Err(gap.into());
                             break;
                         }
-                        in_flight.push(self.handle(batch, 0, slot.take(), &session));
+                        in_flight.push(self.handle(batch, None, slot.take(), &session));
                     }
                     if let Some(end) = end {
                         // The consumer is gone; what is in flight gets a moment to finish
@@ -301,24 +339,27 @@ impl Gate {
         // back. What was settled is sent first.
         drop(in_flight);
         drop(settle_tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut acks).await;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            channel.close(200, ShortString::from("bye")),
-        )
-        .await;
+        // The settlement sender may have ended already (that ended the loop): a finished
+        // future must not be polled again.
+        if !acks_ended {
+            let _ = tokio::time::timeout(CLOSE_STEP, &mut acks).await;
+        }
+        let _ =
+            tokio::time::timeout(CLOSE_STEP, channel.close(200, ShortString::from("bye"))).await;
         result
     }
 
-    /// Runs one batch through the pipeline and settles what it can. `tries` > 0: the batch
-    /// was held, and waits its backoff first. Returns what is (still) held.
+    /// Runs one batch through the pipeline and settles what it can. `held`: the batch
+    /// was held (tries so far, since when), and waits its backoff first. Returns what is
+    /// (still) held.
     async fn handle(
         &self,
         batch: Vec<Delivery>,
-        tries: u32,
+        held: Option<(u32, Instant)>,
         redis_slot: Option<OwnedSemaphorePermit>,
         session: &Session<'_>,
     ) -> Option<Held> {
+        let (tries, since) = held.unwrap_or((0, Instant::now()));
         if tries > 0 {
             let delay = backoff(HOLD_RETRY_MIN, HOLD_RETRY_MAX)
                 .nth(tries.min(16) as usize - 1)
@@ -327,61 +368,98 @@ impl Gate {
                 _ = tokio::time::sleep(delay) => {}
                 // Stopping: whatever waits for Redis goes back to the broker now.
                 _ = session.shutdown.cancelled() => {
-                    self.hand_back(&batch, session);
+                    self.hand_back(batch.iter().map(|d| d.delivery_tag), session);
                     return None;
                 }
+            }
+            if since.elapsed() >= MAX_HOLD {
+                warn!(
+                    count = batch.len(),
+                    "messages held for Redis too long: handed back to the broker"
+                );
+                self.hand_back(batch.iter().map(|d| d.delivery_tag), session);
+                return None;
             }
         }
         self.metrics.batch_size.record(batch.len() as f64);
         debug!(size = batch.len(), tries, "batch");
         let fates = self
             .pipeline
-            .run(&batch, session.publisher, tries > 0)
+            .run(&batch, session.publisher, tries > 0, session.id)
             .await;
         drop(redis_slot);
-        let failures: Vec<_> = fates
-            .iter()
-            .filter_map(|f| match f {
-                Fate::HandBack(e) => Some(e),
-                _ => None,
-            })
-            .collect();
-        if let Some(first) = failures.first() {
-            self.metrics
-                .publish_failures
-                .increment(failures.len() as u64);
-            if failures.iter().any(|e| e.is_channel_lost()) {
-                session.lost.cancel();
+
+        // Held messages of other batches, and room for more.
+        let held_elsewhere = {
+            let t = session
+                .tracker
+                .lock()
+                .expect("the ack tracker is never poisoned");
+            t.held()
+                .saturating_sub(if tries > 0 { batch.len() } else { 0 })
+        };
+        let mut room = session.max_held.saturating_sub(held_elsewhere);
+        let mut settle_now = Vec::with_capacity(batch.len());
+        let mut hand_back_later = Vec::new();
+        let mut failure = None;
+        let mut still_held = Vec::new();
+        for (delivery, fate) in batch.into_iter().zip(fates) {
+            let tag = delivery.delivery_tag;
+            match fate {
+                Fate::HandBack(e) => {
+                    if e.is_channel_lost() {
+                        session.lost.cancel();
+                    }
+                    self.metrics.publish_failures.increment(1);
+                    failure.get_or_insert(e);
+                    hand_back_later.push(tag);
+                }
+                Fate::Held if room == 0 => hand_back_later.push(tag),
+                Fate::Held => {
+                    room -= 1;
+                    settle_now.push((tag, Fate::Held));
+                    still_held.push(delivery);
+                }
+                done => settle_now.push((tag, done)),
             }
-            warn!(count = failures.len(), error = %first, "messages handed back for redelivery");
-            tokio::time::sleep(HAND_BACK_DELAY).await;
         }
-        let held = self.settle(&batch, fates, session);
-        let held: Vec<Delivery> = batch
-            .into_iter()
-            .zip(held)
-            .filter_map(|(d, held)| held.then_some(d))
-            .collect();
-        (!held.is_empty()).then(|| (held, tries.saturating_add(1)))
+        // What was confirmed is acked now; what failed goes back after a pause, so a broken
+        // route (or a key that keeps failing) does not become a hot redelivery loop.
+        self.settle(settle_now, session);
+        if !hand_back_later.is_empty() {
+            match failure {
+                Some(e) => {
+                    warn!(count = hand_back_later.len(), error = %self.config.scrub(&e.to_string()), "messages handed back for redelivery")
+                }
+                None => warn!(
+                    count = hand_back_later.len(),
+                    max_held = session.max_held,
+                    "too many messages held for Redis: handing these back"
+                ),
+            }
+            tokio::time::sleep(HAND_BACK_DELAY).await;
+            self.hand_back(hand_back_later, session);
+        }
+        (!still_held.is_empty()).then(|| Held {
+            deliveries: still_held,
+            tries: tries.saturating_add(1),
+            since,
+        })
     }
 
-    /// Hands back deliveries whose checks still wait for Redis while the gate stops.
-    fn hand_back(&self, batch: &[Delivery], session: &Session<'_>) {
+    /// Hands deliveries back to the broker.
+    fn hand_back(&self, tags: impl IntoIterator<Item = u64>, session: &Session<'_>) {
         self.update_tracker(session, |t, out| {
-            for delivery in batch {
-                t.settle(delivery.delivery_tag, false, out);
+            for tag in tags {
+                t.settle(tag, false, out);
             }
         });
     }
 
-    /// Tells the tracker each delivery's fate and sends what can be settled; returns which
-    /// deliveries are held.
-    fn settle(&self, batch: &[Delivery], fates: Vec<Fate>, session: &Session<'_>) -> Vec<bool> {
-        let mut held = Vec::with_capacity(batch.len());
+    /// Tells the tracker each delivery's fate and sends what can be settled.
+    fn settle(&self, fates: Vec<(u64, Fate)>, session: &Session<'_>) {
         self.update_tracker(session, |t, out| {
-            for (delivery, fate) in batch.iter().zip(fates) {
-                let tag = delivery.delivery_tag;
-                held.push(matches!(fate, Fate::Held));
+            for (tag, fate) in fates {
                 match fate {
                     Fate::Held => t.hold(tag, out),
                     Fate::HandBack(_) => t.settle(tag, false, out),
@@ -398,7 +476,6 @@ impl Gate {
                 }
             }
         });
-        held
     }
 
     /// Changes the tracker, keeps the gauges exact, and sends the settlements that
@@ -500,6 +577,7 @@ fn watch_connection(
     lost: CancellationToken,
     flow: Option<watch::Sender<bool>>,
     metrics: Metrics,
+    config: Arc<Config>,
 ) {
     let mut events = Box::pin(conn.events_listener());
     tokio::spawn(async move {
@@ -512,7 +590,7 @@ fn watch_connection(
             let Some(event) = event else { break };
             match event {
                 Event::Error(e) => {
-                    error!(error = %e, "broker connection error");
+                    error!(error = %config.scrub(&e.to_string()), "broker connection error");
                     lost.cancel();
                     break;
                 }

@@ -32,15 +32,12 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         burst: 30,
         shadow: false,
     };
-    let rejected = Answer {
-        decision: Decision::Rejected {
-            limit: 30,
-            window_seconds: 3_600,
-            retry_after: 3_000,
-            notify_user: true,
-        },
-        replayed: false,
-    };
+    let rejected = Answer::fresh(Decision::Rejected {
+        limit: 30,
+        window_seconds: 3_600,
+        retry_after: 3_000,
+        notify_user: true,
+    });
     let before = rss_mib();
     let t0 = Instant::now();
     for i in 0..1_000_000u32 {

@@ -261,3 +261,41 @@ fn a_number_out_of_range_is_refused_naming_the_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_kubernetes_config_file_is_accepted_with_its_password_files() {
+    let dir = std::env::temp_dir().join(format!("gate-cli-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (amqp, redis) = (dir.join("amqp-password"), dir.join("redis-password"));
+    std::fs::write(&amqp, "Kq4amqp-secret\n").unwrap();
+    std::fs::write(&redis, "Kq4redis-secret\n").unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/gate.toml");
+    let out = gate(
+        &["check-config", "--config", file],
+        &[
+            (
+                "KONSTRUCT_GATE__AMQP__PASSWORD_FILE",
+                amqp.to_str().unwrap(),
+            ),
+            (
+                "KONSTRUCT_GATE__REDIS__PASSWORD_FILE",
+                redis.to_str().unwrap(),
+            ),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("amqp://konstruct:***@rabbitmq:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("Kq4"), "{stdout}");
+    // Without the mounted secret, start-up stops with one sentence.
+    let out = gate(&["check-config", "--config", file], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("amqp.password_file") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+}

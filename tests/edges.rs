@@ -190,6 +190,23 @@ async fn a_second_forward_of_one_id_is_marked_replayed() {
     broker.publish(&body, BasicProperties::default()).await;
     let first = broker.collect(&names.orchestrator, 1, WAIT).await;
     assert_eq!(header(&first[0], "x-ratelimit-replayed"), None);
+    // The gate notes the confirmed forward before it acks: wait for that note.
+    let seen = format!("{}acme:ratelimit:slack:seen", names.key_prefix);
+    let mut redis = connect_redis().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let note: Option<String> = redis::cmd("HGET")
+            .arg(&seen)
+            .arg("same-id")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if note.is_some_and(|n| n.ends_with(":f")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the forward was never noted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     broker.publish(&body, BasicProperties::default()).await;
     let second = broker.collect(&names.orchestrator, 1, WAIT).await;
     assert_eq!(
@@ -320,6 +337,45 @@ async fn a_sender_whose_display_name_changes_is_told_once() {
         })
         .collect();
     assert_eq!(told.iter().filter(|t| **t).count(), 1, "{told:?}");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redis_that_refuses_every_write_is_not_ready_not_a_bad_key() {
+    let names = Names::new("redis-oom");
+    let broker = Broker::new(&names).await;
+    let redis = PrivateRedis::start().await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    // Out of memory for every write: scripts fail on their first write, for every key.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut config = names.config(5, 60);
+    config.redis.url = konstruct_gate::config::SecretUrl::new(redis.url());
+    config.limits.on_redis_error = OnRedisError::Allow;
+    let gate = TestGate::start(config).await;
+    for i in 0..3 {
+        broker
+            .publish(
+                &message(&format!("o{i}"), &format!("t{i}"), "slack"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let out = broker.collect(&names.orchestrator, 3, WAIT).await;
+    assert!(
+        out.iter()
+            .all(|d| header(d, "x-ratelimit-degraded").is_some())
+    );
+    let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("redis_checks_failing: true"), "{body}");
     gate.stop().await;
     broker.cleanup().await;
 }

@@ -202,10 +202,7 @@ mod tests {
     }
 
     fn fresh(decision: Decision) -> Answer {
-        Answer {
-            decision,
-            replayed: false,
-        }
+        Answer::fresh(decision)
     }
 
     fn rejected() -> Decision {
@@ -296,8 +293,8 @@ mod tests {
         let cache = RejectionCache::default();
         let t0 = Instant::now();
         let replayed = Answer {
-            decision: rejected(),
             replayed: true,
+            ..Answer::fresh(rejected())
         };
         cache.learn(&check(""), &replayed, 1, t0);
         assert!(cache.answer(&check(""), 1, t0).is_none());

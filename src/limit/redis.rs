@@ -60,6 +60,7 @@ pub struct Limiter {
     fixed_window: Script,
     sliding_window: Script,
     token_bucket: Script,
+    mark_forwarded: Script,
     timeout: Duration,
     metrics: Metrics,
 }
@@ -81,6 +82,7 @@ impl Limiter {
             fixed_window: Script::new(include_str!("fixed_window.lua")),
             sliding_window: Script::new(include_str!("sliding_window.lua")),
             token_bucket: Script::new(include_str!("token_bucket.lua")),
+            mark_forwarded: Script::new(include_str!("mark_forwarded.lua")),
             timeout,
             metrics,
         })
@@ -188,6 +190,35 @@ impl Limiter {
             .collect())
     }
 
+    /// Notes that the outputs of these checks' decisions were confirmed, so that a replay
+    /// of one is known to be a duplicate. Best effort: a replay without the note is only
+    /// less precise (no `x-ratelimit-replayed`), never wrong about the limit.
+    pub async fn mark_forwarded(&self, checks: &[&Check]) {
+        if checks.is_empty() {
+            return;
+        }
+        let mut invocation = self.mark_forwarded.prepare_invoke();
+        for check in checks {
+            match check.rule.algorithm {
+                Algorithm::FixedWindow => {
+                    invocation
+                        .key(format!("{}:seen", check.key))
+                        .arg(&check.message_id);
+                }
+                Algorithm::SlidingWindow | Algorithm::TokenBucket => {
+                    invocation
+                        .key(format!("{}:seen:{}", check.key, check.message_id))
+                        .arg("");
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        if let Ok(Err(e)) = tokio::time::timeout(self.timeout, call).await {
+            tracing::debug!(error = %e, "could not mark forwarded decisions");
+        }
+    }
+
     /// Every field of a hash (the live overrides), within the check timeout.
     pub async fn hash(
         &self,
@@ -210,41 +241,83 @@ impl Limiter {
     }
 }
 
-/// One key's values as a script returned them: `{-1, error text, …}` when the key could
-/// not be counted, else the algorithm's numbers.
+/// One key's values as a script returned them: `{"err", error text, …}` when the key
+/// could not be counted, else the algorithm's numbers.
 fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
-    let int = |v: &Value| match v {
-        Value::Int(n) => Some(*n),
-        _ => None,
+    let text = |v: &Value| match v {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(text) => text.clone(),
+        other => format!("{other:?}"),
     };
-    if int(&values[0]) == Some(-1) {
-        let reason = match &values[1] {
-            Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-            Value::SimpleString(text) => text.clone(),
-            other => format!("{other:?}"),
-        };
+    if matches!(&values[0], Value::BulkString(b) if b == b"err") {
+        let reason = text(&values[1]);
+        // Redis refuses a script's writes as a whole when it is out of memory, a replica
+        // (READONLY) or cannot persist (MISCONF): that is Redis failing, not this key.
+        if !is_key_fault(&reason) {
+            return Err(CheckError::Redis(reason.into()));
+        }
         return Err(CheckError::Key {
             key: check.key.clone(),
             reason,
         });
     }
-    let numbers: Option<Vec<i64>> = values.iter().map(int).collect();
+    let numbers: Option<Vec<i64>> = values
+        .iter()
+        .map(|v| match v {
+            Value::Int(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
     let Some(v) = numbers else {
-        return Err(CheckError::Redis(
-            "a rate-limit script returned a value that is not a number".into(),
-        ));
+        return Err(CheckError::Key {
+            key: check.key.clone(),
+            reason: "a rate-limit script returned a value that is not a number".into(),
+        });
     };
     let rule = check.rule;
-    Ok(match check.rule.algorithm {
-        Algorithm::FixedWindow => Answer {
-            decision: Decision::fixed_window(rule, v[0].max(0) as u64, v[1], v[2] == 1),
-            replayed: v[3] == 1,
+    let (decision, replayed) = match check.rule.algorithm {
+        Algorithm::FixedWindow => (
+            Decision::fixed_window(rule, v[0].max(0) as u64, v[1], v[2] == 1),
+            v[3],
+        ),
+        Algorithm::SlidingWindow | Algorithm::TokenBucket => {
+            (Decision::from_script(&v[..5], rule), v[5])
+        }
+    };
+    let forwarded_before = replayed == 2;
+    let decision = match decision {
+        // The user was told when the first rejection went out: no second reply.
+        Decision::Rejected {
+            limit,
+            window_seconds,
+            retry_after,
+            notify_user,
+        } => Decision::Rejected {
+            limit,
+            window_seconds,
+            retry_after,
+            notify_user: notify_user && !forwarded_before,
         },
-        Algorithm::SlidingWindow | Algorithm::TokenBucket => Answer {
-            decision: Decision::from_script(&v[..5], rule),
-            replayed: v[5] == 1,
-        },
+        allowed => allowed,
+    };
+    Ok(Answer {
+        decision,
+        replayed: replayed != 0,
+        forwarded_before,
     })
+}
+
+/// Errors a script meets on one key's own data; anything else is Redis failing.
+fn is_key_fault(reason: &str) -> bool {
+    [
+        "WRONGTYPE",
+        "not an integer",
+        "out of range",
+        "overflow",
+        "does not hold",
+    ]
+    .iter()
+    .any(|fault| reason.contains(fault))
 }
 
 fn algorithm_index(algorithm: Algorithm) -> usize {

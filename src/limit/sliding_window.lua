@@ -8,11 +8,13 @@
 -- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
 --               notification tag ("" to notify every rejection), and the message id
 --               ("" when it has none) for KEYS[i]. A message with an id is counted once:
---               a redelivery within the window gets the first decision back, marked as
---               replayed, unless the counter is gone (then it is decided afresh).
+--               a redelivery within the window (at most an hour) gets the first decision
+--               back, marked as replayed (2 when the gate had confirmed the first output,
+--               see mark_forwarded.lua, else 1), unless the counter is gone (then it is decided afresh).
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
---               replayed (1/0)} for each key, or {-1, error text, 0, 0, 0, 0} when this
+--               replayed (0/1/2)} for each key, or {"err", error text, 0, 0, 0, 0} when this
 --               key could not be checked (the others are decided as usual).
+local SEEN_MAX_MS = 3600000
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -33,7 +35,9 @@ local function check(i, key)
     if seen and redis.call('EXISTS', key) == 1 then
       local v = {}
       for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
-      return v[1], v[2], v[3], v[4], v[5], 1
+      local replayed = 1
+      if string.sub(seen, -2) == ':f' then replayed = 2 end
+      return v[1], v[2], v[3], v[4], v[5], replayed
     end
   end
   local index = math.floor(now / window)
@@ -87,7 +91,7 @@ local function check(i, key)
   local retry_ms = math.ceil(retry)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, reset_ms, retry_ms, notify), 'PX', window)
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, reset_ms, retry_ms, notify), 'PX', math.min(window, SEEN_MAX_MS))
   end
   return allowed, remaining, reset_ms, retry_ms, notify, 0
 end
@@ -97,7 +101,7 @@ for i, key in ipairs(KEYS) do
   local r = {pcall(check, i, key)}
   if not r[1] then
     local e = r[2]
-    r = {true, -1, type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}
+    r = {true, 'err', type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}
   end
   for j = 1, 6 do out[6 * i - 6 + j] = r[j + 1] end
 end
