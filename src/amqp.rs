@@ -47,6 +47,23 @@ pub fn instance_name() -> &'static str {
     })
 }
 
+/// A random number drawn once per process: with the host name and process id alone, a
+/// container restarted in place (PID 1 again, same host name) would repeat the previous
+/// process's names.
+pub fn process_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    })
+}
+
 /// Opens one connection, named so operators can tell the gate's connections apart.
 pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::Error> {
     let name = format!("konstruct-gate {role} {}", instance_name());
@@ -210,5 +227,17 @@ impl Publisher {
             // publish cannot be called delivered.
             Confirmation::NotRequested => Err(PublishError::Nacked),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_name_carries_the_host_name_and_the_process_id() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let name = instance_name();
+        assert_eq!(name, format!("{}-{}", host.trim(), std::process::id()));
     }
 }

@@ -358,7 +358,9 @@ fn query_secrets(url: &str) -> Vec<(String, String)> {
         .split(['&', '#'])
         .filter_map(|pair| pair.split_once('='))
         .filter(|(name, value)| {
-            PASSWORD_PARAMS.contains(name) && !value.is_empty() && *value != "***"
+            PASSWORD_PARAMS.contains(&percent_decode(name).to_ascii_lowercase().as_str())
+                && !value.is_empty()
+                && *value != "***"
         })
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .collect()
@@ -371,7 +373,11 @@ pub fn redact_urls_in(text: &str) -> String {
     let mut rest = text;
     let boundary = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>');
     while let Some(i) = rest.find("://") {
-        let start = rest[..i].rfind(boundary).map_or(0, |b| b + 1);
+        let start = rest[..i]
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| boundary(c))
+            .map_or(0, |(b, c)| b + c.len_utf8());
         let end = rest[i..].find(boundary).map_or(rest.len(), |e| i + e);
         out.push_str(&rest[..start]);
         out.push_str(&redact_url(&rest[start..end]));
@@ -720,6 +726,19 @@ impl LimitsConfig {
     }
 }
 
+/// `text` without the quoted source lines of a parser's error (`12 | url = "…"` and the
+/// `|   ^` markers below them).
+fn without_source_lines(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| {
+            let digits = line.trim_start_matches(|c: char| c.is_ascii_digit());
+            !line.is_empty() && !digits.trim_start().starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 fn describe_figment_error(error: figment::Error) -> String {
     // figment chains one error per failing key; the first is the one to fix first.
     let first = error.into_iter().next();
@@ -734,7 +753,10 @@ fn describe_figment_error(error: figment::Error) -> String {
                 figment::error::Kind::UnknownVariant(found, expected) => {
                     format!("`{found}` is not one of {}", expected.join(", "))
                 }
-                kind => kind.to_string(),
+                // A parse error quotes the offending line of the file, which may hold a
+                // password no URL parser can delimit (a stray quote in it): keep only
+                // where the error is and what it is.
+                kind => without_source_lines(&kind.to_string()),
             };
             if !key.is_empty() {
                 text = format!("configuration key `{key}`: {text}");
@@ -935,6 +957,18 @@ mod tests {
                 "[amqp]\nurl = [\"amqp://gate:Pq9secret@rabbit\"]\n",
                 "Pq9secret",
             ),
+            (
+                "[amqp]\nurl = \"amqp://gate:Pq9\"secret@rabbit\"\n",
+                "secret",
+            ),
+            (
+                "[redis]\nurl = \"redis://h/0?PASS=Pq9secret\"\n",
+                "Pq9secret",
+            ),
+            (
+                "[redis]\nurl = \"redis://h/0?p%61ss=Pq9secret\"\n",
+                "Pq9secret",
+            ),
         ] {
             let shown = match Config::from_toml_str(toml) {
                 Ok(c) => c.to_redacted_toml(),
@@ -980,6 +1014,13 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn redaction_never_panics_on_multibyte_text() {
+        let text = "x\u{a0}amqp://u:pw@h and \u{3000}redis://:pw2@h \u{2028}";
+        let out = redact_urls_in(text);
+        assert!(!out.contains("pw"), "{out}");
     }
 
     #[test]

@@ -32,8 +32,9 @@ pub enum Fate {
     /// Its output could not be delivered: hand it back to the broker.
     HandBack(PublishError),
     /// Redis could not decide its check and `on_redis_error = hold`: keep it unacked and
-    /// try again later.
-    Held,
+    /// try again later. `key_fault`: Redis answered, but cannot count this message's key
+    /// (it stays so until an operator repairs the key); else Redis itself failed.
+    Held { key_fault: bool },
 }
 
 /// The answer for one valid message, before routing.
@@ -41,7 +42,9 @@ pub enum Fate {
 enum Decided {
     /// The verdict, and whether Redis gave it now (not the rejection cache).
     Verdict(Verdict, bool),
-    Held,
+    Held {
+        key_fault: bool,
+    },
 }
 
 /// Everything a batch needs, shared by every session.
@@ -91,33 +94,38 @@ impl Pipeline {
             .iter()
             .map(|d| message::parse(&d.data, settings.max_message_bytes))
             .collect();
-        let checks: Vec<Check> = batch
+        // Each check, and whether its id is a token of the gate's (not the message's own).
+        let (checks, tokens): (Vec<Check>, Vec<bool>) = batch
             .iter()
             .zip(&parsed)
             .filter_map(|(delivery, parsed)| {
                 let envelope = parsed.as_ref().ok()?;
                 Some(self.check(delivery, envelope, &rules, retry, session))
             })
-            .collect();
+            .unzip();
         let decided = self.decide(&checks, &rules, retry).await;
 
-        let mut decided = decided.into_iter().zip(&checks);
+        let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
         let mut outputs = Vec::with_capacity(batch.len());
         for (i, (delivery, parsed)) in batch.iter().zip(&parsed).enumerate() {
             let (verdict, check) = match parsed {
                 Err(_) => (None, None),
                 Ok(_) => match decided.next().expect("one answer per valid message") {
-                    (Decided::Held, _) => {
-                        fates.push(Some(Fate::Held));
+                    (Decided::Held { key_fault }, _) => {
+                        fates.push(Some(Fate::Held { key_fault }));
                         continue;
                     }
-                    (Decided::Verdict(verdict, from_redis), check) => (
+                    (Decided::Verdict(verdict, from_redis), (check, &token)) => (
                         Some((verdict, check.rule)),
-                        // Only a fresh decision Redis keeps by id can be marked forwarded.
+                        // Only a fresh decision Redis keeps by the message's own id can be
+                        // marked forwarded: a token is never seen again once settled.
                         match verdict {
                             Verdict::Checked(a)
-                                if from_redis && !a.replayed && !check.message_id.is_empty() =>
+                                if from_redis
+                                    && !a.replayed
+                                    && !token
+                                    && !check.message_id.is_empty() =>
                             {
                                 Some(check)
                             }
@@ -173,7 +181,7 @@ impl Pipeline {
         rules: &Rules,
         retry: bool,
         session: u64,
-    ) -> Check {
+    ) -> (Check, bool) {
         let settings = rules.settings;
         let rule = rules.rule_for(&envelope.tenant_id, &envelope.channel);
         let key = key_for(
@@ -187,24 +195,29 @@ impl Pipeline {
             Notify::OncePerWindow => sender_tag(envelope.sender.map(|s| s.get())),
         };
         let id = route::message_id(envelope, &delivery.properties).filter(|_| settings.count_once);
-        let message_id = match (id, settings.on_redis_error) {
-            (Some(id), _) => id.to_owned(),
+        let (message_id, token) = match (id, settings.on_redis_error) {
+            (Some(id), _) => (id.to_owned(), false),
             // A held check is tried again, and a call that timed out may have counted it:
-            // a token of this delivery lets the retry get that decision back.
-            (None, OnRedisError::Hold) => format!(
-                "~{}-{session}-{}",
-                crate::amqp::instance_name(),
-                delivery.delivery_tag
+            // a token of this delivery (unique to this process, session and tag) lets the
+            // retry get that decision back.
+            (None, OnRedisError::Hold) => (
+                format!(
+                    "~{:016x}-{session}-{}",
+                    crate::amqp::process_nonce(),
+                    delivery.delivery_tag
+                ),
+                true,
             ),
-            (None, OnRedisError::Allow) => String::new(),
+            (None, OnRedisError::Allow) => (String::new(), false),
         };
-        Check {
+        let check = Check {
             key,
             rule,
             notify_tag,
             message_id,
             redelivered: delivery.redelivered || retry,
-        }
+        };
+        (check, token)
     }
 
     /// Counts what the metrics count per output, and logs the messages that did not
@@ -281,11 +294,14 @@ impl Pipeline {
                     if !error.is_key_error() {
                         self.health.check_failed();
                     }
-                    first_error.get_or_insert(error);
-                    match policy {
+                    let held = match policy {
                         OnRedisError::Allow => Decided::Verdict(Verdict::Unchecked, false),
-                        OnRedisError::Hold => Decided::Held,
-                    }
+                        OnRedisError::Hold => Decided::Held {
+                            key_fault: error.is_key_error(),
+                        },
+                    };
+                    first_error.get_or_insert(error);
+                    held
                 }
             });
         }

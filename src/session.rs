@@ -98,9 +98,9 @@ pub struct Gate {
 /// What every batch of one session shares.
 struct Session<'a> {
     id: u64,
-    /// Most deliveries held for Redis at once: past it, a message whose check fails is
-    /// handed back (after a pause) instead, so held messages never fill the prefetch
-    /// window and stop the others.
+    /// Most deliveries held at once for keys Redis cannot count: past it, such a message
+    /// is handed back (after a pause) instead, so one bad key never fills the prefetch
+    /// window and stops the others.
     max_held: usize,
     publisher: &'a Publisher,
     /// Cancelled when a connection is lost: the session ends.
@@ -170,12 +170,20 @@ impl Gate {
         consumed: &mut bool,
     ) -> Result<(), SessionError> {
         let amqp = &self.config.amqp;
-        let consume_conn = amqp::connect(&amqp.url, "consume").await?;
-        let publish_conn = match amqp::connect(&amqp.url, "publish").await {
-            Ok(conn) => conn,
-            Err(e) => {
+        let Some(consume_conn) = until_stopped(shutdown, amqp::connect(&amqp.url, "consume")).await
+        else {
+            return Ok(());
+        };
+        let consume_conn = consume_conn?;
+        let publish_conn = match until_stopped(shutdown, amqp::connect(&amqp.url, "publish")).await
+        {
+            Some(Ok(conn)) => conn,
+            other => {
                 close(&consume_conn).await;
-                return Err(e.into());
+                return match other {
+                    Some(Err(e)) => Err(e.into()),
+                    _ => Ok(()),
+                };
             }
         };
         // Watchers stop before the connections close, so a deliberate close is not
@@ -204,7 +212,10 @@ impl Gate {
         // closes its declaring channel, which the connection reports as an error event,
         // and that is not a lost connection.
         if amqp.declare_queues {
-            amqp::declare_queues(publish_conn, amqp).await?;
+            match until_stopped(shutdown, amqp::declare_queues(publish_conn, amqp)).await {
+                Some(declared) => declared?,
+                None => return Ok(()),
+            }
         }
         let lost = watching.child_token();
         let (flow_tx, mut flow) = watch::channel(true);
@@ -222,21 +233,28 @@ impl Gate {
             self.metrics.clone(),
             self.config.clone(),
         );
-        let publisher =
-            Publisher::new(publish_conn.create_channel().await?, self.metrics.clone()).await?;
-        let channel = consume_conn.create_channel().await?;
-        channel
-            .basic_qos(amqp.prefetch, BasicQosOptions::default())
-            .await?;
         let tag = ShortString::from(format!("konstruct-gate-{}", amqp::instance_name()));
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from(amqp.inbound_queue.as_str()),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let setup = async {
+            let publisher =
+                Publisher::new(publish_conn.create_channel().await?, self.metrics.clone()).await?;
+            let channel = consume_conn.create_channel().await?;
+            channel
+                .basic_qos(amqp.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    ShortString::from(amqp.inbound_queue.as_str()),
+                    tag.clone(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((publisher, channel, consumer))
+        };
+        let Some(setup) = until_stopped(shutdown, setup).await else {
+            return Ok(());
+        };
+        let (publisher, channel, mut consumer) = setup?;
         self.health.set_consuming(true);
         *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
@@ -414,10 +432,14 @@ impl Gate {
                     failure.get_or_insert(e);
                     hand_back_later.push(tag);
                 }
-                Fate::Held if room == 0 => hand_back_later.push(tag),
-                Fate::Held => {
-                    room -= 1;
-                    settle_now.push((tag, Fate::Held));
+                // A key that Redis cannot count stays so until an operator repairs it:
+                // its messages may not take the whole prefetch window.
+                Fate::Held { key_fault: true } if room == 0 => hand_back_later.push(tag),
+                // Redis itself failing: every message waits, and the prefetch window
+                // bounds how many (the broker sends no more until they settle).
+                Fate::Held { key_fault } => {
+                    room = room.saturating_sub(1);
+                    settle_now.push((tag, Fate::Held { key_fault }));
                     still_held.push(delivery);
                 }
                 done => settle_now.push((tag, done)),
@@ -427,17 +449,21 @@ impl Gate {
         // route (or a key that keeps failing) does not become a hot redelivery loop.
         self.settle(settle_now, session);
         if !hand_back_later.is_empty() {
-            match failure {
+            let pause = match failure {
                 Some(e) => {
-                    warn!(count = hand_back_later.len(), error = %self.config.scrub(&e.to_string()), "messages handed back for redelivery")
+                    warn!(count = hand_back_later.len(), error = %self.config.scrub(&e.to_string()), "messages handed back for redelivery");
+                    HAND_BACK_DELAY
                 }
-                None => warn!(
-                    count = hand_back_later.len(),
-                    max_held = session.max_held,
-                    "too many messages held for Redis: handing these back"
-                ),
-            }
-            tokio::time::sleep(HAND_BACK_DELAY).await;
+                None => {
+                    warn!(
+                        count = hand_back_later.len(),
+                        max_held = session.max_held,
+                        "too many messages held for keys Redis cannot count: handing these back"
+                    );
+                    HOLD_RETRY_MAX
+                }
+            };
+            tokio::time::sleep(pause).await;
             self.hand_back(hand_back_later, session);
         }
         (!still_held.is_empty()).then(|| Held {
@@ -461,7 +487,7 @@ impl Gate {
         self.update_tracker(session, |t, out| {
             for (tag, fate) in fates {
                 match fate {
-                    Fate::Held => t.hold(tag, out),
+                    Fate::Held { .. } => t.hold(tag, out),
                     Fate::HandBack(_) => t.settle(tag, false, out),
                     Fate::Done(outcome) => {
                         t.settle(tag, true, out);
@@ -617,10 +643,18 @@ fn watch_connection(
 
 async fn close(conn: &Connection) {
     if conn.status().connected() {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            conn.close(200, ShortString::from("bye")),
-        )
-        .await;
+        let _ = tokio::time::timeout(CLOSE_STEP, conn.close(200, ShortString::from("bye"))).await;
+    }
+}
+
+/// Runs `work` unless the gate is asked to stop first (then `None`): setting up a session
+/// against an unresponsive broker must not delay a stop.
+async fn until_stopped<T>(
+    shutdown: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        _ = shutdown.cancelled() => None,
     }
 }

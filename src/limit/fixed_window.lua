@@ -14,7 +14,7 @@
 -- window: the marker {counter}:notified:{tag} lives until the sender may write again.
 --
 -- A message with an id is counted once: its decision is kept in the hash {counter}:seen
--- (field: the id), which expires with the window (at most after an hour), and a
+-- (field: the id), which expires with the window (at most an hour after its first id), and a
 -- redelivery gets that decision back without counting again, marked as replayed (2 when
 -- the gate had confirmed the first output, see mark_forwarded.lua, else 1). When the
 -- counter itself is gone (it expired, or an operator deleted it), the message is decided
@@ -63,7 +63,11 @@ local function check(i, key)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
     redis.call('HSET', seen_key, id, string.format('%d:%d', count, notify))
-    redis.call('PEXPIRE', seen_key, math.max(1, math.min(pttl, SEEN_MAX_MS)))
+    -- The hash lives as long as the window, and at most an hour from its first id: its
+    -- expiry is set once, not pushed on by every message.
+    if redis.call('PTTL', seen_key) < 0 then
+      redis.call('PEXPIRE', seen_key, math.max(1, math.min(pttl, SEEN_MAX_MS)))
+    end
   end
   return count, pttl, notify, 0
 end

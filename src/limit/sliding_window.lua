@@ -35,9 +35,12 @@ local function check(i, key)
     if seen and redis.call('EXISTS', key) == 1 then
       local v = {}
       for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
-      local replayed = 1
-      if string.sub(seen, -2) == ':f' then replayed = 2 end
-      return v[1], v[2], v[3], v[4], v[5], replayed
+      -- A malformed record is not a decision: decide afresh.
+      if #v >= 5 then
+        local replayed = 1
+        if string.sub(seen, -2) == ':f' then replayed = 2 end
+        return v[1], v[2], v[3], v[4], v[5], replayed
+      end
     end
   end
   local index = math.floor(now / window)

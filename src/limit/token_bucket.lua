@@ -10,7 +10,7 @@
 --               ("" when it has none) for KEYS[i]. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back, marked as replayed (2 when the gate had confirmed the first output,
---               see mark_forwarded.lua, else 1), unless the bucket's key is gone (then it is decided afresh).
+--               see mark_forwarded.lua, else 1); the bucket key expiring when full does not matter.
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
 --               replayed (0/1/2)} for each key, or {"err", error text, 0, 0, 0, 0} when this
 --               key could not be checked (the others are decided as usual).
@@ -30,17 +30,22 @@ local function check(i, key)
   local tag = ARGV[5 * i]
   local id = ARGV[5 * i + 1]
   local seen_key = key .. ':seen:' .. id
-  local stored = redis.call('GET', key)
-  if id ~= '' and stored then
+  -- The bucket's key expires whenever the bucket is full again, so a replay does not
+  -- depend on it: the kept decision alone (for the window) is replayed.
+  if id ~= '' then
     local seen = redis.call('GET', seen_key)
     if seen then
       local v = {}
       for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
-      local replayed = 1
-      if string.sub(seen, -2) == ':f' then replayed = 2 end
-      return v[1], v[2], v[3], v[4], v[5], replayed
+      -- A malformed record is not a decision: decide afresh.
+      if #v >= 5 then
+        local replayed = 1
+        if string.sub(seen, -2) == ':f' then replayed = 2 end
+        return v[1], v[2], v[3], v[4], v[5], replayed
+      end
     end
   end
+  local stored = redis.call('GET', key)
   -- TAT is stored in whole microseconds: an interval below one would be lost to rounding
   -- (and let everything through), so rates above a million per second per key count as
   -- a million per second.
