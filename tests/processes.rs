@@ -144,12 +144,33 @@ async fn a_second_signal_exits_at_once_and_the_broker_still_requeues() {
             (0..total).map(|i| message(&format!("s{i}"), &format!("t{}", i % 10), "slack")),
         )
         .await;
-    let (mut gate, addr) = spawn_gate(&names, 100_000, 60);
-    wait_ready(addr, Duration::from_secs(30)).await;
+    // A Redis that accepts connections and never answers keeps every batch waiting for
+    // its check (5 s), so the graceful stop is still draining when the second signal comes.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free_addr();
+    let mut env = names.env(100_000, 60);
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    env.push((
+        "KONSTRUCT_GATE__REDIS__URL".into(),
+        format!("redis://{}/0", black_hole.local_addr().unwrap()),
+    ));
+    env.push(("KONSTRUCT_GATE__REDIS__TIMEOUT_MS".into(), "5000".into()));
+    let mut gate = GateProcess::spawn(&env);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !http_get(addr, "/readyz")
+        .await
+        .is_ok_and(|(_, body)| body.contains("consuming: true"))
+    {
+        assert!(std::time::Instant::now() < deadline, "the gate never consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gate.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
     gate.signal("TERM");
     let status = gate.wait(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(130), "the second signal exits at once");
+    drop(black_hole);
 
     let (mut gate, addr) = spawn_gate(&names, 100_000, 60);
     wait_ready(addr, Duration::from_secs(30)).await;
