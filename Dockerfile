@@ -18,7 +18,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home gate
 COPY --from=build /src/target/release/konstruct-gate /usr/local/bin/konstruct-gate
-COPY config/default.toml /etc/konstruct-gate/default.toml
+# The configuration is read from a fixed path (mount a ConfigMap over /etc/konstruct-gate
+# in Kubernetes), and the operations endpoint listens on every interface, so probes and
+# Prometheus reach it from outside the container.
+COPY config/default.toml /etc/konstruct-gate/gate.toml
+ENV KONSTRUCT_GATE_CONFIG=/etc/konstruct-gate/gate.toml \
+    KONSTRUCT_GATE__HTTP__LISTEN=0.0.0.0:9464
 USER 10001
 EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/konstruct-gate"]

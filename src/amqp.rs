@@ -23,12 +23,18 @@ pub enum PublishError {
     Returned { reply_code: u16, reply_text: String },
     #[error("the publishing channel failed: {0}")]
     Channel(#[from] lapin::Error),
+    #[error("the broker did not confirm the message within {0:?}")]
+    ConfirmTimeout(Duration),
 }
 
 impl PublishError {
     /// True when the channel itself is gone, so the whole session must be rebuilt.
     pub fn is_channel_lost(&self) -> bool {
-        matches!(self, PublishError::Channel(_))
+        // A confirm that never comes means the channel is no longer trustworthy either.
+        matches!(
+            self,
+            PublishError::Channel(_) | PublishError::ConfirmTimeout(_)
+        )
     }
 }
 
@@ -174,14 +180,24 @@ async fn declare_on_own_channel(
 pub struct Publisher {
     channel: Channel,
     metrics: Metrics,
+    /// `amqp.confirm_timeout_ms`.
+    confirm_timeout: Duration,
 }
 
 impl Publisher {
-    pub async fn new(channel: Channel, metrics: Metrics) -> Result<Self, lapin::Error> {
+    pub async fn new(
+        channel: Channel,
+        metrics: Metrics,
+        confirm_timeout: Duration,
+    ) -> Result<Self, lapin::Error> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel, metrics })
+        Ok(Self {
+            channel,
+            metrics,
+            confirm_timeout,
+        })
     }
 
     pub fn channel(&self) -> &Channel {
@@ -197,20 +213,24 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let started = Instant::now();
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(self.confirm_timeout, publish)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))??;
         self.metrics
             .publish_confirm_seconds
             .record(started.elapsed());

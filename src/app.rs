@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::health::Health;
-use crate::limit::live::{OVERRIDES_KEY, parse_overrides};
+use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, parse_overrides};
 use crate::limit::{Limiter, LiveRules};
 use crate::pipeline::Pipeline;
 use crate::session::Gate;
@@ -55,13 +55,15 @@ impl Application {
                 source,
             })?;
         let limiter = Limiter::new(&config.redis, metrics.clone())?;
+        let health = Arc::new(Health::default());
+        health.set_stall(Duration::from_secs(config.http.stall_seconds));
         Ok(Self {
             config: Arc::new(config),
             config_path: None,
             listener,
             limiter,
             metrics,
-            health: Arc::new(Health::default()),
+            health,
         })
     }
 
@@ -167,7 +169,15 @@ async fn keep_limits_live(
             None
         }
     };
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // The file as it is now. Kubernetes updates a mounted ConfigMap by swapping a symlink
+    // (`..data`) to a new directory: the path stays, the file behind it is another one, so
+    // its inode counts as much as its modification time.
+    let modified = |p: &PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.ino(), m.dev(), m.len()))
+    };
     let mut last_modified = path.as_ref().and_then(modified);
     let mut file_poll = tokio::time::interval(FILE_POLL_INTERVAL);
     let mut in_force = (*config).clone();
@@ -179,6 +189,7 @@ async fn keep_limits_live(
     let mut redis_poll = overrides_poll(in_force.limits.redis_overrides_refresh_ms);
     let overrides_key = format!("{}{OVERRIDES_KEY}", config.redis.key_prefix);
     let mut last_redis_errors: Vec<String> = Vec::new();
+    let mut last_resets: Option<Vec<String>> = None;
     loop {
         let refresh_ms = in_force.limits.redis_overrides_refresh_ms;
         let reload = tokio::select! {
@@ -199,6 +210,19 @@ async fn keep_limits_live(
             _ = redis_poll.tick(), if refresh_ms > 0 => {
                 match limiter.hash(&overrides_key).await {
                     Ok(entries) => {
+                        let mut resets: Vec<String> = entries
+                            .iter()
+                            .filter(|(field, _)| field.starts_with(MARKER_PREFIX))
+                            .map(|(field, value)| format!("{field}={value}"))
+                            .collect();
+                        resets.sort();
+                        // A new reset marker (the first read at start-up aside): forget
+                        // every cached rejection, so the fresh window shows at once.
+                        if last_resets.as_ref().is_some_and(|last| *last != resets) {
+                            info!("a window was reset: forgetting cached rejections");
+                            rules.forget_cached();
+                        }
+                        last_resets = Some(resets);
                         let (overrides, errors) = parse_overrides(entries, &rules.redis_overrides());
                         if errors != last_redis_errors {
                             for e in &errors {

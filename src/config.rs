@@ -26,6 +26,20 @@ pub const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
 /// The overrides hash is read at least once an hour.
 pub const MAX_OVERRIDES_REFRESH_MS: u64 = 3_600_000;
 pub const MAX_DELIVERY_LIMIT: u32 = 1_000_000;
+pub const MAX_DEFER_SECONDS: u64 = 24 * 60 * 60;
+pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 600_000;
+pub const MAX_STALL_SECONDS: u64 = 86_400;
+
+/// Refuses `on_limit = "defer"` where it is set: this version of the gate rejects over-limit
+/// messages only, and saying so beats silently rejecting what an operator asked to defer.
+pub fn check_on_limit(key: &str, on_limit: Option<OnLimit>) -> Result<(), String> {
+    match on_limit {
+        Some(OnLimit::Defer) => Err(format!(
+            "{key}.on_limit = \"defer\" is not available in this version of the gate; use \"reject\""
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// Checks the numbers one limit sets (the file's global limit, a file override, a Redis
 /// override, the admin command line), so every source accepts exactly the same values.
@@ -93,6 +107,9 @@ pub struct AmqpConfig {
     pub delivery_limit: u32,
     /// Seconds in-flight messages get to finish after SIGTERM before they are handed back.
     pub shutdown_grace_seconds: u64,
+    /// How long a publish may wait for the broker's confirm; then the message is handed
+    /// back and the session starts over.
+    pub confirm_timeout_ms: u64,
 }
 
 impl Default for AmqpConfig {
@@ -109,6 +126,7 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Classic,
             delivery_limit: 20,
             shutdown_grace_seconds: 15,
+            confirm_timeout_ms: 30_000,
         }
     }
 }
@@ -166,6 +184,11 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// What to do with a message whose check failed because Redis did not answer in time.
     pub on_redis_error: OnRedisError,
+    /// What happens to a message over its limit.
+    pub on_limit: OnLimit,
+    /// With `on_limit = "defer"`: the longest a message may wait, from its first arrival,
+    /// before it is rejected after all.
+    pub max_defer_seconds: u64,
     pub overrides: Vec<Override>,
 }
 
@@ -182,6 +205,8 @@ impl Default for LimitsConfig {
             count_once: true,
             max_message_bytes: 1024 * 1024,
             on_redis_error: OnRedisError::Allow,
+            on_limit: OnLimit::Reject,
+            max_defer_seconds: 3600,
             overrides: Vec::new(),
         }
     }
@@ -211,6 +236,15 @@ pub enum Notify {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Publish a `rate_limited` notification.
+    Reject,
+    /// Park the message in the broker until its window can allow it.
+    Defer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnRedisError {
     /// Forward unchecked, marked with `x-ratelimit-degraded: true`.
     Allow,
@@ -236,18 +270,24 @@ pub struct Override {
     pub burst: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// `/healthz` fails when messages are in flight and none was settled for this long:
+    /// the pipeline is stuck, and a restart is the cure.
+    pub stall_seconds: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            stall_seconds: 120,
         }
     }
 }
@@ -604,6 +644,18 @@ impl Config {
                 amqp.shutdown_grace_seconds
             ));
         }
+        if !(100..=MAX_CONFIRM_TIMEOUT_MS).contains(&amqp.confirm_timeout_ms) {
+            return fail(format!(
+                "amqp.confirm_timeout_ms = {} is out of range (100 to {MAX_CONFIRM_TIMEOUT_MS})",
+                amqp.confirm_timeout_ms
+            ));
+        }
+        if !(1..=MAX_STALL_SECONDS).contains(&self.http.stall_seconds) {
+            return fail(format!(
+                "http.stall_seconds = {} is out of range (1 to {MAX_STALL_SECONDS})",
+                self.http.stall_seconds
+            ));
+        }
         if let Err(e) = redis::Client::open(self.redis.url.expose()) {
             return fail(format!(
                 "redis.url is not a valid Redis URL ({}): {}",
@@ -691,6 +743,13 @@ impl LimitsConfig {
                 limits.max_message_bytes
             ));
         }
+        check_on_limit("limits", Some(limits.on_limit))?;
+        if !(1..=MAX_DEFER_SECONDS).contains(&limits.max_defer_seconds) {
+            return fail(format!(
+                "limits.max_defer_seconds = {} is out of range (1 to {MAX_DEFER_SECONDS})",
+                limits.max_defer_seconds
+            ));
+        }
         if limits.redis_overrides_refresh_ms > MAX_OVERRIDES_REFRESH_MS {
             return fail(format!(
                 "limits.redis_overrides_refresh_ms = {} is out of range (at most {MAX_OVERRIDES_REFRESH_MS})",
@@ -713,6 +772,7 @@ impl LimitsConfig {
                 ));
             }
             check_limit_numbers(&key, o.requests, o.window_seconds, o.burst)?;
+            check_on_limit(&key, o.on_limit)?;
             let duplicate = limits.overrides[..i]
                 .iter()
                 .any(|p| p.tenant == o.tenant && p.channel == o.channel);

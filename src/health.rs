@@ -18,6 +18,13 @@ pub struct Health {
     /// Milliseconds after `started` of the last check that failed for a reason other than
     /// its own key, plus one (0: none yet).
     last_check_failure: AtomicU64,
+    /// Deliveries in flight that are not held for Redis: they should settle soon.
+    working: AtomicU64,
+    /// Milliseconds after `started` when a delivery was last settled, or the pipeline
+    /// last became idle.
+    last_progress: AtomicU64,
+    /// `http.stall_seconds`, in milliseconds.
+    stall_ms: AtomicU64,
 }
 
 impl Default for Health {
@@ -27,6 +34,9 @@ impl Default for Health {
             consuming: AtomicBool::new(false),
             redis_probe_ok: AtomicBool::new(false),
             last_check_failure: AtomicU64::new(0),
+            working: AtomicU64::new(0),
+            last_progress: AtomicU64::new(0),
+            stall_ms: AtomicU64::new(120_000),
         }
     }
 }
@@ -80,11 +90,62 @@ impl Health {
     pub fn ready(&self) -> bool {
         self.readiness().ready()
     }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The pipeline moved: `settled` deliveries were settled just now, and `working`
+    /// (in flight, not held for Redis) are left.
+    pub fn progress(&self, settled: bool, working: usize) {
+        let was = self.working.swap(working as u64, Ordering::Relaxed);
+        if settled || was == 0 {
+            self.last_progress.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_stall(&self, stall: Duration) {
+        self.stall_ms
+            .store(stall.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// True when messages are in flight and none was settled for `http.stall_seconds`:
+    /// the pipeline is stuck (a confirm or an ack that never comes), and `/healthz` says
+    /// so.
+    pub fn stalled(&self) -> bool {
+        let stall = Duration::from_millis(self.stall_ms.load(Ordering::Relaxed));
+        self.stalled_at(self.now_ms(), stall)
+    }
+
+    fn stalled_at(&self, now_ms: u64, stall: Duration) -> bool {
+        self.working.load(Ordering::Relaxed) > 0
+            && now_ms.saturating_sub(self.last_progress.load(Ordering::Relaxed))
+                >= stall.as_millis() as u64
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_without_a_settlement_for_the_stall_time_is_stuck() {
+        let health = Health::default();
+        let stall = Duration::from_secs(120);
+        assert!(!health.stalled_at(500_000, stall), "idle is not stuck");
+        health.progress(false, 5);
+        let t = health.last_progress.load(Ordering::Relaxed);
+        assert!(!health.stalled_at(t + 119_000, stall));
+        assert!(health.stalled_at(t + 120_000, stall));
+        health.progress(true, 5);
+        let t = health.last_progress.load(Ordering::Relaxed);
+        assert!(
+            !health.stalled_at(t + 60_000, stall),
+            "a settlement is progress"
+        );
+        health.progress(false, 0);
+        assert!(!health.stalled_at(t + 600_000, stall), "nothing in flight");
+    }
 
     #[test]
     fn a_failed_check_outweighs_a_good_probe_for_a_while() {

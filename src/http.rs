@@ -1,5 +1,5 @@
-//! The operations endpoint: `/healthz` (process alive), `/readyz` (consuming and Redis
-//! answers), `/metrics` (Prometheus text format).
+//! The operations endpoint: `/healthz` (alive, and the pipeline not stuck), `/readyz`
+//! (consuming and Redis answers), `/metrics` (Prometheus text format).
 
 use std::sync::Arc;
 
@@ -16,10 +16,21 @@ use crate::telemetry;
 
 pub fn router(health: Arc<Health>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health)
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    if health.stalled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stuck: messages in flight and none settled for http.stall_seconds\n",
+        )
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {

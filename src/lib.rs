@@ -19,6 +19,7 @@
 //!   messages without blocking the rest.
 //! - [`health`]: readiness from the consumer, the Redis probe and the checks themselves.
 //! - [`amqp`]: connections, queue declaration, the confirming publisher.
+//! - [`admin`]: `konstruct-gate limits …`, the operators' commands on the limits in Redis.
 //! - [`config`]: typed configuration, layered loading, validation, redaction.
 //! - [`app`]: the application the binary and the tests start.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
@@ -26,6 +27,7 @@
 //! - [`shutdown`]: signals and the second-signal exit.
 
 pub mod acks;
+pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod config;

@@ -143,6 +143,7 @@ impl Gate {
             self.health.set_consuming(false);
             self.metrics.in_flight.set(0.0);
             self.metrics.held.set(0.0);
+            self.health.progress(false, 0);
             let Err(e) = result else { return };
             if shutdown.is_cancelled() {
                 return;
@@ -235,8 +236,12 @@ impl Gate {
         );
         let tag = ShortString::from(format!("konstruct-gate-{}", amqp::instance_name()));
         let setup = async {
-            let publisher =
-                Publisher::new(publish_conn.create_channel().await?, self.metrics.clone()).await?;
+            let publisher = Publisher::new(
+                publish_conn.create_channel().await?,
+                self.metrics.clone(),
+                Duration::from_millis(amqp.confirm_timeout_ms),
+            )
+            .await?;
             let channel = consume_conn.create_channel().await?;
             channel
                 .basic_qos(amqp.prefetch, BasicQosOptions::default())
@@ -332,6 +337,7 @@ impl Gate {
                             let mut t = tracker.lock().expect("the ack tracker is never poisoned");
                             let received = batch.iter().try_for_each(|d| t.received(d.delivery_tag));
                             self.metrics.in_flight.set(t.unsettled() as f64);
+                            self.health.progress(false, t.unsettled() - t.held());
                             received
                         };
                         if let Err(gap) = received {
@@ -403,9 +409,8 @@ impl Gate {
         debug!(size = batch.len(), tries, "batch");
         let fates = self
             .pipeline
-            .run(&batch, session.publisher, tries > 0, session.id)
+            .run(&batch, session.publisher, redis_slot, tries > 0, session.id)
             .await;
-        drop(redis_slot);
 
         // Held messages of other batches, and room for more.
         let held_elsewhere = {
@@ -519,6 +524,8 @@ impl Gate {
         change(&mut t, &mut settlements);
         self.metrics.in_flight.set(t.unsettled() as f64);
         self.metrics.held.set(t.held() as f64);
+        self.health
+            .progress(!settlements.is_empty(), t.unsettled() - t.held());
         for s in settlements {
             let _ = session.settle.send(s);
         }

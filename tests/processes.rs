@@ -161,7 +161,10 @@ async fn a_second_signal_exits_at_once_and_the_broker_still_requeues() {
         .await
         .is_ok_and(|(_, body)| body.contains("consuming: true"))
     {
-        assert!(std::time::Instant::now() < deadline, "the gate never consumed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate never consumed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -355,6 +358,83 @@ async fn a_sighup_that_lowers_max_message_bytes_dead_letters_the_next_big_messag
     let dead = broker.collect(&names.dead_letter, 1, WAIT).await;
     assert_eq!(text_header(&dead[0], "x-gate-error"), "too_large");
     broker.assert_empty(&names.orchestrator).await;
+
+    gate.signal("TERM");
+    assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
+    broker.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_configmap_update_by_symlink_swap_reloads_the_limits() {
+    // The kubelet's layout: gate.toml -> ..data/gate.toml, ..data -> ..<timestamp>/; an
+    // update writes a new timestamped directory and swaps ..data in one rename.
+    let names = Names::new("symlink");
+    let broker = Broker::new(&names).await;
+    let dir = std::env::temp_dir().join(unique("configmap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let version = |name: &str, requests: u64| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(
+            path.join("gate.toml"),
+            format!("[limits]\nrequests = {requests}\nwindow_seconds = 600\n"),
+        )
+        .unwrap();
+    };
+    version("..2026_11_29_10_00_00.1", 2);
+    std::os::unix::fs::symlink("..2026_11_29_10_00_00.1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/gate.toml", dir.join("gate.toml")).unwrap();
+
+    let addr = free_addr();
+    let mut env = names.env(2, 600);
+    env.retain(|(k, _)| !k.contains("LIMITS__"));
+    env.push(("KONSTRUCT_GATE__HTTP__LISTEN".into(), addr.to_string()));
+    env.push((
+        "KONSTRUCT_GATE_CONFIG".into(),
+        dir.join("gate.toml").display().to_string(),
+    ));
+    let mut gate = GateProcess::spawn(&env);
+    wait_ready(addr, Duration::from_secs(30)).await;
+    let limit_of = |d: &lapin::message::Delivery| {
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap()["limit"]
+            .as_u64()
+            .unwrap()
+    };
+    for i in 0..3 {
+        broker
+            .publish(
+                &message(&format!("a{i}"), "acme", "slack"),
+                Default::default(),
+            )
+            .await;
+    }
+    broker.collect(&names.orchestrator, 2, WAIT).await;
+    assert_eq!(
+        limit_of(&broker.collect(&names.notifications, 1, WAIT).await[0]),
+        2
+    );
+
+    version("..2026_11_29_10_05_00.2", 6);
+    std::os::unix::fs::symlink("..2026_11_29_10_05_00.2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join("..2026_11_29_10_00_00.1")).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // The counter is at 3: with 6, three more pass and the fourth is rejected.
+    for i in 0..4 {
+        broker
+            .publish(
+                &message(&format!("b{i}"), "acme", "slack"),
+                Default::default(),
+            )
+            .await;
+    }
+    broker.collect(&names.orchestrator, 3, WAIT).await;
+    assert_eq!(
+        limit_of(&broker.collect(&names.notifications, 1, WAIT).await[0]),
+        6
+    );
 
     gate.signal("TERM");
     assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));

@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Rules;
-use crate::config::{Algorithm, LimitsConfig, Override, check_limit_numbers};
+use crate::config::{
+    Algorithm, LimitsConfig, OnLimit, Override, check_limit_numbers, check_on_limit,
+};
 use crate::message::{valid_channel, valid_tenant_id};
 
 /// The Redis hash of live overrides, under the configured key prefix.
@@ -53,6 +55,12 @@ impl LiveRules {
         self.rebuild(&sources);
     }
 
+    /// Makes every cache of decisions forget (an operator reset a window).
+    pub fn forget_cached(&self) {
+        let sources = self.sources.lock().expect("never poisoned");
+        self.rebuild(&sources);
+    }
+
     /// New overrides from Redis; returns whether anything changed.
     pub fn set_redis_overrides(&self, overrides: Vec<Override>) -> bool {
         let mut sources = self.sources.lock().expect("never poisoned");
@@ -81,15 +89,26 @@ impl LiveRules {
 }
 
 /// One hash value: the fields an override may set.
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RedisOverride {
-    requests: Option<u64>,
-    window_seconds: Option<u64>,
-    algorithm: Option<Algorithm>,
-    burst: Option<u64>,
-    shadow: Option<bool>,
+pub struct RedisOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
 }
+
+/// Fields of the hash that are markers of the gate's own, not overrides: `~reset:…`,
+/// written by `konstruct-gate limits reset`, tells every gate to forget what it cached.
+pub const MARKER_PREFIX: char = '~';
 
 /// Reads the hash's entries (field `tenant` or `tenant:channel`, value a JSON object),
 /// sorted so that equal contents compare equal. Invalid entries are returned as errors,
@@ -104,6 +123,9 @@ pub fn parse_overrides(
     let mut entries: Vec<_> = entries.into_iter().collect();
     entries.sort();
     for (field, value) in entries {
+        if field.starts_with(MARKER_PREFIX) {
+            continue;
+        }
         let (tenant, channel) = match field.split_once(':') {
             Some((t, c)) => (t.to_owned(), Some(c.to_owned())),
             None => (field.clone(), None),
@@ -130,12 +152,11 @@ pub fn parse_overrides(
                 continue;
             }
         };
-        if let Err(e) = check_limit_numbers(
-            &format!("override {field:?}"),
-            parsed.requests,
-            parsed.window_seconds,
-            parsed.burst,
-        ) {
+        let key = format!("override {field:?}");
+        let checked =
+            check_limit_numbers(&key, parsed.requests, parsed.window_seconds, parsed.burst)
+                .and_then(|()| check_on_limit(&key, parsed.on_limit));
+        if let Err(e) = checked {
             errors.push(e);
             keep_previous(&mut overrides);
             continue;
@@ -148,6 +169,7 @@ pub fn parse_overrides(
             algorithm: parsed.algorithm,
             burst: parsed.burst,
             shadow: parsed.shadow,
+            on_limit: parsed.on_limit,
         });
     }
     (overrides, errors)

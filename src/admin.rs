@@ -1,0 +1,565 @@
+//! `konstruct-gate limits …`: what operators do with limits, against the same Redis and
+//! key prefix as the running gates (same configuration file and environment).
+//!
+//! Overrides written here go to the Redis hash every gate reads each
+//! `limits.redis_overrides_refresh_ms`, validated by the very code the gates and the
+//! configuration file use. `usage` only reads. `reset` deletes a window's keys and leaves a
+//! marker in the hash that tells every gate to forget its cached rejections.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override};
+use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RedisOverride, parse_overrides};
+use crate::limit::{Rules, counter_key, key_for};
+use crate::message::{valid_channel, valid_tenant_id};
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A bad argument or value: nothing was written.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Redis cannot be reached: {0}")]
+    Redis(String),
+}
+
+impl AdminError {
+    /// 2 for an invalid argument or value, 1 when Redis cannot be reached.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AdminError::Invalid(_) => 2,
+            AdminError::Redis(_) => 1,
+        }
+    }
+}
+
+/// `TENANT` or `TENANT:CHANNEL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub tenant: String,
+    pub channel: Option<String>,
+}
+
+impl Target {
+    pub fn parse(text: &str, channel_required: bool) -> Result<Self, AdminError> {
+        let (tenant, channel) = match text.split_once(':') {
+            Some((t, c)) => (t, Some(c)),
+            None => (text, None),
+        };
+        if !valid_tenant_id(tenant) {
+            return Err(AdminError::Invalid(format!(
+                "{tenant:?} is not a valid tenant_id (1-128 of A-Z a-z 0-9 . _ -, first alphanumeric)"
+            )));
+        }
+        if let Some(c) = channel
+            && !valid_channel(c)
+        {
+            return Err(AdminError::Invalid(format!(
+                "{c:?} is not a valid channel (1-32 of a-z 0-9 _ -)"
+            )));
+        }
+        if channel_required && channel.is_none() {
+            return Err(AdminError::Invalid(format!(
+                "{text:?} names no channel: give TENANT:CHANNEL"
+            )));
+        }
+        Ok(Self {
+            tenant: tenant.to_owned(),
+            channel: channel.map(str::to_owned),
+        })
+    }
+
+    /// The field of the overrides hash.
+    pub fn field(&self) -> String {
+        match &self.channel {
+            Some(c) => format!("{}:{c}", self.tenant),
+            None => self.tenant.clone(),
+        }
+    }
+}
+
+/// One override and where it comes from.
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub target: String,
+    /// `file` or `redis`; a Redis entry replaces the file's for the same target.
+    pub source: &'static str,
+    #[serde(flatten)]
+    pub values: RedisOverride,
+    /// For a Redis entry the gates skip: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
+}
+
+/// A field of the rule in force and where its value comes from.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Sourced<T> {
+    pub value: T,
+    /// `global`, `file acme`, `redis acme:slack`, … or `requests` (a burst that follows
+    /// `requests`).
+    pub source: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Resolved {
+    pub target: String,
+    pub requests: Sourced<u64>,
+    pub window_seconds: Sourced<u64>,
+    pub algorithm: Sourced<Algorithm>,
+    pub burst: Sourced<u64>,
+    pub shadow: Sourced<bool>,
+    pub on_limit: Sourced<OnLimit>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub target: String,
+    pub algorithm: Algorithm,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the window frees capacity again (0: nothing is used).
+    pub reset_seconds: u64,
+}
+
+/// A connection to the gates' Redis, with their configuration.
+pub struct Admin {
+    config: Config,
+    conn: redis::aio::MultiplexedConnection,
+    hash: String,
+}
+
+impl Admin {
+    pub async fn connect(config: Config) -> Result<Self, AdminError> {
+        let unreachable =
+            |e: &dyn std::fmt::Display| AdminError::Redis(config.scrub(&e.to_string()));
+        let client = redis::Client::open(config.redis.url.expose()).map_err(|e| unreachable(&e))?;
+        let conn = tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| unreachable(&"no answer within 5 s"))?
+            .map_err(|e| unreachable(&e))?;
+        let hash = format!("{}{OVERRIDES_KEY}", config.redis.key_prefix);
+        Ok(Self { config, conn, hash })
+    }
+
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, AdminError> {
+        match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut self.conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(AdminError::Redis(self.config.scrub(&e.to_string()))),
+            Err(_) => Err(AdminError::Redis("no answer within 5 s".into())),
+        }
+    }
+
+    async fn redis_entries(&mut self) -> Result<HashMap<String, String>, AdminError> {
+        let cmd = redis::cmd("HGETALL").arg(&self.hash).to_owned();
+        let mut entries: HashMap<String, String> = self.query(&cmd).await?;
+        entries.retain(|field, _| !field.starts_with(MARKER_PREFIX));
+        Ok(entries)
+    }
+
+    /// The limits as the gates build them: the file's, with the Redis overrides in.
+    async fn effective_limits(&mut self) -> Result<(LimitsConfig, Vec<Override>), AdminError> {
+        let (redis, _) = parse_overrides(self.redis_entries().await?, &[]);
+        let mut limits = self.config.limits.clone();
+        limits.overrides.retain(|o| {
+            !redis
+                .iter()
+                .any(|r| r.tenant == o.tenant && r.channel == o.channel)
+        });
+        limits.overrides.extend(redis.iter().cloned());
+        Ok((limits, redis))
+    }
+
+    /// Every override, from the file and from Redis.
+    pub async fn list(&mut self) -> Result<Vec<Listed>, AdminError> {
+        let mut listed: Vec<Listed> = self
+            .config
+            .limits
+            .overrides
+            .iter()
+            .map(|o| Listed {
+                target: Target {
+                    tenant: o.tenant.clone(),
+                    channel: o.channel.clone(),
+                }
+                .field(),
+                source: "file",
+                values: values_of(o),
+                invalid: None,
+            })
+            .collect();
+        let mut entries: Vec<(String, String)> = self.redis_entries().await?.into_iter().collect();
+        entries.sort();
+        for (field, json) in entries {
+            let (parsed, errors) =
+                parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
+            listed.push(Listed {
+                target: field,
+                source: "redis",
+                values: parsed.first().map(values_of).unwrap_or_default(),
+                invalid: errors.into_iter().next(),
+            });
+        }
+        Ok(listed)
+    }
+
+    /// The rule in force for `target`, field by field, with where each value comes from.
+    pub async fn get(&mut self, target: &Target) -> Result<Resolved, AdminError> {
+        let (limits, redis) = self.effective_limits().await?;
+        Ok(resolve(&limits, &redis, target))
+    }
+
+    /// Writes the fields of `change` into the Redis override of `target` (other fields of
+    /// an existing entry stay). Validated exactly as the gates validate the hash; nothing is
+    /// written when invalid.
+    pub async fn set(
+        &mut self,
+        target: &Target,
+        change: RedisOverride,
+    ) -> Result<RedisOverride, AdminError> {
+        if change == RedisOverride::default() {
+            return Err(AdminError::Invalid(
+                "nothing to set: give at least one of --requests, --window-seconds, --algorithm, --burst, --shadow, --on-limit".into(),
+            ));
+        }
+        let field = target.field();
+        let cmd = redis::cmd("HGET").arg(&self.hash).arg(&field).to_owned();
+        let existing: Option<String> = self.query(&cmd).await?;
+        let mut value: RedisOverride = existing
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        let RedisOverride {
+            requests,
+            window_seconds,
+            algorithm,
+            burst,
+            shadow,
+            on_limit,
+        } = change;
+        value.requests = requests.or(value.requests);
+        value.window_seconds = window_seconds.or(value.window_seconds);
+        value.algorithm = algorithm.or(value.algorithm);
+        value.burst = burst.or(value.burst);
+        value.shadow = shadow.or(value.shadow);
+        value.on_limit = on_limit.or(value.on_limit);
+        let json = serde_json::to_string(&value).expect("an override serializes");
+        let (_, errors) = parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
+        if let Some(error) = errors.into_iter().next() {
+            return Err(AdminError::Invalid(error));
+        }
+        let cmd = redis::cmd("HSET")
+            .arg(&self.hash)
+            .arg(&field)
+            .arg(&json)
+            .to_owned();
+        let _: i64 = self.query(&cmd).await?;
+        Ok(value)
+    }
+
+    /// Removes the Redis override of `target`; returns whether there was one.
+    pub async fn unset(&mut self, target: &Target) -> Result<bool, AdminError> {
+        let cmd = redis::cmd("HDEL")
+            .arg(&self.hash)
+            .arg(target.field())
+            .to_owned();
+        let removed: i64 = self.query(&cmd).await?;
+        Ok(removed > 0)
+    }
+
+    /// The state of `target`'s window now, for the algorithm in force. Reads only.
+    pub async fn usage(&mut self, target: &Target) -> Result<Usage, AdminError> {
+        let channel = target.channel.as_deref().unwrap_or_default();
+        let (limits, _) = self.effective_limits().await?;
+        let rule = Rules::from_config(&limits).rule_for(&target.tenant, channel);
+        let key = key_for(
+            rule.algorithm,
+            &self.config.redis.key_prefix,
+            &target.tenant,
+            channel,
+        );
+        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
+        let now_us = secs as f64 * 1e6 + micros as f64;
+        let (remaining, reset_us) = match rule.algorithm {
+            Algorithm::FixedWindow => {
+                let count: Option<i64> = self.query(redis::cmd("GET").arg(&key)).await?;
+                let pttl: i64 = self.query(redis::cmd("PTTL").arg(&key)).await?;
+                let used = count.unwrap_or(0).max(0) as u64;
+                (
+                    rule.requests.saturating_sub(used),
+                    pttl.max(0) as f64 * 1000.0,
+                )
+            }
+            Algorithm::SlidingWindow => {
+                let stored: (Option<f64>, Option<f64>, Option<f64>) = self
+                    .query(
+                        redis::cmd("HMGET")
+                            .arg(&key)
+                            .arg("index")
+                            .arg("current")
+                            .arg("previous"),
+                    )
+                    .await?;
+                let window = rule.window_seconds as f64 * 1000.0;
+                let now = now_us / 1000.0;
+                let index = (now / window).floor();
+                let (current, previous) = match stored {
+                    (Some(was), Some(c), Some(p)) if was == index => (c, p),
+                    (Some(was), Some(c), _) if was == index - 1.0 => (0.0, c),
+                    _ => (0.0, 0.0),
+                };
+                let elapsed = now - index * window;
+                let estimate = previous * (window - elapsed) / window + current;
+                let remaining = (rule.requests as f64 - estimate).floor().max(0.0) as u64;
+                let reset = if estimate > 0.0 {
+                    (window - elapsed) * 1000.0
+                } else {
+                    0.0
+                };
+                (remaining, reset)
+            }
+            Algorithm::TokenBucket => {
+                let tat: Option<f64> = self.query(redis::cmd("GET").arg(&key)).await?;
+                let interval = (rule.window_seconds as f64 * 1e6 / rule.requests as f64).max(1.0);
+                let tat = tat.unwrap_or(now_us).max(now_us);
+                let free = ((now_us - (tat - rule.burst as f64 * interval)) / interval).floor();
+                (free.clamp(0.0, rule.burst as f64) as u64, tat - now_us)
+            }
+        };
+        Ok(Usage {
+            target: target.field(),
+            algorithm: rule.algorithm,
+            limit: rule.requests,
+            remaining,
+            reset_seconds: (reset_us / 1e6).ceil().max(0.0) as u64,
+        })
+    }
+
+    /// Starts `target`'s window afresh: deletes its counter and every companion key (of
+    /// every algorithm), then leaves a marker that makes every gate forget its cached
+    /// rejections. Returns how many keys were deleted.
+    pub async fn reset(&mut self, target: &Target) -> Result<u64, AdminError> {
+        let channel = target.channel.as_deref().unwrap_or_default();
+        let counter = counter_key(&self.config.redis.key_prefix, &target.tenant, channel);
+        let mut keys = vec![counter.clone()];
+        let pattern = format!("{}:*", glob_escape(&counter));
+        let mut cursor: u64 = 0;
+        loop {
+            let cmd = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let (next, found): (u64, Vec<String>) = self.query(&cmd).await?;
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            let n: u64 = self.query(redis::cmd("DEL").arg(chunk)).await?;
+            deleted += n;
+        }
+        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
+        let marker = format!("{MARKER_PREFIX}reset:{}", target.field());
+        let stamp = secs * 1_000_000 + micros;
+        let _: i64 = self
+            .query(redis::cmd("HSET").arg(&self.hash).arg(marker).arg(stamp))
+            .await?;
+        Ok(deleted)
+    }
+}
+
+fn values_of(o: &Override) -> RedisOverride {
+    RedisOverride {
+        requests: o.requests,
+        window_seconds: o.window_seconds,
+        algorithm: o.algorithm,
+        burst: o.burst,
+        shadow: o.shadow,
+        on_limit: o.on_limit,
+    }
+}
+
+/// `text` with Redis's glob characters escaped, for SCAN MATCH.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The rule for `target` under `limits` (overrides already merged), with the source of
+/// each field: the (tenant, channel) override, else the tenant's, else the global limit.
+pub fn resolve(limits: &LimitsConfig, redis: &[Override], target: &Target) -> Resolved {
+    let source = |o: &Override| {
+        let from_redis = redis
+            .iter()
+            .any(|r| r.tenant == o.tenant && r.channel == o.channel);
+        let name = Target {
+            tenant: o.tenant.clone(),
+            channel: o.channel.clone(),
+        }
+        .field();
+        format!("{} {name}", if from_redis { "redis" } else { "file" })
+    };
+    let find = |channel: Option<&String>| {
+        limits
+            .overrides
+            .iter()
+            .find(|o| o.tenant == target.tenant && o.channel.as_ref() == channel)
+    };
+    let chain: Vec<&Override> = [
+        find(target.channel.as_ref()).filter(|_| target.channel.is_some()),
+        find(None),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    fn pick<T: Copy>(
+        chain: &[&Override],
+        get: impl Fn(&Override) -> Option<T>,
+        source: &impl Fn(&Override) -> String,
+        global: T,
+    ) -> Sourced<T> {
+        chain
+            .iter()
+            .find_map(|o| {
+                get(o).map(|v| Sourced {
+                    value: v,
+                    source: source(o),
+                })
+            })
+            .unwrap_or(Sourced {
+                value: global,
+                source: "global".into(),
+            })
+    }
+    let requests = pick(&chain, |o| o.requests, &source, limits.requests);
+    let burst = match limits.burst {
+        Some(b) => pick(&chain, |o| o.burst, &source, b),
+        None => chain
+            .iter()
+            .find_map(|o| {
+                o.burst.map(|v| Sourced {
+                    value: v,
+                    source: source(o),
+                })
+            })
+            .unwrap_or(Sourced {
+                value: requests.value,
+                source: "requests".into(),
+            }),
+    };
+    Resolved {
+        target: target.field(),
+        window_seconds: pick(&chain, |o| o.window_seconds, &source, limits.window_seconds),
+        algorithm: pick(&chain, |o| o.algorithm, &source, limits.algorithm),
+        shadow: pick(&chain, |o| o.shadow, &source, limits.shadow),
+        on_limit: pick(&chain, |o| o.on_limit, &source, limits.on_limit),
+        requests,
+        burst,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(tenant: &str, channel: Option<&str>) -> Override {
+        Override {
+            tenant: tenant.into(),
+            channel: channel.map(Into::into),
+            ..Override::default()
+        }
+    }
+
+    #[test]
+    fn targets_are_validated_like_messages() {
+        assert_eq!(
+            Target::parse("acme:slack", true).unwrap().field(),
+            "acme:slack"
+        );
+        assert_eq!(Target::parse("acme", false).unwrap().channel, None);
+        for bad in ["-acme", "acme:Slack", "acme:", ""] {
+            assert_eq!(
+                Target::parse(bad, false).unwrap_err().exit_code(),
+                2,
+                "{bad}"
+            );
+        }
+        assert!(
+            Target::parse("acme", true).is_err(),
+            "usage and reset need a channel"
+        );
+    }
+
+    /// The sources `get` reports lead to exactly the rule the gates apply.
+    #[test]
+    fn resolution_names_each_source_and_agrees_with_the_gates() {
+        let limits = LimitsConfig {
+            requests: 30,
+            window_seconds: 60,
+            overrides: vec![
+                Override {
+                    requests: Some(100),
+                    algorithm: Some(Algorithm::TokenBucket),
+                    ..o("acme", None)
+                },
+                Override {
+                    burst: Some(7),
+                    ..o("acme", Some("slack"))
+                },
+            ],
+            ..LimitsConfig::default()
+        };
+        let redis = vec![limits.overrides[1].clone()];
+        for (target, channel) in [("acme:slack", "slack"), ("acme", ""), ("globex:sms", "sms")] {
+            let target = Target::parse(target, false).unwrap();
+            let r = resolve(&limits, &redis, &target);
+            let rule = Rules::from_config(&limits).rule_for(&target.tenant, channel);
+            assert_eq!(
+                (
+                    r.requests.value,
+                    r.window_seconds.value,
+                    r.algorithm.value,
+                    r.burst.value,
+                    r.shadow.value
+                ),
+                (
+                    rule.requests,
+                    rule.window_seconds,
+                    rule.algorithm,
+                    rule.burst,
+                    rule.shadow
+                ),
+                "{target:?}"
+            );
+        }
+        let r = resolve(
+            &limits,
+            &redis,
+            &Target::parse("acme:slack", false).unwrap(),
+        );
+        assert_eq!(r.requests.source, "file acme");
+        assert_eq!(r.burst.source, "redis acme:slack");
+        assert_eq!(r.window_seconds.source, "global");
+        let r = resolve(&limits, &redis, &Target::parse("acme", false).unwrap());
+        assert_eq!((r.burst.value, r.burst.source.as_str()), (100, "requests"));
+    }
+
+    #[test]
+    fn glob_characters_in_a_key_prefix_are_escaped() {
+        assert_eq!(glob_escape("p*[x]?:acme"), "p\\*\\[x\\]\\?:acme");
+    }
+}

@@ -1,0 +1,223 @@
+//! `konstruct-gate limits …` against the real Redis, with gates running: an override set
+//! on the command line applies on every instance within seconds, `usage` reads the window,
+//! `reset` starts it afresh everywhere, and invalid values write nothing.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lapin::BasicProperties;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn cli(names: &Names, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_konstruct-gate"));
+    command.arg("limits").args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KONSTRUCT_GATE") {
+            command.env_remove(k);
+        }
+    }
+    command
+        .env("KONSTRUCT_GATE__REDIS__URL", redis_url())
+        .env("KONSTRUCT_GATE__REDIS__KEY_PREFIX", &names.key_prefix);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    command.output().expect("the gate binary runs")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+}
+
+async fn publish(broker: &Broker, prefix: &str, n: usize) {
+    for i in 0..n {
+        broker
+            .publish(
+                &message(&format!("{prefix}{i}"), "acme", "slack"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn set_usage_and_reset_act_on_every_running_gate() {
+    let names = Names::new("admin");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(30, 600);
+    config.limits.redis_overrides_refresh_ms = 200;
+    let gates = [
+        TestGate::start(config.clone()).await,
+        TestGate::start(config).await,
+    ];
+
+    let out = json(&cli(
+        &names,
+        &["set", "acme:slack", "--requests", "3", "--json"],
+        &[],
+    ));
+    assert_eq!(out["override"]["requests"], 3);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    publish(&broker, "a", 4).await;
+    broker.collect(&names.orchestrator, 3, WAIT).await;
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    let note: serde_json::Value = serde_json::from_slice(&rejected[0].data).unwrap();
+    assert_eq!(
+        note["limit"], 3,
+        "the fourth message is rejected under the new limit"
+    );
+
+    let usage = json(&cli(&names, &["usage", "acme:slack", "--json"], &[]));
+    assert_eq!(
+        (
+            usage["algorithm"].as_str(),
+            usage["limit"].as_u64(),
+            usage["remaining"].as_u64()
+        ),
+        (Some("fixed_window"), Some(3), Some(0))
+    );
+    assert!(usage["reset_seconds"].as_u64().unwrap() > 500, "{usage}");
+
+    // A flood, so both instances answer from their rejection caches...
+    publish(&broker, "b", 20).await;
+    broker.collect(&names.notifications, 20, WAIT).await;
+    // ...then a reset: three more pass at once, whichever instance takes them.
+    let out = json(&cli(&names, &["reset", "acme:slack", "--json"], &[]));
+    assert!(out["keys_deleted"].as_u64().unwrap() >= 1, "{out}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let usage = json(&cli(&names, &["usage", "acme:slack", "--json"], &[]));
+    assert_eq!(usage["remaining"], 3, "{usage}");
+    publish(&broker, "c", 3).await;
+    let allowed = broker.collect(&names.orchestrator, 3, WAIT).await;
+    assert!(
+        allowed
+            .iter()
+            .all(|d| int_header(d, "x-ratelimit-limit") == 3)
+    );
+    broker.assert_empty(&names.notifications).await;
+
+    // `get` names where each field comes from; `unset` brings the global limit back.
+    let got = json(&cli(&names, &["get", "acme:slack", "--json"], &[]));
+    assert_eq!(got["requests"]["value"], 3);
+    assert_eq!(got["requests"]["source"], "redis acme:slack");
+    assert_eq!(got["window_seconds"]["source"], "global");
+    let out = json(&cli(&names, &["unset", "acme:slack", "--json"], &[]));
+    assert_eq!(out["removed"], true);
+    let got = json(&cli(&names, &["get", "acme:slack", "--json"], &[]));
+    assert_eq!(got["requests"]["value"], 30);
+
+    for gate in gates {
+        gate.stop().await;
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_values_exit_2_and_write_nothing() {
+    let names = Names::new("admin-invalid");
+    for args in [
+        &["set", "acme", "--requests", "0"][..],
+        &["set", "acme", "--requests", "100000000000000000"],
+        &["set", "acme", "--window-seconds", "40000000"],
+        &["set", "acme", "--algorithm", "leaky"],
+        &["set", "acme", "--on-limit", "defer"],
+        &["set", "acme"],
+        &["set", "-acme", "--requests", "5"],
+        &["usage", "acme"],
+        &["reset", "acme:Slack"],
+    ] {
+        let out = cli(&names, args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.trim().is_empty(), "{args:?} says why");
+    }
+    let mut redis = connect_redis().await;
+    let written: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", names.key_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(written.is_empty(), "nothing written: {written:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_exits_1() {
+    let names = Names::new("admin-down");
+    let started = Instant::now();
+    let out = cli(
+        &names,
+        &["list"],
+        &[("KONSTRUCT_GATE__REDIS__URL", "redis://127.0.0.1:1/0")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Redis cannot be reached"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn list_shows_the_file_and_the_redis_overrides_with_their_sources() {
+    let names = Names::new("admin-list");
+    let dir = std::env::temp_dir().join(unique("admin-list"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gate.toml");
+    std::fs::write(
+        &file,
+        "[[limits.overrides]]\ntenant = \"acme\"\nrequests = 100\n",
+    )
+    .unwrap();
+    let config = ("KONSTRUCT_GATE_CONFIG", file.to_str().unwrap());
+    json(&cli(
+        &names,
+        &[
+            "set",
+            "globex:sms",
+            "--burst",
+            "4",
+            "--algorithm",
+            "token_bucket",
+            "--json",
+        ],
+        &[config],
+    ));
+    let listed = json(&cli(&names, &["list", "--json"], &[config]));
+    let rows: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["target"].as_str().unwrap().to_owned(),
+                r["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("acme".to_owned(), "file".to_owned()),
+            ("globex:sms".to_owned(), "redis".to_owned())
+        ]
+    );
+    let table = cli(&names, &["list"], &[config]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("globex:sms") && text.contains("token_bucket"),
+        "{text}"
+    );
+    let mut redis = connect_redis().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{}konstruct-gate:overrides", names.key_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
