@@ -214,3 +214,171 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+/// A Prometheus server of the test's own, on a free port, in a temporary directory.
+struct Prometheus {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Prometheus {
+    async fn start(gate: std::net::SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(unique("prometheus"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_addr().port();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n\
+             - job_name: konstruct-gate\n  static_configs:\n  - targets: ['{gate}']\n\
+             - job_name: rabbitmq\n  metrics_path: /metrics/per-object\n  static_configs:\n  - targets: ['127.0.0.1:15692']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start prometheus ({e}): install Debian's prometheus package (apt-get install prometheus)."));
+        let server = Self { child, dir, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        while !matches!(http_get(addr, "/-/ready").await, Ok((200, _))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+    }
+
+    /// The number of series `expr` returns now.
+    async fn series(&self, expr: &str) -> usize {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--data-urlencode", &format!("query={expr}"), &url])
+            .output()
+            .await
+            .expect("curl runs");
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "prometheus answered {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        assert_eq!(body["status"], "success", "{expr}: {body}");
+        body["data"]["result"].as_array().map_or(0, Vec::len)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Every query of the dashboard, and every series selector of the alerts, with the
+/// dashboard's variables filled in and the production inbound queue's name replaced by
+/// `inbound`.
+fn expressions(inbound: &str) -> (Vec<String>, Vec<String>) {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/konstruct-gate.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                queries.push(
+                    expr.replace("$__rate_interval", "1m")
+                        .replace("$instance", ".*")
+                        .replace("konstruct.inbound", inbound),
+                );
+            }
+        }
+    }
+    let rules = YamlLoader::load_from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
+    let alerts: String = rules[0]["groups"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_vec().unwrap())
+        .filter_map(|r| r["expr"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut selectors = BTreeSet::new();
+    let mut rest = alerts.as_str();
+    while let Some(i) = rest.find(|c: char| c.is_ascii_alphabetic()) {
+        rest = &rest[i..];
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[word.len()..];
+        if word.starts_with("konstruct_gate_") || word.starts_with("rabbitmq_") || word == "up" {
+            let labels = if rest.starts_with('{') && !rest.starts_with("{{") {
+                &rest[..=rest.find('}').unwrap()]
+            } else {
+                ""
+            };
+            selectors.insert(format!("{word}{labels}").replace("konstruct.inbound", inbound));
+        }
+    }
+    (queries, selectors.into_iter().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scraping_a_gate_under_load_answers_every_dashboard_query_and_alert_selector()
+ {
+    let names = Names::new("prometheus");
+    let broker = Broker::new(&names).await;
+    let gate = TestGate::start(names.config(5, 60)).await;
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:15692").is_ok(),
+        "RabbitMQ's metrics endpoint does not answer: enable it with `rabbitmq-plugins enable rabbitmq_prometheus`."
+    );
+    let prometheus = Prometheus::start(gate.http).await;
+    // Load of every kind for a few seconds: allowed, rejected, invalid.
+    let load = async {
+        for round in 0..40u32 {
+            let mut bodies: Vec<Vec<u8>> = (0..25)
+                .map(|i| message(&format!("p{round}-{i}"), &format!("t{}", i % 8), "slack"))
+                .collect();
+            bodies.push(b"not json".to_vec());
+            broker.publish_many(bodies).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    load.await;
+    let (queries, selectors) = expressions(&names.inbound);
+    assert!(
+        queries.len() >= 10 && selectors.len() >= 8,
+        "{queries:?} {selectors:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut empty: Vec<String>;
+    loop {
+        empty = Vec::new();
+        for expr in queries.iter().chain(&selectors) {
+            if prometheus.series(expr).await == 0 {
+                empty.push(expr.clone());
+            }
+        }
+        if empty.is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(empty.is_empty(), "no data for: {empty:#?}");
+    drop(prometheus);
+    gate.stop().await;
+    broker.cleanup().await;
+}

@@ -508,7 +508,9 @@ async fn a_memory_alarm_pauses_new_deliveries_until_the_broker_unblocks() {
     let guard = WatermarkGuard(original.clone());
     rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
     // The broker blocks a connection when it next publishes: the gate's first forwards.
-    let env = gate_env(&names, &redis_url(), 1_000_000);
+    let mut env = gate_env(&names, &redis_url(), 1_000_000);
+    // Messages wait for confirms that cannot come: after 2 s, /healthz calls it stuck.
+    env.push(("KONSTRUCT_GATE__HTTP__STALL_SECONDS".into(), "2".into()));
     let (mut gate, addr) = spawn_gate(&env);
     wait_ready(addr, Duration::from_secs(30)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -534,10 +536,18 @@ async fn a_memory_alarm_pauses_new_deliveries_until_the_broker_unblocks() {
         "no deliveries are taken while publishing is blocked"
     );
     assert!(after > 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(
+        status, 503,
+        "a pipeline stuck on confirms fails liveness: {body}"
+    );
 
     rabbitmqctl(&["set_vm_memory_high_watermark", &original]).await;
     drop(guard);
     wait_drained(&names.inbound, Duration::from_secs(60)).await;
+    let (status, _) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "alive again once messages settle");
     gate.signal("TERM");
     assert_eq!(gate.wait(Duration::from_secs(30)).await.code(), Some(0));
     let (_, ids) = broker.drain_allowed_ids(Duration::from_secs(60)).await;
