@@ -3,8 +3,8 @@
 //!
 //! Overrides written here go to the Redis hash every gate reads each
 //! `limits.redis_overrides_refresh_ms`, validated by the very code the gates and the
-//! configuration file use. `usage` only reads. `reset` deletes a window's keys and leaves a
-//! marker in the hash that tells every gate to forget its cached rejections.
+//! configuration file use. `usage` only reads. `reset` deletes a window's keys and bumps a
+//! counter in the hash (`~resets`) that tells every gate to forget its cached rejections.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -133,6 +133,33 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Checks what a command would write against the configuration, before Redis is asked
+    /// anything: gates that never read the overrides hash would never apply it.
+    pub fn check_writable(config: &Config) -> Result<(), AdminError> {
+        if config.limits.redis_overrides_refresh_ms == 0 {
+            return Err(AdminError::Invalid(
+                "limits.redis_overrides_refresh_ms is 0: the gates never read the overrides hash, so nothing written here would apply".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the values of `change` alone, as the configuration file would, before
+    /// connecting (an invalid value is exit 2 even when Redis is down).
+    pub fn check_change(target: &Target, change: &RedisOverride) -> Result<(), AdminError> {
+        if *change == RedisOverride::default() {
+            return Err(AdminError::Invalid(
+                "nothing to set: give at least one of --requests, --window-seconds, --algorithm, --burst, --shadow, --on-limit".into(),
+            ));
+        }
+        let json = serde_json::to_string(change).expect("an override serializes");
+        let (_, errors) = parse_overrides(HashMap::from([(target.field(), json)]), &[]);
+        match errors.into_iter().next() {
+            Some(error) => Err(AdminError::Invalid(error)),
+            None => Ok(()),
+        }
+    }
+
     pub async fn connect(config: Config) -> Result<Self, AdminError> {
         let unreachable =
             |e: &dyn std::fmt::Display| AdminError::Redis(config.scrub(&e.to_string()));
@@ -220,17 +247,27 @@ impl Admin {
         target: &Target,
         change: RedisOverride,
     ) -> Result<RedisOverride, AdminError> {
-        if change == RedisOverride::default() {
-            return Err(AdminError::Invalid(
-                "nothing to set: give at least one of --requests, --window-seconds, --algorithm, --burst, --shadow, --on-limit".into(),
-            ));
-        }
+        Self::check_change(target, &change)?;
         let field = target.field();
         let cmd = redis::cmd("HGET").arg(&self.hash).arg(&field).to_owned();
         let existing: Option<String> = self.query(&cmd).await?;
-        let mut value: RedisOverride = existing
-            .and_then(|json| serde_json::from_str(&json).ok())
-            .unwrap_or_default();
+        // A Redis entry replaces the file's override for the same target whole: a first
+        // entry starts from the file's, so the fields not given here keep their values.
+        let from_file = self
+            .config
+            .limits
+            .overrides
+            .iter()
+            .find(|o| o.tenant == target.tenant && o.channel == target.channel)
+            .map(values_of);
+        let mut value: RedisOverride = match existing {
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                AdminError::Invalid(format!(
+                    "the Redis override of {field} is not valid ({e}); `limits unset {field}` first"
+                ))
+            })?,
+            None => from_file.unwrap_or_default(),
+        };
         let RedisOverride {
             requests,
             window_seconds,
@@ -366,11 +403,10 @@ impl Admin {
             let n: u64 = self.query(redis::cmd("DEL").arg(chunk)).await?;
             deleted += n;
         }
-        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
-        let marker = format!("{MARKER_PREFIX}reset:{}", target.field());
-        let stamp = secs * 1_000_000 + micros;
+        // One counter for every reset, so the hash does not grow with them.
+        let marker = format!("{MARKER_PREFIX}resets");
         let _: i64 = self
-            .query(redis::cmd("HSET").arg(&self.hash).arg(marker).arg(stamp))
+            .query(redis::cmd("HINCRBY").arg(&self.hash).arg(marker).arg(1))
             .await?;
         Ok(deleted)
     }

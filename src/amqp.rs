@@ -182,6 +182,9 @@ pub struct Publisher {
     metrics: Metrics,
     /// `amqp.confirm_timeout_ms`.
     confirm_timeout: Duration,
+    /// False while the broker blocks publishing: confirms then wait for the broker, and
+    /// the timeout waits with them.
+    flow: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Publisher {
@@ -189,6 +192,7 @@ impl Publisher {
         channel: Channel,
         metrics: Metrics,
         confirm_timeout: Duration,
+        flow: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, lapin::Error> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -197,6 +201,7 @@ impl Publisher {
             channel,
             metrics,
             confirm_timeout,
+            flow,
         })
     }
 
@@ -228,9 +233,21 @@ impl Publisher {
                 .await?
                 .await
         };
-        let confirm = tokio::time::timeout(self.confirm_timeout, publish)
-            .await
-            .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))??;
+        tokio::pin!(publish);
+        let timer = tokio::time::sleep(self.confirm_timeout);
+        tokio::pin!(timer);
+        let confirm = loop {
+            tokio::select! {
+                confirm = &mut publish => break confirm?,
+                _ = &mut timer => {
+                    if *self.flow.borrow() {
+                        return Err(PublishError::ConfirmTimeout(self.confirm_timeout));
+                    }
+                    // Blocked by the broker: wait on, the timeout starts again.
+                    timer.as_mut().reset(tokio::time::Instant::now() + self.confirm_timeout);
+                }
+            }
+        };
         self.metrics
             .publish_confirm_seconds
             .record(started.elapsed());

@@ -656,6 +656,18 @@ impl Config {
                 self.http.stall_seconds
             ));
         }
+        // A slow but working pipeline settles within a confirm timeout, a Redis timeout
+        // and a hand-back pause: liveness must wait longer than that.
+        let slowest_ms = amqp
+            .confirm_timeout_ms
+            .saturating_add(self.redis.timeout_ms)
+            .saturating_add(2_000);
+        if self.http.stall_seconds.saturating_mul(1000) <= slowest_ms {
+            return fail(format!(
+                "http.stall_seconds = {} must exceed amqp.confirm_timeout_ms + redis.timeout_ms + 2 s ({} ms), or a slow but working gate would be restarted",
+                self.http.stall_seconds, slowest_ms
+            ));
+        }
         if let Err(e) = redis::Client::open(self.redis.url.expose()) {
             return fail(format!(
                 "redis.url is not a valid Redis URL ({}): {}",

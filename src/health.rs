@@ -25,6 +25,9 @@ pub struct Health {
     last_progress: AtomicU64,
     /// `http.stall_seconds`, in milliseconds.
     stall_ms: AtomicU64,
+    /// The broker blocks publishing (a memory or disk alarm): confirms wait for the
+    /// broker, and a restart would not help, so the stall clock stops.
+    publish_blocked: AtomicBool,
 }
 
 impl Default for Health {
@@ -37,6 +40,7 @@ impl Default for Health {
             working: AtomicU64::new(0),
             last_progress: AtomicU64::new(0),
             stall_ms: AtomicU64::new(120_000),
+            publish_blocked: AtomicBool::new(false),
         }
     }
 }
@@ -104,6 +108,14 @@ impl Health {
         }
     }
 
+    /// The broker blocked or unblocked publishing; the stall clock starts again after.
+    pub fn set_publish_blocked(&self, blocked: bool) {
+        self.publish_blocked.store(blocked, Ordering::Relaxed);
+        if !blocked {
+            self.last_progress.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
     pub fn set_stall(&self, stall: Duration) {
         self.stall_ms
             .store(stall.as_millis() as u64, Ordering::Relaxed);
@@ -118,7 +130,8 @@ impl Health {
     }
 
     fn stalled_at(&self, now_ms: u64, stall: Duration) -> bool {
-        self.working.load(Ordering::Relaxed) > 0
+        !self.publish_blocked.load(Ordering::Relaxed)
+            && self.working.load(Ordering::Relaxed) > 0
             && now_ms.saturating_sub(self.last_progress.load(Ordering::Relaxed))
                 >= stall.as_millis() as u64
     }
@@ -145,6 +158,12 @@ mod tests {
         );
         health.progress(false, 0);
         assert!(!health.stalled_at(t + 600_000, stall), "nothing in flight");
+        health.progress(false, 3);
+        health.set_publish_blocked(true);
+        assert!(
+            !health.stalled_at(t + 600_000, stall),
+            "a broker alarm is not a stuck gate"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Args)]
 struct ConfigArg {
     /// TOML configuration file.
-    #[arg(long, env = "KONSTRUCT_GATE_CONFIG")]
+    #[arg(long, global = true, env = "KONSTRUCT_GATE_CONFIG")]
     config: Option<PathBuf>,
 }
 
@@ -221,6 +221,8 @@ async fn limits(config: Config, command: LimitsCommand, json: bool) -> Result<()
                 shadow,
                 on_limit,
             };
+            Admin::check_change(&t, &change)?;
+            Admin::check_writable(&config)?;
             let written = Admin::connect(config).await?.set(&t, change).await?;
             let text = serde_json::to_string(&written).expect("JSON prints");
             print(
@@ -230,6 +232,7 @@ async fn limits(config: Config, command: LimitsCommand, json: bool) -> Result<()
         }
         LimitsCommand::Unset { target: t } => {
             let t = target(&t, false)?;
+            Admin::check_writable(&config)?;
             let removed = Admin::connect(config).await?.unset(&t).await?;
             let text = if removed {
                 "removed"
@@ -261,6 +264,7 @@ async fn limits(config: Config, command: LimitsCommand, json: bool) -> Result<()
         }
         LimitsCommand::Reset { target: t } => {
             let t = target(&t, true)?;
+            Admin::check_writable(&config)?;
             let deleted = Admin::connect(config).await?.reset(&t).await?;
             print(
                 serde_json::json!({"target": t.field(), "keys_deleted": deleted}),

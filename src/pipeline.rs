@@ -12,7 +12,6 @@ use std::time::Instant;
 use futures::future::join_all;
 use lapin::message::Delivery;
 use lapin::types::ShortString;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use crate::amqp::{PublishError, Publisher};
@@ -77,9 +76,7 @@ impl Pipeline {
         }
     }
 
-    /// Runs one batch through; one fate per delivery, in order. `redis_slot` is released
-    /// once Redis has answered (at most two batches wait for Redis at once, so batches grow
-    /// under load). `retry`: the batch was
+    /// Runs one batch through; one fate per delivery, in order. `retry`: the batch was
     /// held before (its Redis failure was already logged, and a timed-out call may have
     /// counted it, so only Redis may answer it). `session` tells this session's delivery
     /// tags apart from another's.
@@ -87,7 +84,6 @@ impl Pipeline {
         &self,
         batch: &[Delivery],
         publisher: &Publisher,
-        redis_slot: Option<OwnedSemaphorePermit>,
         retry: bool,
         session: u64,
     ) -> Vec<Fate> {
@@ -108,8 +104,6 @@ impl Pipeline {
             })
             .unzip();
         let decided = self.decide(&checks, &rules, retry).await;
-        // Redis has answered: the next batch may ask while this one publishes.
-        drop(redis_slot);
 
         let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());

@@ -221,3 +221,59 @@ async fn list_shows_the_file_and_the_redis_overrides_with_their_sources() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn set_starts_from_the_files_override_and_refuses_what_no_gate_would_apply() {
+    let names = Names::new("admin-seed");
+    let dir = std::env::temp_dir().join(unique("admin-seed"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gate.toml");
+    std::fs::write(
+        &file,
+        "[[limits.overrides]]\ntenant = \"acme\"\nrequests = 100\nalgorithm = \"token_bucket\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    // --config after the subcommand, like everywhere else.
+    let out = json(&cli(
+        &names,
+        &[
+            "set", "acme", "--shadow", "true", "--json", "--config", path,
+        ],
+        &[],
+    ));
+    assert_eq!(
+        out["override"],
+        serde_json::json!({"requests": 100, "algorithm": "token_bucket", "shadow": true}),
+        "the file's fields are kept, since a Redis entry replaces the file's whole"
+    );
+    let got = json(&cli(
+        &names,
+        &["get", "acme:slack", "--json", "--config", path],
+        &[],
+    ));
+    assert_eq!(got["algorithm"]["value"], "token_bucket");
+    assert_eq!(got["shadow"]["source"], "redis acme");
+
+    // Gates that never read the hash would never apply a change: refused.
+    let out = cli(
+        &names,
+        &["set", "acme", "--requests", "5"],
+        &[("KONSTRUCT_GATE__LIMITS__REDIS_OVERRIDES_REFRESH_MS", "0")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    // An invalid value is exit 2 even when Redis cannot be reached.
+    let out = cli(
+        &names,
+        &["set", "acme", "--requests", "0"],
+        &[("KONSTRUCT_GATE__REDIS__URL", "redis://127.0.0.1:1/0")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let mut redis = connect_redis().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{}konstruct-gate:overrides", names.key_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
