@@ -81,7 +81,10 @@ enum SessionError {
 enum Phase {
     /// Taking deliveries.
     Consuming,
-    /// Taking no more: the gate is stopping or the consumer is gone. What is in flight
+    /// Stopping: the consumer is cancelled, and what the broker had already sent is
+    /// still taken and processed, until the consumer's stream ends.
+    Stopping,
+    /// Taking no more: the stream ended or the consumer is gone. What is in flight
     /// finishes until the deadline, then the rest is handed back by closing the channel.
     Draining,
 }
@@ -291,20 +294,25 @@ impl Gate {
         tokio::pin!(deadline);
 
         loop {
-            let taking = matches!(phase, Phase::Consuming) && *flow.borrow();
+            let taking = matches!(phase, Phase::Consuming | Phase::Stopping) && *flow.borrow();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if matches!(phase, Phase::Consuming) => {
-                    phase = Phase::Draining;
                     self.health.set_consuming(false);
                     info!(in_flight = in_flight.len(), "stopping: cancelling the consumer and draining");
                     deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(amqp.shutdown_grace_seconds));
                     let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
-                    match tokio::time::timeout(CLOSE_STEP, cancel).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(error = %self.config.scrub(&e.to_string()), "basic.cancel failed"),
-                        Err(_) => warn!("basic.cancel got no answer; closing the channel hands back the rest"),
-                    }
+                    phase = match tokio::time::timeout(CLOSE_STEP, cancel).await {
+                        Ok(Ok(())) => Phase::Stopping,
+                        Ok(Err(e)) => {
+                            warn!(error = %self.config.scrub(&e.to_string()), "basic.cancel failed");
+                            Phase::Draining
+                        }
+                        Err(_) => {
+                            warn!("basic.cancel got no answer; closing the channel hands back the rest");
+                            Phase::Draining
+                        }
+                    };
                 }
                 _ = &mut deadline => {
                     warn!(in_flight = in_flight.len(), "grace period over: handing back unfinished messages");
@@ -350,12 +358,18 @@ impl Gate {
                         }
                         in_flight.push(self.handle(batch, None, slot.take(), &session));
                     }
-                    if let Some(end) = end {
-                        // The consumer is gone; what is in flight gets a moment to finish
-                        // (its acks may fail, and the broker redelivers those messages).
-                        result = end;
-                        phase = Phase::Draining;
-                        deadline.as_mut().reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
+                    match (end, &phase) {
+                        (None, _) => {}
+                        // Our own cancel: everything the broker sent was taken; the rest of
+                        // the grace period is for what is in flight.
+                        (Some(_), Phase::Stopping) => phase = Phase::Draining,
+                        (Some(end), _) => {
+                            // The consumer is gone; what is in flight gets a moment to
+                            // finish (its acks may fail, and the broker redelivers those).
+                            result = end;
+                            phase = Phase::Draining;
+                            deadline.as_mut().reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
+                        }
                     }
                 }
             }
