@@ -165,8 +165,7 @@ impl Pipeline {
                 Err(e) => Fate::HandBack(e),
             });
         }
-        // Before the acks: a redelivery after this point is known to be a duplicate.
-        self.limiter.mark_forwarded(&confirmed).await;
+        self.limiter.mark_forwarded(&confirmed);
         fates
             .into_iter()
             .map(|f| f.expect("every delivery has a fate"))

@@ -190,33 +190,40 @@ impl Limiter {
             .collect())
     }
 
-    /// Notes that the outputs of these checks' decisions were confirmed, so that a replay
-    /// of one is known to be a duplicate. Best effort: a replay without the note is only
-    /// less precise (no `x-ratelimit-replayed`), never wrong about the limit.
-    pub async fn mark_forwarded(&self, checks: &[&Check]) {
+    /// Notes, in the background, that the outputs of these checks' decisions were
+    /// confirmed, so that a replay of one is known to be a duplicate. Best effort: a replay
+    /// without the note is only less precise (no `x-ratelimit-replayed`), never wrong about
+    /// the limit, so the batch does not wait for it (a redelivery comes after a reconnect,
+    /// long after the note).
+    pub fn mark_forwarded(&self, checks: &[&Check]) {
         if checks.is_empty() {
             return;
         }
-        let mut invocation = self.mark_forwarded.prepare_invoke();
-        for check in checks {
-            match check.rule.algorithm {
-                Algorithm::FixedWindow => {
-                    invocation
-                        .key(format!("{}:seen", check.key))
-                        .arg(&check.message_id);
-                }
-                Algorithm::SlidingWindow | Algorithm::TokenBucket => {
-                    invocation
-                        .key(format!("{}:seen:{}", check.key, check.message_id))
-                        .arg("");
-                }
-            }
-        }
+        // Where each decision is kept: the fixed window's hash (field: the id), or the
+        // other algorithms' string per id.
+        let records: Vec<(String, String)> = checks
+            .iter()
+            .map(|check| match check.rule.algorithm {
+                Algorithm::FixedWindow => (format!("{}:seen", check.key), check.message_id.clone()),
+                Algorithm::SlidingWindow | Algorithm::TokenBucket => (
+                    format!("{}:seen:{}", check.key, check.message_id),
+                    String::new(),
+                ),
+            })
+            .collect();
+        let script = self.mark_forwarded.clone();
         let mut conn = self.conn.clone();
-        let call = invocation.invoke_async::<i64>(&mut conn);
-        if let Ok(Err(e)) = tokio::time::timeout(self.timeout, call).await {
-            tracing::debug!(error = %e, "could not mark forwarded decisions");
-        }
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for (key, id) in &records {
+                invocation.key(key).arg(id);
+            }
+            let call = invocation.invoke_async::<i64>(&mut conn);
+            if let Ok(Err(e)) = tokio::time::timeout(timeout, call).await {
+                tracing::debug!(error = %e, "could not mark forwarded decisions");
+            }
+        });
     }
 
     /// Every field of a hash (the live overrides), within the check timeout.
