@@ -272,12 +272,8 @@ impl Pipeline {
         if asked.is_empty() {
             return decided.into_iter().flatten().collect();
         }
-        let answers = if asked.len() == checks.len() {
-            self.limiter.check_batch(checks).await
-        } else {
-            let subset: Vec<Check> = asked.iter().map(|&i| checks[i].clone()).collect();
-            self.limiter.check_batch(&subset).await
-        };
+        let subset: Vec<&Check> = asked.iter().map(|&i| &checks[i]).collect();
+        let answers = self.limiter.check_batch(&subset).await;
         let policy = rules.settings.on_redis_error;
         let mut failed = 0u64;
         let mut first_error = None;

@@ -219,14 +219,16 @@ pub fn shadow_properties(
     retry_after: u64,
     replayed: bool,
 ) -> BasicProperties {
-    let headers = [
+    let mut headers = vec![
         ("x-ratelimit-limit", int(limit)),
         ("x-ratelimit-remaining", int(0)),
         ("x-ratelimit-reset", int(retry_after)),
         ("x-ratelimit-shadow", text("rejected")),
-        ("x-ratelimit-replayed", text("true")),
     ];
-    copy_properties(inbound, &headers[..if replayed { 5 } else { 4 }])
+    if replayed {
+        headers.push(("x-ratelimit-replayed", text("true")));
+    }
+    copy_properties(inbound, &headers)
 }
 
 /// Properties of a message forwarded unchecked because Redis could not be asked.

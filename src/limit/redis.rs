@@ -91,7 +91,7 @@ impl Limiter {
     /// Counts each check and decides, in one round trip. One script call per algorithm
     /// present in the batch, sent together (the connection pipelines them); a call that
     /// fails as a whole fails the checks it carried, and no other.
-    pub async fn check_batch(&self, checks: &[Check]) -> Checked {
+    pub async fn check_batch(&self, checks: &[&Check]) -> Checked {
         let started = Instant::now();
         let mut groups: [Vec<usize>; 3] = Default::default();
         for (i, check) in checks.iter().enumerate() {
@@ -137,7 +137,7 @@ impl Limiter {
     async fn group(
         &self,
         script: &Script,
-        checks: &[Check],
+        checks: &[&Check],
         indices: &[usize],
     ) -> Result<Checked, CheckError> {
         let Some(&first) = indices.first() else {
@@ -155,7 +155,7 @@ impl Limiter {
                 notify_tag,
                 message_id,
                 ..
-            } = &checks[i];
+            } = checks[i];
             invocation.key(key);
             match algorithm {
                 Algorithm::FixedWindow => invocation.arg(rule.window_seconds).arg(rule.requests),
@@ -186,7 +186,7 @@ impl Limiter {
         Ok(flat
             .chunks_exact(width)
             .zip(indices)
-            .map(|(values, &i)| answer(&checks[i], values))
+            .map(|(values, &i)| answer(checks[i], values))
             .collect())
     }
 
@@ -292,21 +292,11 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
         }
     };
     let forwarded_before = replayed == 2;
-    let decision = match decision {
-        // The user was told when the first rejection went out: no second reply.
-        Decision::Rejected {
-            limit,
-            window_seconds,
-            retry_after,
-            notify_user,
-        } => Decision::Rejected {
-            limit,
-            window_seconds,
-            retry_after,
-            notify_user: notify_user && !forwarded_before,
-        },
-        allowed => allowed,
-    };
+    let mut decision = decision;
+    // The user was told when the first rejection went out: no second reply.
+    if let Decision::Rejected { notify_user, .. } = &mut decision {
+        *notify_user &= !forwarded_before;
+    }
     Ok(Answer {
         decision,
         replayed: replayed != 0,
