@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override};
 use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RedisOverride, parse_overrides};
+use crate::limit::store::Store;
 use crate::limit::{Rules, counter_key, key_for};
 use crate::message::{valid_channel, valid_tenant_id};
 
@@ -128,7 +129,7 @@ pub struct Usage {
 /// A connection to the gates' Redis, with their configuration.
 pub struct Admin {
     config: Config,
-    conn: redis::aio::MultiplexedConnection,
+    store: Store,
     hash: String,
 }
 
@@ -161,19 +162,43 @@ impl Admin {
     }
 
     pub async fn connect(config: Config) -> Result<Self, AdminError> {
-        let unreachable =
-            |e: &dyn std::fmt::Display| AdminError::Redis(config.scrub(&e.to_string()));
-        let client = redis::Client::open(config.redis.url.expose()).map_err(|e| unreachable(&e))?;
-        let conn = tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| unreachable(&"no answer within 5 s"))?
-            .map_err(|e| unreachable(&e))?;
+        let store = Store::new(&config.redis).map_err(|e| AdminError::Invalid(e.to_string()))?;
         let hash = format!("{}{OVERRIDES_KEY}", config.redis.key_prefix);
-        Ok(Self { config, conn, hash })
+        let mut admin = Self {
+            config,
+            store,
+            hash,
+        };
+        let _: String = admin.query(&redis::cmd("PING")).await?;
+        Ok(admin)
     }
 
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, AdminError> {
-        match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut self.conn)).await {
+        let call = async {
+            let mut conn = self.store.conn().await?;
+            cmd.query_async(&mut conn).await
+        };
+        self.answer(call).await
+    }
+
+    /// `cmd` on the primary that owns `key`'s slot: SCAN in a cluster sees one node only.
+    async fn query_at<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: redis::Cmd,
+    ) -> Result<T, AdminError> {
+        let call = async {
+            let value = self.store.query_at_key(key, cmd).await?;
+            Ok(redis::from_redis_value(value)?)
+        };
+        self.answer(call).await
+    }
+
+    async fn answer<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, AdminError> {
+        match tokio::time::timeout(REDIS_TIMEOUT, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(AdminError::Redis(self.config.scrub(&e.to_string()))),
             Err(_) => Err(AdminError::Redis("no answer within 5 s".into())),
@@ -381,7 +406,8 @@ impl Admin {
         let channel = target.channel.as_deref().unwrap_or_default();
         let counter = counter_key(&self.config.redis.key_prefix, &target.tenant, channel);
         let mut keys = vec![counter.clone()];
-        let pattern = format!("{}:*", glob_escape(&counter));
+        // Every companion is named `{counter}:…`, in the counter's slot.
+        let pattern = format!("{{{}}}:*", glob_escape(&counter));
         let mut cursor: u64 = 0;
         loop {
             let cmd = redis::cmd("SCAN")
@@ -391,7 +417,7 @@ impl Admin {
                 .arg("COUNT")
                 .arg(1000)
                 .to_owned();
-            let (next, found): (u64, Vec<String>) = self.query(&cmd).await?;
+            let (next, found): (u64, Vec<String>) = self.query_at(&counter, cmd).await?;
             keys.extend(found);
             if next == 0 {
                 break;

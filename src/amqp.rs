@@ -2,13 +2,16 @@
 //! delivered only when the broker confirmed it and routed it to a queue.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use crate::config::{AmqpConfig, QueueType, SecretUrl};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+
+use crate::config::{AmqpConfig, ConfigError, QueueType, SecretUrl};
 use crate::telemetry::Metrics;
 
 /// Bounds how long opening a connection may take, so an unreachable broker is retried
@@ -70,21 +73,88 @@ pub fn process_nonce() -> u64 {
     })
 }
 
-/// Opens one connection, named so operators can tell the gate's connections apart.
-pub async fn connect(url: &SecretUrl, role: &str) -> Result<Connection, lapin::Error> {
-    let name = format!("konstruct-gate {role} {}", instance_name());
-    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(url.expose(), properties),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connecting to the broker timed out",
-        ))),
+/// The brokers a gate may connect to (the nodes of a RabbitMQ cluster, or one broker),
+/// and the TLS settings for `amqps://`.
+pub struct Brokers {
+    addresses: Vec<SecretUrl>,
+    tls: OwnedTLSConfig,
+    /// Where the next session starts looking; random at first, so instances spread over
+    /// the nodes.
+    next: AtomicUsize,
+}
+
+impl Brokers {
+    pub fn new(config: &AmqpConfig) -> Result<Self, ConfigError> {
+        crate::limit::store::install_crypto_provider();
+        let mut tls = OwnedTLSConfig::default();
+        if let Some(files) = &config.tls {
+            let pem = files.read("amqp.tls")?;
+            if let Some(ca) = pem.ca {
+                tls.cert_chain = Some(
+                    String::from_utf8(ca)
+                        .map_err(|_| ConfigError::new("amqp.tls.ca_file is not PEM text"))?,
+                );
+            }
+            if let Some((cert, key)) = pem.identity {
+                tls.identity = Some(OwnedIdentity::PKCS8 { pem: cert, key });
+            }
+        }
+        let addresses: Vec<SecretUrl> = config
+            .addresses()
+            .into_iter()
+            .map(|(_, u)| u.clone())
+            .collect();
+        let start = (process_nonce() % addresses.len() as u64) as usize;
+        Ok(Self {
+            addresses,
+            tls,
+            next: AtomicUsize::new(start),
+        })
+    }
+
+    /// Connects to the next broker that answers, trying each once from where the last
+    /// session left off. Returns the connection and which broker it reached.
+    pub async fn connect_next(&self, role: &str) -> Result<(Connection, usize), lapin::Error> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for offset in 0..self.addresses.len() {
+            let index = (start + offset) % self.addresses.len();
+            match self.connect_to(index, role).await {
+                Ok(conn) => return Ok((conn, index)),
+                Err(e) => {
+                    if self.addresses.len() > 1 {
+                        tracing::debug!(broker = %self.addresses[index], error = %e, "broker did not answer; trying the next");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("there is at least one broker"))
+    }
+
+    /// The address of broker `index`, redacted.
+    pub fn address(&self, index: usize) -> &SecretUrl {
+        &self.addresses[index]
+    }
+
+    /// Opens one connection to broker `index`, named so operators can tell the gate's
+    /// connections apart.
+    pub async fn connect_to(&self, index: usize, role: &str) -> Result<Connection, lapin::Error> {
+        let name = format!("konstruct-gate {role} {}", instance_name());
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(name));
+        let url = self.addresses[index].expose();
+        let connect = async {
+            let runtime = lapin::runtime::default_runtime()?;
+            Connection::connect_with_config(url, properties, self.tls.clone(), runtime).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting to the broker timed out",
+            ))),
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::amqp::Brokers;
+use crate::config::{Config, RedisMode, SecretUrl};
 use crate::health::Health;
 use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, parse_overrides};
 use crate::limit::{Limiter, LiveRules};
@@ -29,6 +30,7 @@ pub struct Application {
     config_path: Option<PathBuf>,
     listener: TcpListener,
     limiter: Limiter,
+    brokers: Brokers,
     metrics: Metrics,
     health: Arc<Health>,
 }
@@ -42,6 +44,8 @@ pub enum StartError {
     },
     #[error("cannot set up the Redis client: {0}")]
     Redis(#[from] crate::limit::LimitError),
+    #[error("cannot set up the broker client: {0}")]
+    Broker(#[from] crate::config::ConfigError),
 }
 
 impl Application {
@@ -55,6 +59,7 @@ impl Application {
                 source,
             })?;
         let limiter = Limiter::new(&config.redis, metrics.clone())?;
+        let brokers = Brokers::new(&config.amqp)?;
         let health = Arc::new(Health::default());
         health.set_stall(Duration::from_secs(config.http.stall_seconds));
         Ok(Self {
@@ -62,6 +67,7 @@ impl Application {
             config_path: None,
             listener,
             limiter,
+            brokers,
             metrics,
             health,
         })
@@ -90,8 +96,12 @@ impl Application {
         let tasks = TaskTracker::new();
         let background = CancellationToken::new();
         info!(
-            amqp = %self.config.amqp.url,
-            redis = %self.config.redis.url,
+            amqp = %join(self.config.amqp.addresses().into_iter().map(|(_, url)| url)),
+            redis = %match self.config.redis.mode {
+                RedisMode::Standalone => self.config.redis.url.to_string(),
+                RedisMode::Cluster => format!("cluster {}", join(self.config.redis.nodes.iter())),
+                RedisMode::Sentinel => format!("sentinel {}", join(self.config.redis.sentinels.iter())),
+            },
             http = %self.http_addr(),
             "konstruct-gate starting"
         );
@@ -101,6 +111,7 @@ impl Application {
             background.clone(),
         ));
         tasks.spawn(probe_redis(
+            self.config.clone(),
             self.limiter.clone(),
             self.health.clone(),
             self.metrics.clone(),
@@ -121,7 +132,13 @@ impl Application {
             self.metrics.clone(),
             self.health.clone(),
         );
-        let gate = Gate::new(self.config, pipeline, self.metrics, self.health);
+        let gate = Gate::new(
+            self.config,
+            pipeline,
+            self.metrics,
+            self.health,
+            self.brokers,
+        );
         gate.run(shutdown).await;
         background.cancel();
         tasks.close();
@@ -130,15 +147,27 @@ impl Application {
     }
 }
 
+/// Redacted URLs, comma-separated.
+fn join<'a>(urls: impl Iterator<Item = &'a SecretUrl>) -> String {
+    urls.map(SecretUrl::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Asks Redis every second whether it answers, and publishes readiness as a gauge.
 async fn probe_redis(
+    config: Arc<Config>,
     limiter: Limiter,
     health: Arc<Health>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
     loop {
-        health.set_redis_probe(limiter.ping().await);
+        let outcome = limiter.ping().await.map_err(|e| config.scrub(&e));
+        let new_error = health.set_redis_probe(outcome.clone());
+        if let Err(error) = outcome
+            && new_error
+        {
+            warn!(%error, "redis does not answer; not ready until it does");
+        }
         metrics.ready.set(if health.ready() { 1.0 } else { 0.0 });
         tokio::select! {
             _ = tokio::time::sleep(REDIS_PROBE_INTERVAL) => {}

@@ -73,6 +73,12 @@ pub fn check_limit_numbers(
 #[error("{0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    pub fn new(sentence: impl Into<String>) -> Self {
+        Self(sentence.into())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -87,6 +93,18 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: SecretUrl,
+    /// The nodes of a RabbitMQ cluster, used instead of `url` when set: each session
+    /// connects to the next one that answers, starting from a random one so that
+    /// instances spread over the nodes.
+    #[serde(
+        default,
+        deserialize_with = "list_or_commas",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub urls: Vec<SecretUrl>,
+    /// A private CA and a client certificate for `amqps://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     /// A file holding the password (a mounted Kubernetes secret): it replaces the URL's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
@@ -116,6 +134,8 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            urls: Vec::new(),
+            tls: None,
             password_file: None,
             inbound_queue: "konstruct.inbound".into(),
             orchestrator_queue: "konstruct.orchestrator".into(),
@@ -141,7 +161,30 @@ pub enum QueueType {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    pub mode: RedisMode,
+    /// `standalone`: the server. `sentinel`: the primary's user, password, database and
+    /// scheme (`rediss://` for TLS); its host is ignored.
     pub url: SecretUrl,
+    /// `cluster`: seed nodes; the gate learns the rest of the cluster from them.
+    #[serde(
+        default,
+        deserialize_with = "list_or_commas",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub nodes: Vec<SecretUrl>,
+    /// `sentinel`: the sentinels that know the primary.
+    #[serde(
+        default,
+        deserialize_with = "list_or_commas",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub sentinels: Vec<SecretUrl>,
+    /// `sentinel`: the name the sentinels monitor the primary under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
+    /// A private CA and a client certificate for `rediss://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     /// A file holding the password (a mounted Kubernetes secret): it replaces the URL's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
@@ -154,12 +197,107 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             url: SecretUrl("redis://127.0.0.1:6379/0".into()),
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: None,
+            tls: None,
             password_file: None,
             key_prefix: String::new(),
             timeout_ms: 250,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server at `url`.
+    Standalone,
+    /// A Redis Cluster reached through `nodes`.
+    Cluster,
+    /// The primary the `sentinels` name `master_name`, followed across failovers.
+    Sentinel,
+}
+
+/// Files for TLS (`[amqp.tls]`, `[redis.tls]`), all PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The CA that signed the server's certificate; when set, it replaces the system's
+    /// roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (with `key_file`), for servers that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// The contents of the files of a `TlsFiles`.
+#[derive(Clone, Default)]
+pub struct TlsPem {
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate and its key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Checks the table on its own: a certificate needs its key, and every file must be
+    /// readable.
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ConfigError(format!(
+                "{key}.cert_file and {key}.key_file go together: set both for a client certificate, or neither"
+            )));
+        }
+        self.read(key).map(|_| ())
+    }
+
+    /// Reads the files, naming the first that cannot be read.
+    pub fn read(&self, key: &str) -> Result<TlsPem, ConfigError> {
+        let read = |field: &str, path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, ConfigError> {
+            path.as_ref()
+                .map(|path| {
+                    std::fs::read(path).map_err(|e| {
+                        ConfigError(format!(
+                            "{key}.{field} {} cannot be read: {e}",
+                            path.display()
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let ca = read("ca_file", &self.ca_file)?;
+        let cert = read("cert_file", &self.cert_file)?;
+        let private_key = read("key_file", &self.key_file)?;
+        Ok(TlsPem {
+            ca,
+            identity: cert.zip(private_key),
+        })
+    }
+}
+
+/// A list, from a TOML array or from one comma-separated string (an environment variable).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretUrl>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(items) => items,
+        OneOrMany::One(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .map(SecretUrl)
+        .collect())
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -563,18 +701,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Puts the password of each `password_file` into its URL.
+    /// Puts the password of each `password_file` into its URLs.
     fn read_password_files(&mut self) -> Result<(), ConfigError> {
-        for (key, file, url) in [
+        let amqp = &mut self.amqp;
+        let redis = &mut self.redis;
+        for (key, file, urls) in [
             (
                 "amqp.password_file",
-                &self.amqp.password_file,
-                &mut self.amqp.url,
+                &amqp.password_file,
+                std::iter::once(&mut amqp.url)
+                    .chain(&mut amqp.urls)
+                    .collect::<Vec<_>>(),
             ),
             (
                 "redis.password_file",
-                &self.redis.password_file,
-                &mut self.redis.url,
+                &redis.password_file,
+                std::iter::once(&mut redis.url)
+                    .chain(&mut redis.nodes)
+                    .collect(),
             ),
         ] {
             let Some(path) = file else { continue };
@@ -583,27 +727,44 @@ impl Config {
             })?;
             // A mounted secret often ends with a newline that is not part of it.
             let password = password.trim_end_matches(['\n', '\r']);
-            *url = SecretUrl(with_password(url.expose(), password).ok_or_else(|| {
-                ConfigError(format!(
-                    "{key} is set, but the URL it belongs to has no `scheme://host`"
-                ))
-            })?);
+            for url in urls {
+                *url = SecretUrl(with_password(url.expose(), password).ok_or_else(|| {
+                    ConfigError(format!(
+                        "{key} is set, but a URL it belongs to has no `scheme://host`"
+                    ))
+                })?);
+            }
         }
         Ok(())
+    }
+
+    /// Every URL of the configuration, for scrubbing what a client library wrote.
+    pub fn urls(&self) -> Vec<&SecretUrl> {
+        let (amqp, redis) = (&self.amqp, &self.redis);
+        std::iter::once(&amqp.url)
+            .chain(&amqp.urls)
+            .chain(std::iter::once(&redis.url))
+            .chain(&redis.nodes)
+            .chain(&redis.sentinels)
+            .collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         let amqp = &self.amqp;
-        check_url_shape("amqp.url", &amqp.url)?;
-        check_url_shape("redis.url", &self.redis.url)?;
-        if let Err(e) = amqp.url.expose().parse::<lapin::uri::AMQPUri>() {
-            return fail(format!(
-                "amqp.url is not a valid AMQP URL ({}): {}",
-                amqp.url,
-                scrub(&e.to_string(), &[&amqp.url])
-            ));
+        for (key, url) in amqp.addresses() {
+            check_url_shape(&key, url)?;
+            if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
+                return fail(format!(
+                    "{key} is not a valid AMQP URL ({url}): {}",
+                    scrub(&e.to_string(), &[url])
+                ));
+            }
         }
+        if let Some(tls) = &amqp.tls {
+            tls.validate("amqp.tls")?;
+        }
+        self.redis.validate()?;
         for (key, name) in [
             ("amqp.inbound_queue", &amqp.inbound_queue),
             ("amqp.orchestrator_queue", &amqp.orchestrator_queue),
@@ -668,13 +829,6 @@ impl Config {
                 self.http.stall_seconds, slowest_ms
             ));
         }
-        if let Err(e) = redis::Client::open(self.redis.url.expose()) {
-            return fail(format!(
-                "redis.url is not a valid Redis URL ({}): {}",
-                self.redis.url,
-                scrub(&e.to_string(), &[&self.redis.url])
-            ));
-        }
         if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis.timeout_ms) {
             return fail(format!(
                 "redis.timeout_ms = {} is out of range (1 to {MAX_REDIS_TIMEOUT_MS})",
@@ -729,12 +883,96 @@ impl Config {
                 changed.push(key.to_owned());
             }
         }
+        for (key, a, b) in [
+            ("amqp.urls", &self.amqp.urls, &other.amqp.urls),
+            ("redis.nodes", &self.redis.nodes, &other.redis.nodes),
+            (
+                "redis.sentinels",
+                &self.redis.sentinels,
+                &other.redis.sentinels,
+            ),
+        ] {
+            if a != b && !changed.iter().any(|c| c == key) {
+                changed.push(key.to_owned());
+            }
+        }
         changed
     }
 
     /// `text` with every password of the configured URLs removed.
     pub fn scrub(&self, text: &str) -> String {
-        scrub(text, &[&self.amqp.url, &self.redis.url])
+        scrub(text, &self.urls())
+    }
+}
+
+impl AmqpConfig {
+    /// The brokers to connect to, each with the key that names it: `urls`, else `url`.
+    pub fn addresses(&self) -> Vec<(String, &SecretUrl)> {
+        if self.urls.is_empty() {
+            vec![("amqp.url".to_owned(), &self.url)]
+        } else {
+            self.urls
+                .iter()
+                .enumerate()
+                .map(|(i, url)| (format!("amqp.urls[{i}]"), url))
+                .collect()
+        }
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let check = |key: &str, url: &SecretUrl| -> Result<(), ConfigError> {
+            check_url_shape(key, url)?;
+            match redis::Client::open(url.expose()) {
+                Ok(_) => Ok(()),
+                Err(e) => fail(format!(
+                    "{key} is not a valid Redis URL ({url}): {}",
+                    scrub(&e.to_string(), &[url])
+                )),
+            }
+        };
+        check("redis.url", &self.url)?;
+        match self.mode {
+            RedisMode::Standalone => {}
+            RedisMode::Cluster => {
+                if self.nodes.is_empty() {
+                    return fail(
+                        "redis.mode = \"cluster\" needs redis.nodes, the URLs of one or more seed nodes".into(),
+                    );
+                }
+                for (i, url) in self.nodes.iter().enumerate() {
+                    check(&format!("redis.nodes[{i}]"), url)?;
+                }
+                // Companion keys are tagged with their whole counter key: a brace in the
+                // prefix would move one of them into another slot.
+                if self.key_prefix.contains(['{', '}']) {
+                    return fail(
+                        "redis.key_prefix must not contain { or } in cluster mode: the gate tags each key itself so that a counter and its companions share a slot".into(),
+                    );
+                }
+            }
+            RedisMode::Sentinel => {
+                if self.sentinels.is_empty() {
+                    return fail(
+                        "redis.mode = \"sentinel\" needs redis.sentinels, the URLs of the sentinels".into(),
+                    );
+                }
+                for (i, url) in self.sentinels.iter().enumerate() {
+                    check(&format!("redis.sentinels[{i}]"), url)?;
+                }
+                if self.master_name.as_deref().is_none_or(str::is_empty) {
+                    return fail(
+                        "redis.mode = \"sentinel\" needs redis.master_name, the name the sentinels monitor the primary under".into(),
+                    );
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate("redis.tls")?;
+        }
+        Ok(())
     }
 }
 

@@ -4,8 +4,17 @@
 //! instance not ready for a few seconds, so readiness does not flap between a failed
 //! batch and the next successful PING.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Sets `slot` to `value`; true when `value` is an error other than the one before.
+fn replace(slot: &Mutex<Option<String>>, value: Option<String>) -> bool {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let new = value.is_some() && *slot != value;
+    *slot = value;
+    new
+}
 
 /// How long a failed check keeps the instance not ready.
 pub const CHECK_FAILURE_HOLD: Duration = Duration::from_secs(3);
@@ -28,6 +37,10 @@ pub struct Health {
     /// The broker blocks publishing (a memory or disk alarm): confirms wait for the
     /// broker, and a restart would not help, so the stall clock stops.
     publish_blocked: AtomicBool,
+    /// Why the last broker connection and the last Redis probe failed (a refused TLS
+    /// certificate, a wrong password): `/readyz` says it, not only the log.
+    broker_error: Mutex<Option<String>>,
+    redis_error: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -41,6 +54,8 @@ impl Default for Health {
             last_progress: AtomicU64::new(0),
             stall_ms: AtomicU64::new(120_000),
             publish_blocked: AtomicBool::new(false),
+            broker_error: Mutex::new(None),
+            redis_error: Mutex::new(None),
         }
     }
 }
@@ -65,8 +80,31 @@ impl Health {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 
-    pub fn set_redis_probe(&self, ok: bool) {
-        self.redis_probe_ok.store(ok, Ordering::Relaxed);
+    /// The outcome of the last Redis probe; returns true when its error is new (so it is
+    /// logged once, not every probe).
+    pub fn set_redis_probe(&self, outcome: Result<(), String>) -> bool {
+        self.redis_probe_ok
+            .store(outcome.is_ok(), Ordering::Relaxed);
+        replace(&self.redis_error, outcome.err())
+    }
+
+    /// Why the last broker session failed, or `None` once one consumes.
+    pub fn set_broker_error(&self, error: Option<String>) {
+        replace(&self.broker_error, error);
+    }
+
+    /// The last errors, one `name: error` line each, for `/readyz`.
+    pub fn errors(&self) -> String {
+        let mut out = String::new();
+        for (name, error) in [
+            ("broker_error", &self.broker_error),
+            ("redis_error", &self.redis_error),
+        ] {
+            if let Some(error) = error.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+                out.push_str(&format!("{name}: {error}\n"));
+            }
+        }
+        out
     }
 
     /// A check failed because Redis did not answer or failed as a whole.
@@ -170,13 +208,13 @@ mod tests {
     fn a_failed_check_outweighs_a_good_probe_for_a_while() {
         let health = Health::default();
         health.set_consuming(true);
-        health.set_redis_probe(true);
+        health.set_redis_probe(Ok(()));
         let t0 = Instant::now();
         assert!(health.readiness_at(t0).ready());
         health.check_failed();
         let r = health.readiness_at(Instant::now());
         assert!(r.checks_failing && !r.ready(), "{r:?}");
-        health.set_redis_probe(true);
+        health.set_redis_probe(Ok(()));
         assert!(
             !health
                 .readiness_at(Instant::now() + Duration::from_secs(1))
@@ -188,7 +226,7 @@ mod tests {
                 .readiness_at(Instant::now() + CHECK_FAILURE_HOLD + Duration::from_millis(10))
                 .ready()
         );
-        health.set_redis_probe(false);
+        health.set_redis_probe(Err("refused".into()));
         assert!(
             !health
                 .readiness_at(Instant::now() + CHECK_FAILURE_HOLD * 2)

@@ -43,8 +43,11 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (
         status,
         format!(
-            "consuming: {}\nredis: {}\nredis_checks_failing: {}\n",
-            r.consuming, r.redis_probe, r.checks_failing
+            "consuming: {}\nredis: {}\nredis_checks_failing: {}\n{}",
+            r.consuming,
+            r.redis_probe,
+            r.checks_failing,
+            health.errors()
         ),
     )
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::acks::{AckTracker, Settlement, TagGap};
-use crate::amqp::{self, Publisher};
+use crate::amqp::{self, Brokers, Publisher};
 use crate::config::Config;
 use crate::health::Health;
 use crate::pipeline::{Fate, Pipeline};
@@ -95,6 +95,7 @@ pub struct Gate {
     pipeline: Pipeline,
     metrics: Metrics,
     health: Arc<Health>,
+    brokers: Brokers,
     /// Numbers the sessions, so that delivery tags of different sessions never meet.
     sessions: AtomicU64,
 }
@@ -127,12 +128,14 @@ impl Gate {
         pipeline: Pipeline,
         metrics: Metrics,
         health: Arc<Health>,
+        brokers: Brokers,
     ) -> Self {
         Self {
             config,
             pipeline,
             metrics,
             health,
+            brokers,
             sessions: AtomicU64::new(0),
         }
     }
@@ -161,6 +164,7 @@ impl Gate {
             self.metrics.amqp_reconnects.increment(1);
             let error = self.config.scrub(&e.to_string());
             warn!(%error, retry_in_ms = delay.as_millis() as u64, "session ended; reconnecting");
+            self.health.set_broker_error(Some(error));
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return,
@@ -174,23 +178,25 @@ impl Gate {
         shutdown: &CancellationToken,
         consumed: &mut bool,
     ) -> Result<(), SessionError> {
-        let amqp = &self.config.amqp;
-        let Some(consume_conn) = until_stopped(shutdown, amqp::connect(&amqp.url, "consume")).await
+        let brokers = &self.brokers;
+        let Some(consume_conn) = until_stopped(shutdown, brokers.connect_next("consume")).await
         else {
             return Ok(());
         };
-        let consume_conn = consume_conn?;
-        let publish_conn = match until_stopped(shutdown, amqp::connect(&amqp.url, "publish")).await
-        {
-            Some(Ok(conn)) => conn,
-            other => {
-                close(&consume_conn).await;
-                return match other {
-                    Some(Err(e)) => Err(e.into()),
-                    _ => Ok(()),
-                };
-            }
-        };
+        let (consume_conn, broker) = consume_conn?;
+        // Both connections on one node: a node that fails takes the whole session with it,
+        // not half of it.
+        let publish_conn =
+            match until_stopped(shutdown, brokers.connect_to(broker, "publish")).await {
+                Some(Ok(conn)) => conn,
+                other => {
+                    close(&consume_conn).await;
+                    return match other {
+                        Some(Err(e)) => Err(e.into()),
+                        _ => Ok(()),
+                    };
+                }
+            };
         // Watchers stop before the connections close, so a deliberate close is not
         // reported as a connection error.
         let watching = CancellationToken::new();
@@ -268,6 +274,7 @@ impl Gate {
         };
         let (publisher, channel, mut consumer) = setup?;
         self.health.set_consuming(true);
+        self.health.set_broker_error(None);
         *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
 

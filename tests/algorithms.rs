@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use konstruct_gate::config::{Algorithm, Override};
+use konstruct_gate::limit;
 use proptest::prelude::*;
 
 const SLIDING: &str = include_str!("../src/limit/sliding_window.lua");
@@ -98,6 +99,25 @@ impl BucketModel {
     }
 }
 
+/// The three keys a script takes for one check: the state key (`{counter}:sliding`,
+/// `{counter}:bucket`, or the counter itself), its decision for `id`, and `tag`'s
+/// notification marker, named as the gate names them.
+fn keys(state: &str, id: &str, tag: &str) -> Vec<String> {
+    let algorithm = if state.ends_with(":sliding") {
+        Algorithm::SlidingWindow
+    } else if state.ends_with(":bucket") {
+        Algorithm::TokenBucket
+    } else {
+        Algorithm::FixedWindow
+    };
+    let base = limit::companion_base(algorithm, state);
+    vec![
+        state.to_owned(),
+        limit::seen_key(algorithm, &base, id),
+        limit::notified_key(&base, tag),
+    ]
+}
+
 fn clock_start() -> u64 {
     // A fixed, realistic epoch in microseconds, so windows do not line up with the test's
     // own start.
@@ -115,13 +135,13 @@ proptest! {
     ) {
         let mut con = redis_sync();
         let script = redis::Script::new(SLIDING);
-        let key = format!("{}:sliding", unique("prop"));
+        let key = format!("{{{}}}:sliding", unique("prop"));
         let window_ms = window_s * 1000;
         let mut model = SlidingModel::default();
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(limit).arg(window_ms).arg("").arg("").invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(keys(&key, "", "")).arg(now).arg(limit).arg(window_ms).arg("").arg("").invoke(&mut con).unwrap();
             let want = model.check(now, limit, window_ms);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
             if want.0 == 0 {
@@ -140,13 +160,13 @@ proptest! {
     ) {
         let mut con = redis_sync();
         let script = redis::Script::new(BUCKET);
-        let key = format!("{}:bucket", unique("prop"));
+        let key = format!("{{{}}}:bucket", unique("prop"));
         let window_ms = interval_ms * requests;
         let mut model = BucketModel::default();
         let mut now = clock_start();
         for advance_ms in steps {
             now += advance_ms * 1000;
-            let got: Vec<i64> = script.key(&key).arg(now).arg(requests).arg(window_ms).arg(burst).arg("").arg("").invoke(&mut con).unwrap();
+            let got: Vec<i64> = script.key(keys(&key, "", "")).arg(now).arg(requests).arg(window_ms).arg(burst).arg("").arg("").invoke(&mut con).unwrap();
             let want = model.check(now, requests, window_ms, burst);
             prop_assert_eq!((got[0], got[1], got[2], got[3]), want, "at {} µs", now);
         }
@@ -160,14 +180,14 @@ fn the_sliding_window_closes_the_fixed_windows_boundary_burst() {
     // next: a fixed window lets all twenty through, the sliding window only the first ten.
     let mut con = redis_sync();
     let script = redis::Script::new(SLIDING);
-    let key = format!("{}:sliding", unique("boundary"));
+    let key = format!("{{{}}}:sliding", unique("boundary"));
     let minute = 60_000_000u64;
     let end_of_window = (clock_start() / minute + 1) * minute - 1_000_000;
     let mut allowed = 0;
     for i in 0..20u64 {
         let now = end_of_window + i * 100_000; // 100 ms apart, crossing the boundary
         let answer: Vec<i64> = script
-            .key(&key)
+            .key(keys(&key, "", ""))
             .arg(now)
             .arg(10)
             .arg(60_000)
@@ -184,11 +204,11 @@ fn the_sliding_window_closes_the_fixed_windows_boundary_burst() {
 fn a_token_bucket_allows_its_burst_then_one_per_interval() {
     let mut con = redis_sync();
     let script = redis::Script::new(BUCKET);
-    let key = format!("{}:bucket", unique("burst"));
+    let key = format!("{{{}}}:bucket", unique("burst"));
     let start = clock_start();
     let check = |con: &mut redis::Connection, at: u64| -> Vec<i64> {
         script
-            .key(&key)
+            .key(keys(&key, "", ""))
             .arg(at)
             .arg(60) // 60 per minute: one a second
             .arg(60_000)
@@ -272,7 +292,7 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
     let key = unique("once");
     let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
         fixed
-            .key(&key)
+            .key(keys(&key, id, ""))
             .arg(60)
             .arg(1)
             .arg("")
@@ -299,14 +319,14 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
     let _: i64 = redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
     assert_eq!(call(&mut con, "m2"), vec![1, 60_000, 1, 0]);
 
-    for (script, args) in [
-        (SLIDING, vec!["1", "60000"]),
-        (BUCKET, vec!["1", "60000", "1"]),
+    for (script, suffix, args) in [
+        (SLIDING, "sliding", vec!["1", "60000"]),
+        (BUCKET, "bucket", vec!["1", "60000", "1"]),
     ] {
         let script = redis::Script::new(script);
-        let key = unique("once");
+        let key = format!("{{{}}}:{suffix}", unique("once"));
         let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
-            let mut invocation = script.key(&key);
+            let mut invocation = script.key(keys(&key, id, ""));
             invocation.arg(clock_start());
             for a in &args {
                 invocation.arg(*a);
@@ -351,27 +371,27 @@ proptest! {
         for m in 0..messages {
             let id = format!("m{m}");
             for round in 0..2 {
-                let got: Vec<redis::Value> = fixed.key(&base).arg(window_s).arg(requests).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let got: Vec<redis::Value> = fixed.key(keys(&base, &id, "tag")).arg(window_s).arg(requests).arg("tag").arg(&id).invoke(&mut con).unwrap();
                 let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
                 prop_assert_eq!(ints[0], m as i64 + 1, "count");
                 prop_assert!(ints[1] > 0 && ints[1] as u64 <= window_s * 1000);
                 prop_assert_eq!(ints[3], round, "replayed on the second round");
 
                 let window_ms = window_s * 1000;
-                let got: Vec<redis::Value> = sliding.key(format!("{base}:sliding")).arg("").arg(requests).arg(window_ms).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let got: Vec<redis::Value> = sliding.key(keys(&format!("{{{base}}}:sliding"), &id, "tag")).arg("").arg(requests).arg(window_ms).arg("tag").arg(&id).invoke(&mut con).unwrap();
                 let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
                 prop_assert!(ints[0] == 0 || ints[0] == 1, "{:?}", ints);
                 prop_assert!(ints[2] >= 0 && ints[2] as u64 <= window_ms, "{:?}", ints);
                 prop_assert_eq!(ints[5], round);
 
-                let got: Vec<redis::Value> = bucket.key(format!("{base}:bucket")).arg("").arg(requests).arg(window_ms).arg(burst).arg("tag").arg(&id).invoke(&mut con).unwrap();
+                let got: Vec<redis::Value> = bucket.key(keys(&format!("{{{base}}}:bucket"), &id, "tag")).arg("").arg(requests).arg(window_ms).arg(burst).arg("tag").arg(&id).invoke(&mut con).unwrap();
                 let ints: Vec<i64> = got.iter().map(|v| match v { redis::Value::Int(n) => *n, other => panic!("{other:?}") }).collect();
                 prop_assert!(ints[0] == 0 || ints[0] == 1, "{:?}", ints);
                 prop_assert!(ints[1] >= 0 && ints[3] >= 0, "{:?}", ints);
                 prop_assert_eq!(ints[5], round);
             }
         }
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{base}*")).query(&mut con).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("*{base}*")).query(&mut con).unwrap();
         if !keys.is_empty() {
             let _: i64 = redis::cmd("DEL").arg(keys).query(&mut con).unwrap();
         }
@@ -395,7 +415,7 @@ fn a_key_redis_cannot_count_fails_alone_within_one_script_call() {
         .unwrap();
     let mut call = fixed.prepare_invoke();
     for key in [&text, &good, &full, &good] {
-        call.key(key).arg(60).arg(10).arg("").arg("");
+        call.key(keys(key, "", "")).arg(60).arg(10).arg("").arg("");
     }
     let got: Vec<redis::Value> = call.invoke(&mut con).unwrap();
     let int = |v: &redis::Value| match v {
@@ -424,7 +444,7 @@ fn a_key_redis_cannot_count_fails_alone_within_one_script_call() {
         let mut call = script.prepare_invoke();
         call.arg("");
         for key in [&text, &good] {
-            call.key(key);
+            call.key(keys(key, "", ""));
             for a in &args {
                 call.arg(*a);
             }

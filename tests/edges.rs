@@ -191,7 +191,7 @@ async fn a_second_forward_of_one_id_is_marked_replayed() {
     let first = broker.collect(&names.orchestrator, 1, WAIT).await;
     assert_eq!(header(&first[0], "x-ratelimit-replayed"), None);
     // The gate notes the confirmed forward before it acks: wait for that note.
-    let seen = format!("{}acme:ratelimit:slack:seen", names.key_prefix);
+    let seen = format!("{{{}acme:ratelimit:slack}}:seen", names.key_prefix);
     let mut redis = connect_redis().await;
     let deadline = Instant::now() + WAIT;
     loop {

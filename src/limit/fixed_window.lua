@@ -20,7 +20,13 @@
 -- counter itself is gone (it expired, or an operator deleted it), the message is decided
 -- afresh.
 --
--- KEYS[i]       a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
+-- Every key a check touches is passed in KEYS, and all of them share the counter's cluster
+-- slot (the companions are hash-tagged with the whole counter key), so a Redis Cluster
+-- can run the script on the node that owns them.
+--
+-- KEYS[3i-2]    a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
+-- KEYS[3i-1]    its decisions by message id: {counter}:seen
+-- KEYS[3i]      its sender's notification marker: {counter}:notified:{tag}
 -- ARGV[4i-3]    its window length in seconds
 -- ARGV[4i-2]    its limit
 -- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
@@ -30,12 +36,11 @@
 --               {"err", error text, 0, 0} when this key could not be checked. A key may
 --               appear more than once; each appearance is one message.
 local SEEN_MAX_MS = 3600000
-local function check(i, key)
+local function check(i, key, seen_key, notified_key)
   local window = tonumber(ARGV[4 * i - 3])
   local limit = tonumber(ARGV[4 * i - 2])
   local tag = ARGV[4 * i - 1]
   local id = ARGV[4 * i]
-  local seen_key = key .. ':seen'
   if id ~= '' then
     local seen = redis.call('HGET', seen_key, id)
     if seen then
@@ -56,7 +61,7 @@ local function check(i, key)
   end
   local notify = 1
   if count > limit and tag ~= '' then
-    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, pttl)) then
+    if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, pttl)) then
       notify = 0
     end
   end
@@ -73,8 +78,8 @@ local function check(i, key)
 end
 
 local out = {}
-for i, key in ipairs(KEYS) do
-  local ok, a, b, c, d = pcall(check, i, key)
+for i = 1, #KEYS / 3 do
+  local ok, a, b, c, d = pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])
   if not ok then
     a, b, c, d = 'err', type(a) == 'table' and tostring(a.err) or tostring(a), 0, 0
   end

@@ -2,11 +2,13 @@
 //!
 //! - `rules`: override resolution, most specific first.
 //! - `redis`: the atomic scripts and the client that runs them.
+//! - `store`: the way to Redis: one server, a cluster, or the primary Sentinel names.
 
 pub mod cache;
 pub mod live;
 mod redis;
 mod rules;
+pub mod store;
 
 use crate::config::Algorithm;
 
@@ -169,16 +171,40 @@ pub fn counter_key(prefix: &str, tenant_id: &str, channel: &str) -> String {
     key
 }
 
-/// The key of `algorithm`'s state: the router's key for the fixed window, a key of its own
-/// (a suffix) for the others, so switching algorithms never misreads another's state.
+/// The key of `algorithm`'s state: the router's key for the fixed window; for the others a
+/// key of their own (so switching algorithms never misreads another's state), tagged with
+/// the whole counter key so that it shares the counter's Redis Cluster slot.
 pub fn key_for(algorithm: Algorithm, prefix: &str, tenant_id: &str, channel: &str) -> String {
-    let mut key = counter_key(prefix, tenant_id, channel);
+    let counter = counter_key(prefix, tenant_id, channel);
     match algorithm {
-        Algorithm::FixedWindow => {}
-        Algorithm::SlidingWindow => key.push_str(":sliding"),
-        Algorithm::TokenBucket => key.push_str(":bucket"),
+        Algorithm::FixedWindow => counter,
+        Algorithm::SlidingWindow => format!("{{{counter}}}:sliding"),
+        Algorithm::TokenBucket => format!("{{{counter}}}:bucket"),
     }
-    key
+}
+
+/// What the companion keys of a state key (`key_for`) start with: `{counter}` for the fixed
+/// window, the state key itself for the others. Every companion is named
+/// `{counter}:…`, so a script's keys all live in one cluster slot.
+pub fn companion_base(algorithm: Algorithm, state_key: &str) -> String {
+    match algorithm {
+        Algorithm::FixedWindow => format!("{{{state_key}}}"),
+        Algorithm::SlidingWindow | Algorithm::TokenBucket => state_key.to_owned(),
+    }
+}
+
+/// Where a decision is kept for a message id: a field `id` of the fixed window's hash
+/// `{counter}:seen`, or the other algorithms' string `{counter}:<alg>:seen:<id>`.
+pub fn seen_key(algorithm: Algorithm, base: &str, message_id: &str) -> String {
+    match algorithm {
+        Algorithm::FixedWindow => format!("{base}:seen"),
+        Algorithm::SlidingWindow | Algorithm::TokenBucket => format!("{base}:seen:{message_id}"),
+    }
+}
+
+/// The marker that a sender was told about a rejection in this window.
+pub fn notified_key(base: &str, notify_tag: &str) -> String {
+    format!("{base}:notified:{notify_tag}")
 }
 
 #[cfg(test)]
@@ -228,12 +254,37 @@ mod tests {
         );
         assert_eq!(
             key_for(Algorithm::SlidingWindow, "p:", "a", "b"),
-            "p:a:ratelimit:b:sliding"
+            "{p:a:ratelimit:b}:sliding"
         );
         assert_eq!(
             key_for(Algorithm::TokenBucket, "", "a", "b"),
-            "a:ratelimit:b:bucket"
+            "{a:ratelimit:b}:bucket"
         );
+    }
+
+    #[test]
+    fn every_key_of_a_check_lives_in_its_counters_cluster_slot() {
+        use ::redis::cluster_routing::Slot;
+        for algorithm in [
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindow,
+            Algorithm::TokenBucket,
+        ] {
+            for (prefix, tenant, channel) in [("", "acme", "slack"), ("gate:", "a.b-c_9", "sms")] {
+                let counter = counter_key(prefix, tenant, channel);
+                let state = key_for(algorithm, prefix, tenant, channel);
+                let base = companion_base(algorithm, &state);
+                for key in [
+                    state.clone(),
+                    seen_key(algorithm, &base, "m-1"),
+                    notified_key(&base, "0123abcd"),
+                ] {
+                    assert!(key.contains(&counter), "{key} is named after {counter}");
+                    assert_eq!(Slot::for_key(&key), Slot::for_key(&counter), "{key}");
+                }
+            }
+        }
+        assert_eq!(counter_key("", "acme", "slack"), "acme:ratelimit:slack");
     }
 
     #[test]

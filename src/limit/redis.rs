@@ -7,11 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script, Value};
+use std::collections::HashMap;
 
-use super::{Answer, Check, Decision};
-use crate::config::{Algorithm, RedisConfig};
+use redis::cluster_routing::Slot;
+use redis::{Cmd, Value};
+
+use super::store::{Lua, Store};
+use super::{Answer, Check, Decision, companion_base, notified_key, seen_key};
+use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
 
 /// Why Redis could not decide a check.
@@ -48,6 +51,8 @@ pub enum LimitError {
     Timeout(Duration),
     #[error("redis failed: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
 }
 
 /// The answer for each check of a batch, in order.
@@ -56,11 +61,11 @@ pub type Checked = Vec<Result<Answer, CheckError>>;
 /// Runs rate-limit checks. Cheap to clone: clones share one connection.
 #[derive(Clone)]
 pub struct Limiter {
-    conn: ConnectionManager,
-    fixed_window: Script,
-    sliding_window: Script,
-    token_bucket: Script,
-    mark_forwarded: Script,
+    store: Store,
+    fixed_window: Lua,
+    sliding_window: Lua,
+    token_bucket: Lua,
+    mark_forwarded: Lua,
     timeout: Duration,
     metrics: Metrics,
 }
@@ -69,59 +74,77 @@ impl Limiter {
     /// Builds the client without connecting: the gate starts (and reports not ready) while
     /// Redis is down, and connects on first use.
     pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<Self, LimitError> {
-        let client = Client::open(config.url.expose())?;
-        let timeout = Duration::from_millis(config.timeout_ms);
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         Ok(Self {
-            conn,
-            fixed_window: Script::new(include_str!("fixed_window.lua")),
-            sliding_window: Script::new(include_str!("sliding_window.lua")),
-            token_bucket: Script::new(include_str!("token_bucket.lua")),
-            mark_forwarded: Script::new(include_str!("mark_forwarded.lua")),
-            timeout,
+            store: Store::new(config)?,
+            fixed_window: Lua::new(include_str!("fixed_window.lua")),
+            sliding_window: Lua::new(include_str!("sliding_window.lua")),
+            token_bucket: Lua::new(include_str!("token_bucket.lua")),
+            mark_forwarded: Lua::new(include_str!("mark_forwarded.lua")),
+            timeout: Duration::from_millis(config.timeout_ms),
             metrics,
         })
     }
 
     /// Counts each check and decides, in one round trip. One script call per algorithm
-    /// present in the batch, sent together (the connection pipelines them); a call that
-    /// fails as a whole fails the checks it carried, and no other.
+    /// present in the batch (in a Redis Cluster: per algorithm and slot), all sent at once
+    /// (the connection pipelines them); a call that fails as a whole fails the checks it
+    /// carried, and no other.
     pub async fn check_batch(&self, checks: &[&Check]) -> Checked {
         let started = Instant::now();
-        let mut groups: [Vec<usize>; 3] = Default::default();
-        for (i, check) in checks.iter().enumerate() {
-            groups[algorithm_index(check.rule.algorithm)].push(i);
-        }
-        let answers = futures::join!(
-            self.timed(self.group(&self.fixed_window, checks, &groups[0])),
-            self.timed(self.group(&self.sliding_window, checks, &groups[1])),
-            self.timed(self.group(&self.token_bucket, checks, &groups[2])),
+        let groups = self.groups(
+            checks
+                .iter()
+                .map(|c| (algorithm_index(c.rule.algorithm), c.key.as_str())),
         );
+        let answers = futures::future::join_all(
+            groups
+                .iter()
+                .map(|indices| self.timed(self.group(checks, indices))),
+        )
+        .await;
         self.metrics.redis_check_seconds.record(started.elapsed());
         // Back into the order of `checks`: every index is in exactly one group.
         let mut out: Vec<Option<Result<Answer, CheckError>>> = vec![None; checks.len()];
-        for (indices, answers) in groups.iter().zip([answers.0, answers.1, answers.2]) {
+        let mut failed = false;
+        for (indices, answers) in groups.iter().zip(answers) {
             match answers {
                 Ok(answers) => {
                     for (&i, answer) in indices.iter().zip(answers) {
+                        failed |= matches!(&answer, Err(e) if !e.is_key_error());
                         out[i] = Some(answer);
                     }
                 }
                 Err(e) => {
+                    failed = true;
                     for &i in indices {
                         out[i] = Some(Err(e.clone()));
                     }
                 }
             }
         }
+        if failed {
+            self.store.call_failed();
+        }
         out.into_iter()
             .map(|a| a.expect("every check is in one group"))
             .collect()
+    }
+
+    /// The indices of `items` (a kind and a key each) grouped into script calls: by kind,
+    /// and in a cluster also by slot, since one call may only touch keys of one slot.
+    fn groups<'a>(&self, items: impl Iterator<Item = (usize, &'a str)>) -> Vec<Vec<usize>> {
+        let cluster = self.store.is_cluster();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut index: HashMap<(usize, Option<Slot>), usize> = HashMap::new();
+        for (i, (kind, key)) in items.enumerate() {
+            let slot = cluster.then(|| Slot::for_key(key));
+            let group = *index.entry((kind, slot)).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(i);
+        }
+        groups
     }
 
     async fn timed<F>(&self, call: F) -> Result<Checked, CheckError>
@@ -133,46 +156,61 @@ impl Limiter {
             .map_err(|_| CheckError::Timeout(self.timeout))?
     }
 
-    /// One script call for the checks at `indices` (all of one algorithm).
-    async fn group(
-        &self,
-        script: &Script,
-        checks: &[&Check],
-        indices: &[usize],
-    ) -> Result<Checked, CheckError> {
+    /// One script call for the checks at `indices` (all of one algorithm, and one slot).
+    async fn group(&self, checks: &[&Check], indices: &[usize]) -> Result<Checked, CheckError> {
         let Some(&first) = indices.first() else {
             return Ok(Vec::new());
         };
         let algorithm = checks[first].rule.algorithm;
-        let mut invocation = script.prepare_invoke();
-        if algorithm != Algorithm::FixedWindow {
-            invocation.arg("");
-        }
-        for &i in indices {
-            let Check {
-                key,
-                rule,
-                notify_tag,
-                message_id,
-                ..
-            } = checks[i];
-            invocation.key(key);
-            match algorithm {
-                Algorithm::FixedWindow => invocation.arg(rule.window_seconds).arg(rule.requests),
-                Algorithm::SlidingWindow => invocation
-                    .arg(rule.requests)
-                    .arg(rule.window_seconds.saturating_mul(1000)),
-                Algorithm::TokenBucket => invocation
-                    .arg(rule.requests)
-                    .arg(rule.window_seconds.saturating_mul(1000))
-                    .arg(rule.burst),
-            };
-            invocation.arg(notify_tag).arg(message_id);
-        }
-        // EVALSHA, and after a Redis restart (empty script cache) SCRIPT LOAD and EVALSHA
-        // again: NOSCRIPT means nothing ran, so nothing is counted twice.
-        let mut conn = self.conn.clone();
-        let flat: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let script = match algorithm {
+            Algorithm::FixedWindow => &self.fixed_window,
+            Algorithm::SlidingWindow => &self.sliding_window,
+            Algorithm::TokenBucket => &self.token_bucket,
+        };
+        // Every key a check touches, declared: its state, its decisions by id, and its
+        // sender's notification marker.
+        let keys: Vec<[String; 3]> = indices
+            .iter()
+            .map(|&i| {
+                let check = checks[i];
+                let base = companion_base(algorithm, &check.key);
+                [
+                    check.key.clone(),
+                    seen_key(algorithm, &base, &check.message_id),
+                    notified_key(&base, &check.notify_tag),
+                ]
+            })
+            .collect();
+        let fill = |cmd: &mut Cmd| {
+            cmd.arg(keys.len() * 3);
+            for key in keys.iter().flatten() {
+                cmd.arg(key);
+            }
+            if algorithm != Algorithm::FixedWindow {
+                cmd.arg("");
+            }
+            for &i in indices {
+                let Check {
+                    rule,
+                    notify_tag,
+                    message_id,
+                    ..
+                } = checks[i];
+                match algorithm {
+                    Algorithm::FixedWindow => cmd.arg(rule.window_seconds).arg(rule.requests),
+                    Algorithm::SlidingWindow => cmd
+                        .arg(rule.requests)
+                        .arg(rule.window_seconds.saturating_mul(1000)),
+                    Algorithm::TokenBucket => cmd
+                        .arg(rule.requests)
+                        .arg(rule.window_seconds.saturating_mul(1000))
+                        .arg(rule.burst),
+                };
+                cmd.arg(notify_tag).arg(message_id);
+            }
+        };
+        let mut conn = self.store.conn().await?;
+        let flat: Vec<Value> = script.run(&mut conn, fill).await?;
         let width = if algorithm == Algorithm::FixedWindow {
             4
         } else {
@@ -203,24 +241,41 @@ impl Limiter {
         // other algorithms' string per id.
         let records: Vec<(String, String)> = checks
             .iter()
-            .map(|check| match check.rule.algorithm {
-                Algorithm::FixedWindow => (format!("{}:seen", check.key), check.message_id.clone()),
-                Algorithm::SlidingWindow | Algorithm::TokenBucket => (
-                    format!("{}:seen:{}", check.key, check.message_id),
-                    String::new(),
-                ),
+            .map(|check| {
+                let algorithm = check.rule.algorithm;
+                let key = seen_key(
+                    algorithm,
+                    &companion_base(algorithm, &check.key),
+                    &check.message_id,
+                );
+                match algorithm {
+                    Algorithm::FixedWindow => (key, check.message_id.clone()),
+                    Algorithm::SlidingWindow | Algorithm::TokenBucket => (key, String::new()),
+                }
             })
             .collect();
-        let script = self.mark_forwarded.clone();
-        let mut conn = self.conn.clone();
-        let timeout = self.timeout;
+        let groups = self.groups(records.iter().map(|(key, _)| (0, key.as_str())));
+        let limiter = self.clone();
         tokio::spawn(async move {
-            let mut invocation = script.prepare_invoke();
-            for (key, id) in &records {
-                invocation.key(key).arg(id);
-            }
-            let call = invocation.invoke_async::<i64>(&mut conn);
-            if let Ok(Err(e)) = tokio::time::timeout(timeout, call).await {
+            let (limiter, records) = (&limiter, &records);
+            let calls = groups.iter().map(|indices| async move {
+                let mut conn = limiter.store.conn().await?;
+                let fill = |cmd: &mut Cmd| {
+                    cmd.arg(indices.len());
+                    for &i in indices {
+                        cmd.arg(&records[i].0);
+                    }
+                    for &i in indices {
+                        cmd.arg(&records[i].1);
+                    }
+                };
+                limiter.mark_forwarded.run::<i64>(&mut conn, fill).await
+            });
+            let marked =
+                tokio::time::timeout(limiter.timeout, futures::future::join_all(calls)).await;
+            if let Ok(results) = marked
+                && let Some(Err(e)) = results.into_iter().find(Result::is_err)
+            {
                 tracing::debug!(error = %e, "could not mark forwarded decisions");
             }
         });
@@ -231,20 +286,29 @@ impl Limiter {
         &self,
         key: &str,
     ) -> Result<std::collections::HashMap<String, String>, LimitError> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("HGETALL").arg(key).to_owned();
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+        let read = async {
+            let mut conn = self.store.conn().await?;
+            redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout, read).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(LimitError::Timeout(self.timeout)),
         }
     }
 
-    /// True when Redis answers a PING within the check timeout.
-    pub async fn ping(&self) -> bool {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
-        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    /// Ok when Redis answers a PING within the check timeout, else why not.
+    pub async fn ping(&self) -> Result<(), String> {
+        let ping = async {
+            let mut conn = self.store.conn().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        let outcome = match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.store.call_failed();
+        Err(outcome)
     }
 }
 

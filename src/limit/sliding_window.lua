@@ -3,11 +3,14 @@
 -- plus the current window's count. Only allowed messages are counted. O(1) memory: one
 -- hash per key with the current window's index and the two counts.
 --
--- KEYS[i]       the counter hash ({key_prefix}{tenant_id}:ratelimit:{channel}:sliding)
+-- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
+-- KEYS[3i-2]    the counter hash ({counter}:sliding, where {counter} is the counter key in braces)
+-- KEYS[3i-1]    its decision for this message id ({counter}:sliding:seen:{id})
+-- KEYS[3i]      its sender's notification marker ({counter}:sliding:notified:{tag})
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
 --               notification tag ("" to notify every rejection), and the message id
---               ("" when it has none) for KEYS[i]. A message with an id is counted once:
+--               ("" when it has none) for check i. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back, marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1), unless the counter is gone (then it is decided afresh).
@@ -24,12 +27,11 @@ else
 end
 local now = now_us / 1000
 
-local function check(i, key)
+local function check(i, key, seen_key, notified_key)
   local limit = tonumber(ARGV[4 * i - 2])
   local window = tonumber(ARGV[4 * i - 1])
   local tag = ARGV[4 * i]
   local id = ARGV[4 * i + 1]
-  local seen_key = key .. ':seen:' .. id
   if id ~= '' then
     local seen = redis.call('GET', seen_key)
     if seen and redis.call('EXISTS', key) == 1 then
@@ -86,7 +88,7 @@ local function check(i, key)
   if remaining < 0 then remaining = 0 end
   local notify = 1
   if allowed == 0 and tag ~= '' then
-    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
+    if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
       notify = 0
     end
   end
@@ -100,8 +102,8 @@ local function check(i, key)
 end
 
 local out = {}
-for i, key in ipairs(KEYS) do
-  local r = {pcall(check, i, key)}
+for i = 1, #KEYS / 3 do
+  local r = {pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])}
   if not r[1] then
     local e = r[2]
     r = {true, 'err', type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}

@@ -3,11 +3,14 @@
 -- not arrive earlier than TAT - burst * interval; then TAT moves one interval on. Exact
 -- and smooth: `requests` per window on average, up to `burst` at once.
 --
--- KEYS[i]       the TAT key ({key_prefix}{tenant_id}:ratelimit:{channel}:bucket)
+-- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
+-- KEYS[3i-2]    the TAT key ({counter}:bucket, where {counter} is the counter key in braces)
+-- KEYS[3i-1]    its decision for this message id ({counter}:bucket:seen:{id})
+-- KEYS[3i]      its sender's notification marker ({counter}:bucket:notified:{tag})
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[5i-3] .. ARGV[5i+1]  requests, window in milliseconds, burst, the sender's
 --               notification tag ("" to notify every rejection), and the message id
---               ("" when it has none) for KEYS[i]. A message with an id is counted once:
+--               ("" when it has none) for check i. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back, marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1); the bucket key expiring when full does not matter.
@@ -23,13 +26,12 @@ else
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local function check(i, key)
+local function check(i, key, seen_key, notified_key)
   local requests = tonumber(ARGV[5 * i - 3])
   local window_us = tonumber(ARGV[5 * i - 2]) * 1000
   local burst = tonumber(ARGV[5 * i - 1])
   local tag = ARGV[5 * i]
   local id = ARGV[5 * i + 1]
-  local seen_key = key .. ':seen:' .. id
   -- The bucket's key expires whenever the bucket is full again, so a replay does not
   -- depend on it: the kept decision alone (for the window) is replayed.
   if id ~= '' then
@@ -79,7 +81,7 @@ local function check(i, key)
   end
   local notify = 1
   if allowed == 0 and tag ~= '' then
-    if not redis.call('SET', key .. ':notified:' .. tag, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
+    if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
       notify = 0
     end
   end
@@ -93,8 +95,8 @@ local function check(i, key)
 end
 
 local out = {}
-for i, key in ipairs(KEYS) do
-  local r = {pcall(check, i, key)}
+for i = 1, #KEYS / 3 do
+  local r = {pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])}
   if not r[1] then
     local e = r[2]
     r = {true, 'err', type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}

@@ -400,12 +400,13 @@ impl TestGate {
 pub async fn wait_ready(http: SocketAddr, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok((200, _)) = http_get(http, "/readyz").await {
+        let answer = http_get(http, "/readyz").await;
+        if let Ok((200, _)) = answer {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the gate at {http} was not ready within {within:?}"
+            "the gate at {http} was not ready within {within:?}: {answer:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1,0 +1,331 @@
+//! The way to Redis in each of its shapes: one server, a Redis Cluster, or the primary that
+//! Sentinel names. The checks see one connection type; the store knows which node to ask.
+//!
+//! - Standalone: one multiplexed connection that re-establishes itself.
+//! - Cluster: the redis crate's cluster connection, which follows MOVED, ASK and TRYAGAIN
+//!   while slots move, and learns a new primary after a failover.
+//! - Sentinel: a standalone connection to the primary the sentinels name. The redis crate
+//!   does not follow a failover by itself, so every failed call asks the sentinels again
+//!   (at most twice a second), and a new primary gets a new connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    Client, ClientTlsConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    RedisResult, TlsCertificates, TlsMode, Value,
+};
+
+use crate::config::{ConfigError, RedisConfig, RedisMode, TlsPem};
+
+/// How long the sentinels are left alone after they were asked.
+const RESOLVE_PAUSE: Duration = Duration::from_millis(500);
+
+/// A connection to whichever node a command belongs to. Cheap to clone.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Redis, as the configuration describes it. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Standalone(ConnectionManager),
+    /// Connected on first use, so the gate starts while the cluster is down.
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        conn: tokio::sync::OnceCell<ClusterConnection>,
+    },
+    Sentinel(Sentinel),
+}
+
+struct Sentinel {
+    client: tokio::sync::Mutex<SentinelClient>,
+    primary: ArcSwapOption<(String, ConnectionManager)>,
+    /// Set while the sentinels are being asked, so failing calls do not queue up behind it.
+    resolving: AtomicBool,
+    manager: ConnectionManagerConfig,
+}
+
+impl Store {
+    /// Builds the clients without connecting: the gate starts (and reports not ready)
+    /// while Redis is down, and connects on first use.
+    pub fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
+        install_crypto_provider();
+        let bad = |e: RedisError| ConfigError::new(format!("redis: {e}"));
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let connect_timeout = timeout.max(Duration::from_secs(1));
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let tls = match &config.tls {
+            Some(files) => Some(certificates(files.read("redis.tls")?)),
+            None => None,
+        };
+        let inner = match config.mode {
+            RedisMode::Standalone => {
+                let client = match tls {
+                    Some(certs) => Client::build_with_tls(config.url.expose(), certs),
+                    None => Client::open(config.url.expose()),
+                }
+                .map_err(bad)?;
+                Inner::Standalone(
+                    ConnectionManager::new_lazy_with_config(client, manager).map_err(bad)?,
+                )
+            }
+            RedisMode::Cluster => {
+                let nodes: Vec<&str> = config.nodes.iter().map(|u| u.expose()).collect();
+                // TRYAGAIN (a multi-key call during a slot migration) is retried a few
+                // times soon after, within the check's own timeout.
+                let mut builder = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(timeout)
+                    .retries(6)
+                    .min_retry_wait(5)
+                    .max_retry_wait(200)
+                    .retry_wait_formula(10, 2);
+                if let Some(certs) = tls {
+                    builder = builder.certs(certs);
+                }
+                Inner::Cluster {
+                    client: builder.build().map_err(bad)?,
+                    conn: tokio::sync::OnceCell::new(),
+                }
+            }
+            RedisMode::Sentinel => {
+                let primary = config.url.expose().into_connection_info().map_err(bad)?;
+                let settings = primary.redis_settings();
+                let mut addresses = Vec::new();
+                for url in &config.sentinels {
+                    addresses.push(
+                        url.expose()
+                            .into_connection_info()
+                            .map_err(bad)?
+                            .addr()
+                            .clone(),
+                    );
+                }
+                let sentinels_tls = addresses
+                    .iter()
+                    .any(|a| matches!(a, redis::ConnectionAddr::TcpTls { .. }));
+                let name = config.master_name.clone().unwrap_or_default();
+                let mut builder =
+                    SentinelClientBuilder::new(addresses, name, SentinelServerType::Master)
+                        .map_err(bad)?
+                        .set_client_to_redis_db(settings.db());
+                if let Some(user) = settings.username() {
+                    builder = builder.set_client_to_redis_username(user);
+                }
+                if let Some(password) = settings.password() {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                if matches!(primary.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                }
+                if let Some(certs) = tls {
+                    builder = builder.set_client_to_redis_certificates(certs.clone());
+                    if sentinels_tls {
+                        builder = builder.set_client_to_sentinel_certificates(certs);
+                    }
+                }
+                Inner::Sentinel(Sentinel {
+                    client: tokio::sync::Mutex::new(builder.build().map_err(bad)?),
+                    primary: ArcSwapOption::empty(),
+                    resolving: AtomicBool::new(false),
+                    manager,
+                })
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// True for a Redis Cluster: every call must keep to one slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(*self.inner, Inner::Cluster { .. })
+    }
+
+    /// A connection for the next call.
+    pub async fn conn(&self) -> RedisResult<Conn> {
+        match &*self.inner {
+            Inner::Standalone(manager) => Ok(Conn::Single(manager.clone())),
+            Inner::Cluster { client, conn } => {
+                let conn = conn
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(Conn::Cluster(conn.clone()))
+            }
+            Inner::Sentinel(sentinel) => {
+                if let Some(primary) = sentinel.primary.load_full() {
+                    return Ok(Conn::Single(primary.1.clone()));
+                }
+                sentinel.resolve().await?;
+                match sentinel.primary.load_full() {
+                    Some(primary) => Ok(Conn::Single(primary.1.clone())),
+                    None => Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the sentinels named no primary",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// A call failed as a whole: with Sentinel, the primary may have changed (a refused
+    /// connection, or READONLY from a primary that became a replica), so the sentinels
+    /// are asked again in the background, at most once per `RESOLVE_PAUSE`.
+    pub fn call_failed(&self) {
+        let Inner::Sentinel(sentinel) = &*self.inner else {
+            return;
+        };
+        if sentinel.resolving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let Inner::Sentinel(sentinel) = &*store.inner else {
+                return;
+            };
+            if let Err(e) = sentinel.resolve().await {
+                tracing::debug!(error = %e, "the sentinels could not name the primary");
+            }
+            tokio::time::sleep(RESOLVE_PAUSE).await;
+            sentinel.resolving.store(false, Ordering::Release);
+        });
+    }
+
+    /// Sends `cmd` to the primary that owns `key`'s slot (any node outside a cluster).
+    pub async fn query_at_key(&self, key: &str, cmd: Cmd) -> RedisResult<Value> {
+        match self.conn().await? {
+            Conn::Single(mut conn) => cmd.query_async(&mut conn).await,
+            Conn::Cluster(mut conn) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::with_key(key, SlotAddr::Master);
+                conn.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await
+            }
+        }
+    }
+}
+
+impl Sentinel {
+    /// Asks the sentinels for the primary, and connects to it when it moved.
+    async fn resolve(&self) -> RedisResult<()> {
+        let client = self.client.lock().await.async_get_client().await?;
+        let address = client.get_connection_info().addr().to_string();
+        let current = self.primary.load_full();
+        if current.as_ref().is_none_or(|c| c.0 != address) {
+            let manager = ConnectionManager::new_lazy_with_config(client, self.manager.clone())?;
+            if let Some(previous) = &current {
+                tracing::warn!(from = %previous.0, to = %address, "the sentinels name a new Redis primary; switching to it");
+            }
+            self.primary.store(Some(Arc::new((address, manager))));
+        }
+        Ok(())
+    }
+}
+
+/// Makes aws-lc-rs the process's TLS crypto: the broker's client (lapin) and Redis's both
+/// use rustls, and rustls refuses to guess when a build enables more than one provider.
+pub fn install_crypto_provider() {
+    // Err only when a provider is already installed, which is as good.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The redis crate's TLS settings from the files' contents.
+fn certificates(pem: TlsPem) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: pem
+            .identity
+            .map(|(client_cert, client_key)| ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: pem.ca,
+    }
+}
+
+/// A Lua script: its text, and the SHA1 that EVALSHA names it by.
+#[derive(Clone)]
+pub struct Lua {
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    pub fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// Runs the script with the keys and arguments `fill` appends (key count first):
+    /// EVALSHA, and EVAL when the node answering does not know the script yet (a restart,
+    /// a new primary after a failover, a node that just joined). NOSCRIPT means nothing
+    /// ran, so nothing is counted twice. EVAL goes to the keys' node like EVALSHA, where
+    /// `SCRIPT LOAD` would go to every node of a cluster and fail while any is down.
+    pub async fn run<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        fill: impl Fn(&mut Cmd),
+    ) -> RedisResult<T> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha);
+        fill(&mut cmd);
+        match cmd.query_async(conn).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(self.source);
+                fill(&mut cmd);
+                cmd.query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
