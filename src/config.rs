@@ -763,6 +763,15 @@ impl Config {
         }
         if let Some(tls) = &amqp.tls {
             tls.validate("amqp.tls")?;
+            if !amqp
+                .addresses()
+                .iter()
+                .any(|(_, url)| url.expose().starts_with("amqps://"))
+            {
+                return fail(
+                    "amqp.tls is set, but no broker URL is amqps://; use amqps:// for TLS".into(),
+                );
+            }
         }
         self.redis.validate()?;
         for (key, name) in [
@@ -971,6 +980,19 @@ impl RedisConfig {
         }
         if let Some(tls) = &self.tls {
             tls.validate("redis.tls")?;
+            let in_use: Vec<&SecretUrl> = match self.mode {
+                RedisMode::Standalone | RedisMode::Sentinel => vec![&self.url],
+                RedisMode::Cluster => self.nodes.iter().collect(),
+            };
+            if !in_use
+                .iter()
+                .any(|url| url.expose().starts_with("rediss://"))
+            {
+                return fail(
+                    "redis.tls is set, but the Redis URL is not rediss://; use rediss:// for TLS"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -1324,6 +1346,100 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
+    fn lists_come_comma_separated_from_the_environment_and_take_the_password_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("redis-password", "n0des-pw\n")?;
+            jail.create_file(
+                "gate.toml",
+                "[redis]\nmode = \"cluster\"\npassword_file = \"redis-password\"\n",
+            )?;
+            jail.set_env(
+                "KONSTRUCT_GATE__REDIS__NODES",
+                "redis://10.0.0.1:6379, redis://10.0.0.2:6379",
+            );
+            jail.set_env(
+                "KONSTRUCT_GATE__AMQP__URLS",
+                "amqp://u:pw1@a:5672/%2f,amqps://u:pw2@b:5671/%2f",
+            );
+            let c = Config::load(Some(Path::new("gate.toml"))).unwrap();
+            let nodes: Vec<&str> = c.redis.nodes.iter().map(SecretUrl::expose).collect();
+            assert_eq!(
+                nodes,
+                [
+                    "redis://:n0des-pw@10.0.0.1:6379",
+                    "redis://:n0des-pw@10.0.0.2:6379"
+                ]
+            );
+            assert_eq!(c.amqp.addresses().len(), 2);
+            assert_eq!(c.amqp.addresses()[1].0, "amqp.urls[1]");
+            let printed = c.to_redacted_toml();
+            for secret in ["n0des", "pw1", "pw2"] {
+                assert!(!printed.contains(secret), "{printed}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_redis_mode_names_what_it_is_missing() {
+        let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+        assert!(err("[redis]\nmode = \"cluster\"\n").contains("redis.nodes"));
+        assert!(err("[redis]\nmode = \"sentinel\"\n").contains("redis.sentinels"));
+        assert!(
+            err("[redis]\nmode = \"sentinel\"\nsentinels = [\"redis://s:26379\"]\n")
+                .contains("redis.master_name")
+        );
+        assert!(
+            err("[redis]\nmode = \"cluster\"\nnodes = [\"redis://n:6379\"]\nkey_prefix = \"{gate}:\"\n")
+                .contains("redis.key_prefix")
+        );
+        assert!(
+            err("[redis]\nmode = \"cluster\"\nnodes = [\"redis//n:6379\"]\n")
+                .contains("redis.nodes[0]")
+        );
+        assert!(err("[redis]\nmode = \"ring\"\n").contains("redis.mode"));
+        Config::from_toml_str(
+            "[redis]\nmode = \"sentinel\"\nsentinels = [\"redis://s:26379\"]\nmaster_name = \"mymaster\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_tls_table_needs_a_tls_url_and_both_halves_of_a_client_certificate() {
+        let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+        let dir = std::env::temp_dir().join(format!("gate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let ca = ca.display();
+        assert!(
+            err(&format!("[redis.tls]\nca_file = \"{ca}\"\n")).contains("rediss://"),
+            "a TLS table on a plaintext URL"
+        );
+        assert!(
+            err(&format!("[amqp.tls]\nca_file = \"{ca}\"\n")).contains("amqps://"),
+            "a TLS table on a plaintext URL"
+        );
+        assert!(
+            err(&format!(
+                "[redis]\nurl = \"rediss://h:6380\"\n[redis.tls]\ncert_file = \"{ca}\"\n"
+            ))
+            .contains("redis.tls.key_file"),
+            "a certificate without its key"
+        );
+        assert!(
+            err("[redis]\nurl = \"rediss://h:6380\"\n[redis.tls]\nca_file = \"/no/such/ca.pem\"\n")
+                .contains("redis.tls.ca_file /no/such/ca.pem cannot be read"),
+        );
+        Config::from_toml_str(&format!(
+            "[redis]\nurl = \"rediss://h:6380\"\n[redis.tls]\nca_file = \"{ca}\"\n"
+        ))
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
