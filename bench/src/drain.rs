@@ -68,6 +68,8 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
     let settings = GateSettings {
         amqp_url: amqp_url.clone(),
         redis_url: redis_url.clone(),
+        redis_nodes: Vec::new(),
+        http_listen: "127.0.0.1:0".into(),
         requests: args.requests,
         window_seconds: 600,
         prefetch: args.prefetch,
@@ -208,7 +210,7 @@ fn rabbitmqctl(args: &[&str]) -> Result<()> {
 
 /// Polls until `n` messages sit in the output queues; returns the time from the first
 /// output to the last, so that neither side pays for its start-up.
-async fn time_until_delivered(
+pub async fn time_until_delivered(
     channel: &Channel,
     queues: &[&str],
     n: u64,

@@ -78,6 +78,8 @@ pub async fn run(args: LoadArgs, amqp_url: String, redis_url: String, json: bool
     let settings = GateSettings {
         amqp_url: amqp_url.clone(),
         redis_url: redis_url.clone(),
+        redis_nodes: Vec::new(),
+        http_listen: "127.0.0.1:0".into(),
         requests: args.requests,
         window_seconds: args.window_seconds,
         prefetch: args.prefetch,

@@ -1,9 +1,11 @@
 //! gate-bench: load and drain benchmarks for konstruct-gate against a local RabbitMQ and
 //! Redis. `gate-bench load` measures throughput, latency and outcomes through gates it
-//! starts; `gate-bench drain` times RabbitMQ's Shovel and the gate side by side.
+//! starts; `gate-bench drain` times RabbitMQ's Shovel and the gate side by side;
+//! `gate-bench scale` measures a Redis Cluster and growing numbers of keys.
 
 mod drain;
 mod load;
+mod scale;
 mod support;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,9 @@ enum Mode {
     Load(load::LoadArgs),
     /// Time Shovel and the gate draining the same pre-filled queue, alternating.
     Drain(drain::DrainArgs),
+    /// A Redis Cluster against one server, and 1,000 to 1,000,000 distinct keys, on
+    /// Redis servers of its own.
+    Scale(scale::ScaleArgs),
 }
 
 #[tokio::main]
@@ -48,5 +53,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Mode::Load(args) => load::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
         Mode::Drain(args) => drain::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
+        Mode::Scale(args) => scale::run(args, cli.amqp_url, cli.json).await,
     }
 }

@@ -275,6 +275,10 @@ pub fn gate_binary() -> Result<PathBuf> {
 pub struct GateSettings {
     pub amqp_url: String,
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (`redis.mode = "cluster"`); empty for one server.
+    pub redis_nodes: Vec<String>,
+    /// `http.listen`, so the benchmark can read `/metrics`.
+    pub http_listen: String,
     pub requests: u64,
     pub window_seconds: u64,
     pub prefetch: u16,
@@ -315,7 +319,7 @@ impl GateProcess {
                 settings.window_seconds.to_string(),
             ),
             ("LIMITS__COUNT_ONCE", settings.count_once.to_string()),
-            ("HTTP__LISTEN", "127.0.0.1:0".into()),
+            ("HTTP__LISTEN", settings.http_listen.clone()),
             (
                 "LOG__LEVEL",
                 std::env::var("GATE_BENCH_GATE_LOG").unwrap_or_else(|_| "warn".into()),
@@ -323,6 +327,12 @@ impl GateProcess {
         ];
         for (k, v) in vars {
             command.env(format!("KONSTRUCT_GATE__{k}"), v);
+        }
+        if !settings.redis_nodes.is_empty() {
+            command.env("KONSTRUCT_GATE__REDIS__MODE", "cluster").env(
+                "KONSTRUCT_GATE__REDIS__NODES",
+                settings.redis_nodes.join(","),
+            );
         }
         let child = command.spawn().context("starting konstruct-gate")?;
         Ok(Self { child })

@@ -3,7 +3,7 @@
 //! RabbitMQ nodes (alone, with TLS, or clustered). Each lives in a temporary directory on
 //! free loopback ports; dropping it stops its processes however the test ends and deletes
 //! the directory (kept, and named on stderr, when KONSTRUCT_TEST_KEEP_ENGINES is set).
-//! Every wait has a deadline; the slow ones are async so that a gate running in the same
+//! Every wait has a deadline; the slow ones are async, so a gate running in the same
 //! runtime keeps working while a test reshards or fails over.
 
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use rcgen::{IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use super::unique;
 
 /// A directory of the test's own, deleted on drop.
-pub struct TempDir(PathBuf);
+pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(label: &str) -> Self {
@@ -28,10 +28,6 @@ impl TempDir {
             );
         }
         Self(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
     }
 
     fn sub(&self, name: impl ToString) -> PathBuf {
@@ -54,78 +50,61 @@ impl Drop for TempDir {
 /// `n` distinct loopback ports that nothing listens on now (held together while picked).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect();
     held.iter()
-        .map(|l| l.local_addr().unwrap().port())
+        .map(|l| l.as_ref().unwrap().local_addr().unwrap().port())
         .collect()
 }
 
-struct Deadline(Instant, Duration);
-
-impl Deadline {
-    fn new(within: Duration) -> Self {
-        Self(Instant::now() + within, within)
-    }
-
-    /// Sleeps before the next try; panics with `what` and the last failure once time is up.
-    async fn retry(&self, what: &str, last: &str) {
-        assert!(
-            Instant::now() < self.0,
-            "{what} within {:?} (last check: {last})",
-            self.1
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Sleeps before the next try; panics with `what` and the last failure after `deadline`.
+async fn retry(deadline: Instant, what: &str, last: &str) {
+    assert!(
+        Instant::now() < deadline,
+        "gave up waiting for {what} (last check: {last})"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Runs a command to the end (killed after `within`): its stdout, or why it failed.
 async fn run(cmd: &mut tokio::process::Command, within: Duration) -> Result<String, String> {
     let what = format!("{:?}", cmd.as_std());
-    let result = tokio::time::timeout(within, cmd.stdin(Stdio::null()).kill_on_drop(true).output());
-    match result.await {
-        Err(_) => Err(format!("{what} did not finish within {within:?}")),
-        Ok(Err(e)) => Err(format!(
-            "cannot run {what} ({e}): is it installed and on PATH?"
-        )),
-        Ok(Ok(out)) => {
-            let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() {
-                Ok(text)
-            } else {
-                Err(format!("{what}: {text}{stderr}"))
-            }
-        }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = match tokio::time::timeout(within, cmd.output()).await {
+        Err(_) => return Err(format!("{what} did not finish within {within:?}")),
+        Ok(Err(e)) => return Err(format!("cannot run {what} ({e}): is it on PATH?")),
+        Ok(Ok(out)) => out,
+    };
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ok = out.status.success();
+    if ok {
+        Ok(text)
+    } else {
+        Err(format!("{what}: {text}{stderr}"))
     }
 }
 
-/// A long-running server started by the test, stopped on drop: SIGKILL for Redis; for a
-/// RabbitMQ start script SIGTERM (it stops the node cleanly, ~1–1.5 s), then SIGKILL to
-/// the script and the Erlang VM if that takes over 30 s.
+/// A server the test started, stopped on drop: SIGKILL for Redis; for a RabbitMQ start
+/// script SIGTERM (it stops the node cleanly in ~1–1.5 s), then, after 30 s, SIGKILL to the
+/// script and to the Erlang VM named in the node's pid file.
 struct Proc {
     port: u16,
     log: PathBuf,
     child: Child,
-    /// A RabbitMQ node's pid file: the Erlang VM's pid.
     rabbit_pid_file: Option<PathBuf>,
 }
 
 impl Proc {
     fn spawn(port: u16, cmd: &mut Command, log: PathBuf, rabbit_pid_file: Option<PathBuf>) -> Self {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let hint = if rabbit_pid_file.is_some() {
-            "install RabbitMQ 3.10+ or set KONSTRUCT_TEST_RABBITMQ_SBIN to the directory of its scripts"
-        } else {
-            "install Redis 7 built with TLS (`apt-get install redis-server redis-tools`)"
-        };
         let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn();
-        let child = child.unwrap_or_else(|e| panic!("cannot start {program} ({e}): {hint}."));
+            .stderr(file);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {program} ({e}): install Redis 7 built with TLS and RabbitMQ 3.10+, or set KONSTRUCT_TEST_RABBITMQ_SBIN to the directory of RabbitMQ's scripts.")
+        });
         Self {
             port,
             log,
@@ -134,33 +113,25 @@ impl Proc {
         }
     }
 
-    /// The last lines of its output, for failure messages (the directory goes with the test).
+    /// The end of its output, for failure messages (the directory goes with the test).
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
-
-    fn beam_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.rabbit_pid_file.as_ref()?)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.rabbit_pid_file.is_some() {
-            let beam = self.beam_pid();
-            signal("TERM", self.child.id());
+        if let Some(pid_file) = &self.rabbit_pid_file {
+            let beam = std::fs::read_to_string(pid_file).ok();
+            signal("TERM", &self.child.id().to_string());
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if let (Ok(None), Some(pid)) = (self.child.try_wait(), beam) {
-                signal("KILL", pid); // the script still waits for it: the pid is still its
+                signal("KILL", pid.trim()); // the script still waits for it: the pid is its
             }
         }
         let _ = self.child.kill();
@@ -168,11 +139,11 @@ impl Drop for Proc {
     }
 }
 
-fn signal(name: &str, pid: u32) {
+fn signal(name: &str, pid: &str) {
     let mut kill = Command::new("kill");
     let _ = kill
         .arg(format!("-{name}"))
-        .arg(pid.to_string())
+        .arg(pid)
         .stderr(Stdio::null())
         .status();
 }
@@ -189,7 +160,7 @@ fn redis_command(port: u16, dir: &Path) -> Command {
     cmd
 }
 
-/// `redis-cli -h 127.0.0.1 -p port ARGS`; it exits 0 on error replies, so callers check the text.
+/// `redis-cli -h 127.0.0.1 -p port ARGS`. It exits 0 on error replies: callers check the text.
 async fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new("redis-cli");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -207,11 +178,8 @@ async fn wait_pong(process: &Proc, options: &[&str]) {
             Ok(out) | Err(out) => out,
         };
         if Instant::now() > deadline {
-            let log = process.tail();
-            panic!(
-                "redis-server on port {} did not answer PING ({last}); its log:\n{log}",
-                process.port
-            );
+            let (port, log) = (process.port, process.tail());
+            panic!("redis-server on port {port} did not answer PING ({last}); its log:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -231,23 +199,16 @@ pub struct ClusterNode {
 }
 
 fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
+    let range = |s: &str| -> Option<(u16, u16)> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        Some((a.parse().ok()?, b.parse().ok()?)) // None for "[slot->-id]" (migrating)
+    };
     let node = |line: &str| -> Option<ClusterNode> {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let port = f
-            .get(1)?
-            .split('@')
-            .next()?
-            .rsplit(':')
-            .next()?
-            .parse()
-            .ok()?;
-        let range = |s: &str| -> Option<(u16, u16)> {
-            let (a, b) = s.split_once('-').unwrap_or((s, s));
-            Some((a.parse().ok()?, b.parse().ok()?)) // None for "[slot->-id]" (migrating)
-        };
+        let address = f.get(1)?.split('@').next()?;
         Some(ClusterNode {
             id: f[0].to_owned(),
-            port,
+            port: address.rsplit(':').next()?.parse().ok()?,
             primary: f.get(2)?.contains("master"),
             failed: f[2].split(',').any(|flag| flag == "fail"),
             primary_id: f.get(3).filter(|id| **id != "-").map(|id| id.to_string()),
@@ -259,11 +220,8 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
 
 fn owner(nodes: &[ClusterNode], slot: u16) -> Option<ClusterNode> {
     let serves = |n: &&ClusterNode| n.slots.iter().any(|&(a, b)| a <= slot && slot <= b);
-    nodes
-        .iter()
-        .filter(|n| n.primary && !n.failed)
-        .find(serves)
-        .cloned()
+    let mut primaries = nodes.iter().filter(|n| n.primary && !n.failed);
+    primaries.find(serves).cloned()
 }
 
 /// A Redis Cluster of primaries × (1 + replicas) `redis-server` children, with a 2-second
@@ -284,18 +242,13 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         // The bus port is explicit: port + 10000 may be taken, or above 65535.
         for pair in free_ports(2 * primaries * (1 + replicas_per_primary)).chunks(2) {
-            let node_dir = dir.sub(pair[0]);
-            let mut cmd = redis_command(pair[0], &node_dir);
-            cmd.args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-port",
-                &pair[1].to_string(),
-            ]);
+            let (port, bus, node_dir) = (pair[0], pair[1].to_string(), dir.sub(pair[0]));
+            let mut cmd = redis_command(port, &node_dir);
+            cmd.args(["--cluster-enabled", "yes", "--cluster-port", &bus]);
             cmd.args(["--cluster-node-timeout", "2000", "--cluster-config-file"]);
             cmd.arg(node_dir.join("nodes.conf"));
             nodes.push(Some(Proc::spawn(
-                pair[0],
+                port,
                 &mut cmd,
                 node_dir.join("log"),
                 None,
@@ -310,6 +263,7 @@ impl RedisCluster {
         for node in cluster.nodes.iter().flatten() {
             wait_pong(node, &[]).await;
         }
+        let replicas = replicas_per_primary.to_string();
         let mut create = tokio::process::Command::new("redis-cli");
         create.args(["--cluster", "create"]);
         create.args(
@@ -318,11 +272,7 @@ impl RedisCluster {
                 .iter()
                 .map(|p| format!("127.0.0.1:{p}")),
         );
-        create.args([
-            "--cluster-replicas",
-            &replicas_per_primary.to_string(),
-            "--cluster-yes",
-        ]);
+        create.args(["--cluster-replicas", &replicas, "--cluster-yes"]);
         if let Err(e) = run(&mut create, Duration::from_secs(60)).await {
             panic!("redis-cli --cluster create failed (it needs Redis 5 or later): {e}");
         }
@@ -334,94 +284,85 @@ impl RedisCluster {
         self.nodes.iter().flatten().map(|n| n.port).collect()
     }
 
-    async fn cli(&self, args: &[&str]) -> String {
-        let port = *self
-            .live_ports()
-            .first()
-            .expect("every node of the cluster was killed");
-        redis_cli(port, args)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// `redis://127.0.0.1:P` of every node not killed.
     pub fn seed_urls(&self) -> Vec<String> {
-        self.live_ports()
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect()
+        let urls = self
+            .live_ports()
+            .into_iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"));
+        urls.collect()
     }
 
-    /// The cluster as a running node sees it (`CLUSTER NODES`).
+    /// The cluster as a running node sees it (`CLUSTER NODES`): ids for `reshard`.
     pub async fn nodes(&self) -> Vec<ClusterNode> {
-        parse_cluster_nodes(&self.cli(&["cluster", "nodes"]).await)
+        let text = redis_cli(self.live_ports()[0], &["cluster", "nodes"]).await;
+        parse_cluster_nodes(&text.unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// `CLUSTER KEYSLOT key` (hash tags included).
     pub async fn keyslot(&self, key: &str) -> u16 {
-        let out = self.cli(&["cluster", "keyslot", key]).await;
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT answered {out:?}"))
+        let out = redis_cli(self.live_ports()[0], &["cluster", "keyslot", key]).await;
+        let slot = out.as_deref().map(|o| o.trim().parse());
+        match slot {
+            Ok(Ok(slot)) => slot,
+            _ => panic!("CLUSTER KEYSLOT answered {out:?}"),
+        }
     }
 
-    pub async fn owner_of_slot(&self, slot: u16) -> ClusterNode {
-        owner(&self.nodes().await, slot).unwrap_or_else(|| panic!("no live primary serves {slot}"))
-    }
-
+    /// The primary that serves `key` now.
     pub async fn owner_of_key(&self, key: &str) -> ClusterNode {
-        self.owner_of_slot(self.keyslot(key).await).await
+        let slot = self.keyslot(key).await;
+        owner(&self.nodes().await, slot).unwrap_or_else(|| panic!("no primary serves {slot}"))
     }
 
     /// Moves `slots` slots and their keys from primary `from` (all primaries when None) to
     /// primary `to` (node ids) with `redis-cli --cluster reshard`, then waits for agreement.
     /// 1500 slots: under 1 s idle, 5–7 s under a write load.
     pub async fn reshard(&self, from: Option<&str>, to: &str, slots: usize) {
+        let (seed, slots) = (
+            format!("127.0.0.1:{}", self.live_ports()[0]),
+            slots.to_string(),
+        );
         let mut cmd = tokio::process::Command::new("redis-cli");
+        cmd.args(["--cluster", "reshard", &seed, "--cluster-to", to]);
         cmd.args([
-            "--cluster",
-            "reshard",
-            &format!("127.0.0.1:{}", self.live_ports()[0]),
+            "--cluster-from",
+            from.unwrap_or("all"),
+            "--cluster-slots",
+            &slots,
         ]);
-        cmd.args(["--cluster-from", from.unwrap_or("all"), "--cluster-to", to]);
-        cmd.args(["--cluster-slots", &slots.to_string(), "--cluster-yes"]);
-        cmd.args(["--cluster-pipeline", "100"]);
+        cmd.args(["--cluster-yes", "--cluster-pipeline", "100"]);
         if let Err(e) = run(&mut cmd, Duration::from_secs(180)).await {
             panic!("redis-cli --cluster reshard failed: {e}");
         }
         self.wait_ok(Duration::from_secs(30)).await;
     }
 
+    /// SIGKILLs the primary serving `key`; returns it once one of its replicas serves the
+    /// key's slot and the cluster is healthy again (3–4 s).
     pub async fn kill_primary_owning(&mut self, key: &str) -> ClusterNode {
-        let slot = self.keyslot(key).await;
-        self.kill_primary_owning_slot(slot).await
-    }
-
-    /// SIGKILLs the primary serving `slot`; returns it once one of its replicas serves the
-    /// slot and the cluster is healthy again (3–4 s).
-    pub async fn kill_primary_owning_slot(&mut self, slot: u16) -> ClusterNode {
-        let before = self.nodes().await;
+        let (slot, before) = (self.keyslot(key).await, self.nodes().await);
         let victim = owner(&before, slot).unwrap_or_else(|| panic!("no primary serves {slot}"));
-        let its_replica = |n: &ClusterNode| n.primary_id.as_deref() == Some(victim.id.as_str());
-        if before.iter().any(|n| !n.failed && its_replica(n)) {
+        let its = Some(victim.id.as_str());
+        if before
+            .iter()
+            .any(|n| !n.failed && n.primary_id.as_deref() == its)
+        {
             self.expected_replicas -= 1;
         }
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.as_ref().is_some_and(|n| n.port == victim.port));
-        drop(
-            node.expect("the owner is one of this cluster's nodes")
-                .take(),
-        ); // SIGKILL
-        let deadline = Deadline::new(Duration::from_secs(30));
+        for node in &mut self.nodes {
+            if node.as_ref().is_some_and(|n| n.port == victim.port) {
+                *node = None; // dropped: SIGKILL
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = owner(&self.nodes().await, slot).map(|n| n.port);
             if now.is_some_and(|port| port != victim.port) {
                 break;
             }
-            let what = format!("no replica took slot {slot} over from {}", victim.port);
-            deadline.retry(&what, &format!("served by {now:?}")).await;
+            let what = format!("a replica taking slot {slot} over from {}", victim.port);
+            retry(deadline, &what, &format!("served by {now:?}")).await;
         }
         self.wait_ok(Duration::from_secs(30)).await;
         victim
@@ -430,11 +371,9 @@ impl RedisCluster {
     /// Waits until every running node says cluster_state:ok with all 16384 slots, all agree
     /// on who serves which slots, and every replica is attached and in sync.
     pub async fn wait_ok(&self, within: Duration) {
-        let deadline = Deadline::new(within);
+        let deadline = Instant::now() + within;
         while let Err(e) = self.check_ok().await {
-            deadline
-                .retry("the Redis Cluster did not become healthy", &e)
-                .await;
+            retry(deadline, "a healthy Redis Cluster", &e).await;
         }
     }
 
@@ -454,9 +393,8 @@ impl RedisCluster {
                 return Err(format!("{port} sees {replicas} replicas"));
             }
             let primaries = view.iter().filter(|n| n.primary && !n.failed);
-            let mut map: Vec<_> = primaries
-                .flat_map(|n| n.slots.iter().map(move |s| (*s, n.port)))
-                .collect();
+            let map = primaries.flat_map(|n| n.slots.iter().map(move |s| (*s, n.port)));
+            let mut map: Vec<_> = map.collect();
             map.sort_unstable();
             maps.push(map);
             if view.iter().any(|n| n.port == port && !n.primary) {
@@ -486,7 +424,7 @@ pub struct RedisSentinel {
 }
 
 impl RedisSentinel {
-    /// ~2.5 s: the sentinels find each other through hello messages every 2 s.
+    /// 2–3 s: the sentinels find each other through hello messages every 2 s.
     pub async fn start() -> Self {
         let dir = TempDir::new("redis-sentinel");
         let p = free_ports(5);
@@ -498,6 +436,21 @@ impl RedisSentinel {
                 cmd.args(["--replicaof", "127.0.0.1", &p[0].to_string()]);
             }
             processes.push(Proc::spawn(port, &mut cmd, dir.sub(port).join("log"), None));
+        }
+        // Sentinels started before the replica is in sync learn of it only from their next
+        // INFO to the primary, 10 s later.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for process in &processes {
+            wait_pong(process, &[]).await;
+        }
+        loop {
+            let info = redis_cli(p[1], &["info", "replication"])
+                .await
+                .unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                break;
+            }
+            retry(deadline, "the replica in sync", &info).await;
         }
         for port in sentinel_ports {
             let (d, m) = (dir.sub(port), MASTER_NAME);
@@ -518,7 +471,7 @@ impl RedisSentinel {
             processes,
             dir,
         };
-        for process in &sentinel.processes {
+        for process in &sentinel.processes[2..] {
             wait_pong(process, &[]).await;
         }
         sentinel.wait_settled(Duration::from_secs(30)).await;
@@ -526,17 +479,17 @@ impl RedisSentinel {
     }
 
     pub fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinel_ports
+        let urls = self
+            .sentinel_ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect()
+            .map(|p| format!("redis://127.0.0.1:{p}"));
+        urls.collect()
     }
 
     /// The primary's port, as the first sentinel names it.
     pub async fn primary_port(&self) -> u16 {
-        sentinel_primary(self.sentinel_ports[0])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
+        let port = sentinel_primary(self.sentinel_ports[0]).await;
+        port.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `SENTINEL FAILOVER`: returns the new primary's port once all three sentinels name it
@@ -547,17 +500,14 @@ impl RedisSentinel {
         self.wait_settled(Duration::from_secs(60)).await;
         let old = self.primary_port().await;
         let new = self.redis_ports.into_iter().find(|&p| p != old).unwrap();
-        let reply = redis_cli(
-            self.sentinel_ports[0],
-            &["sentinel", "failover", MASTER_NAME],
-        )
-        .await;
+        let command = ["sentinel", "failover", MASTER_NAME];
+        let reply = redis_cli(self.sentinel_ports[0], &command).await;
         assert_eq!(
             reply.as_deref().map(str::trim),
             Ok("OK"),
-            "SENTINEL FAILOVER was refused"
+            "SENTINEL FAILOVER"
         );
-        let deadline = Deadline::new(Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut named = Vec::new();
             for sentinel in self.sentinel_ports {
@@ -567,81 +517,72 @@ impl RedisSentinel {
             if named.iter().all(|p| *p == Ok(new)) && role.starts_with("master\n") {
                 return new;
             }
-            let what = format!("the failover from {old} to {new} did not complete");
-            deadline
-                .retry(&what, &format!("sentinels name {named:?}; {new}: {role:?}"))
-                .await;
+            let what = format!("the failover from {old} to {new}");
+            retry(
+                deadline,
+                &what,
+                &format!("sentinels name {named:?}; {role:?}"),
+            )
+            .await;
         }
     }
 
     /// Waits until the sentinels agree on the primary, know each other, and have seen the
     /// other server as its in-sync replica: at once after start; ~20 s after a failover.
     pub async fn wait_settled(&self, within: Duration) {
-        let deadline = Deadline::new(within);
+        let deadline = Instant::now() + within;
         while let Err(e) = self.check_settled().await {
-            deadline.retry("the sentinels did not settle", &e).await;
+            retry(deadline, "settled sentinels", &e).await;
         }
     }
 
     async fn check_settled(&self) -> Result<(), String> {
         let primary = sentinel_primary(self.sentinel_ports[0]).await?;
-        let replica = self
-            .redis_ports
-            .into_iter()
-            .find(|&p| p != primary)
-            .ok_or("no primary")?;
-        let (primary, replica) = (primary.to_string(), replica.to_string());
+        let replica = self.redis_ports.into_iter().find(|&p| p != primary);
+        let (primary, replica) = (
+            primary.to_string(),
+            replica.ok_or("no primary")?.to_string(),
+        );
         for s in self.sentinel_ports {
             let master = redis_cli(s, &["sentinel", "master", MASTER_NAME]).await?;
-            let wants = [
-                ("port", primary.as_str()),
-                ("flags", "master"),
-                ("num-slaves", "1"),
-            ];
-            check_fields(s, &master, &[("num-other-sentinels", "2")], &wants)?;
+            check_fields(
+                s,
+                &master,
+                &[("port", primary.as_str()), ("num-other-sentinels", "2")],
+            )?;
             let replicas = redis_cli(s, &["sentinel", "replicas", MASTER_NAME]).await?;
             let wants = [
                 ("port", replica.as_str()),
                 ("flags", "slave"),
                 ("role-reported", "slave"),
             ];
-            let link = [
-                ("master-link-status", "ok"),
-                ("master-port", primary.as_str()),
-            ];
-            check_fields(s, &replicas, &wants, &link)?;
+            check_fields(s, &replicas, &wants)?;
+            check_fields(
+                s,
+                &replicas,
+                &[
+                    ("master-link-status", "ok"),
+                    ("master-port", primary.as_str()),
+                ],
+            )?;
         }
-        let replication = redis_cli(replica.parse().unwrap(), &["info", "replication"]).await?;
-        match replication.contains("master_link_status:up") {
-            true => Ok(()),
-            false => Err(format!("{replica} is not in sync with {primary}")),
-        }
+        Ok(())
     }
 }
 
 async fn sentinel_primary(sentinel: u16) -> Result<u16, String> {
-    let out = redis_cli(
-        sentinel,
-        &["sentinel", "get-master-addr-by-name", MASTER_NAME],
-    )
-    .await?;
+    let command = ["sentinel", "get-master-addr-by-name", MASTER_NAME];
+    let out = redis_cli(sentinel, &command).await?;
     let port = out.lines().nth(1).and_then(|p| p.trim().parse().ok());
     port.ok_or_else(|| format!("sentinel {sentinel} named the primary {out:?}"))
 }
 
 /// Checks `key value` pairs in redis-cli's flat output of a sentinel's reply.
-fn check_fields(
-    sentinel: u16,
-    text: &str,
-    a: &[(&str, &str)],
-    b: &[(&str, &str)],
-) -> Result<(), String> {
+fn check_fields(sentinel: u16, text: &str, wants: &[(&str, &str)]) -> Result<(), String> {
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    for (key, want) in a.iter().chain(b) {
-        let found = lines
-            .chunks(2)
-            .find(|pair| pair[0] == *key)
-            .and_then(|pair| pair.get(1));
+    for (key, want) in wants {
+        let pair = lines.chunks(2).find(|pair| pair[0] == *key);
+        let found = pair.and_then(|pair| pair.get(1));
         if found != Some(want) {
             return Err(format!(
                 "sentinel {sentinel}: {key} is {found:?}, not {want}"
@@ -674,9 +615,9 @@ impl TestCerts {
         };
         let (ca_pem, ca) = new_ca("konstruct test CA");
         let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let (server_cert, server_key) = leaf(&ca, "localhost", names, Eku::ServerAuth, false);
-        let (client_cert, client_key) = leaf(&ca, "gate", vec![], Eku::ClientAuth, false);
-        let (expired_cert, expired_key) = leaf(&ca, "gate", vec![], Eku::ClientAuth, true);
+        let (server_cert, server_key) = leaf(&ca, names, Eku::ServerAuth, false);
+        let (client_cert, client_key) = leaf(&ca, vec![], Eku::ClientAuth, false);
+        let (expired_cert, expired_key) = leaf(&ca, vec![], Eku::ClientAuth, true);
         Self {
             ca: write("ca.pem", ca_pem),
             server_cert: write("server.pem", server_cert),
@@ -688,54 +629,42 @@ impl TestCerts {
             expired_client_key: write("expired-client.key", expired_key),
         }
     }
-
-    /// The gate's `[redis.tls]` / `[amqp.tls]` for these files.
-    pub fn tls_files(&self, with_client_cert: bool) -> konstruct_gate::config::TlsFiles {
-        konstruct_gate::config::TlsFiles {
-            ca_file: Some(self.ca.clone()),
-            cert_file: with_client_cert.then(|| self.client_cert.clone()),
-            key_file: with_client_cert.then(|| self.client_key.clone()),
-        }
-    }
 }
 
 fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name); // not the leaves' default name
+    params.distinguished_name.push(DnType::CommonName, name); // unlike the leaves' name
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::DigitalSignature,
     ];
     let key = KeyPair::generate().unwrap();
-    (
-        params.self_signed(&key).unwrap().pem(),
-        Issuer::new(params, key),
-    )
+    let pem = params.self_signed(&key).unwrap().pem();
+    (pem, Issuer::new(params, key))
 }
 
-/// A certificate signed by `issuer` and its PKCS#8 key, both PEM.
+/// A certificate signed by `ca` and its PKCS#8 key, both PEM.
 fn leaf(
-    issuer: &Issuer<'static, KeyPair>,
-    name: &str,
-    alt_names: Vec<String>,
-    usage: Eku,
+    ca: &Issuer<'static, KeyPair>,
+    names: Vec<String>,
+    eku: Eku,
     expired: bool,
 ) -> (String, String) {
-    let mut params = CertificateParams::new(alt_names).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
+    let mut params = CertificateParams::new(names).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "konstruct test");
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = vec![eku];
     if expired {
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
         params.not_after = rcgen::date_time_ymd(2020, 1, 2);
     }
     let key = KeyPair::generate().unwrap();
-    (
-        params.signed_by(&key, issuer).unwrap().pem(),
-        key.serialize_pem(),
-    )
+    let pem = params.signed_by(&key, ca).unwrap().pem();
+    (pem, key.serialize_pem())
 }
 
 /// A Redis that speaks only TLS (`--port 0 --tls-port P`), with certificates from `certs`.
@@ -747,36 +676,33 @@ pub struct TlsRedis {
 }
 
 impl TlsRedis {
-    /// ~0.1 s (plus key generation).
+    /// ~0.1 s.
     pub async fn start(require_client_cert: bool) -> Self {
         let dir = TempDir::new("redis-tls");
-        let certs = TestCerts::generate(dir.path());
+        let certs = TestCerts::generate(&dir.0);
         let port = free_ports(1)[0];
-        let mut cmd = redis_command(0, dir.path());
+        let mut cmd = redis_command(0, &dir.0);
         cmd.arg("--tls-port").arg(port.to_string());
         cmd.arg("--tls-cert-file").arg(&certs.server_cert);
         cmd.arg("--tls-key-file").arg(&certs.server_key);
         cmd.arg("--tls-ca-cert-file").arg(&certs.ca);
-        cmd.args([
-            "--tls-auth-clients",
-            if require_client_cert { "yes" } else { "no" },
-        ]);
-        let process = Proc::spawn(port, &mut cmd, dir.path().join("log"), None);
-        let redis = Self {
+        let auth = if require_client_cert { "yes" } else { "no" };
+        cmd.args(["--tls-auth-clients", auth]);
+        let process = Proc::spawn(port, &mut cmd, dir.0.join("log"), None);
+        let c = &certs;
+        let paths = [&c.ca, &c.client_cert, &c.client_key].map(|p| p.display().to_string());
+        let [ca, cert, key] = paths.each_ref().map(String::as_str);
+        wait_pong(
+            &process,
+            &["--tls", "--cacert", ca, "--cert", cert, "--key", key],
+        )
+        .await;
+        Self {
             port,
             certs,
             process,
             dir,
-        };
-        let c = &redis.certs;
-        let paths = [&c.ca, &c.client_cert, &c.client_key].map(|p| p.display().to_string());
-        let [ca, cert, key] = paths.each_ref().map(String::as_str);
-        wait_pong(
-            &redis.process,
-            &["--tls", "--cacert", ca, "--cert", cert, "--key", key],
-        )
-        .await;
-        redis
+        }
     }
 
     pub fn url(&self) -> String {
@@ -794,11 +720,7 @@ fn rabbit_script(name: &str) -> PathBuf {
         return PathBuf::from(dir).join(name);
     }
     let debian = Path::new("/usr/lib/rabbitmq/bin").join(name);
-    if debian.exists() {
-        debian
-    } else {
-        PathBuf::from(name)
-    }
+    if debian.exists() { debian } else { name.into() }
 }
 
 /// A HOME for test nodes and their CLI: a private Erlang cookie (so they can never reach
@@ -833,17 +755,16 @@ impl RabbitNode {
         Self::start_with(None).await
     }
 
-    /// A node with a plain and a TLS listener: `verify_peer`, and `fail_if_no_peer_cert`
-    /// as asked.
+    /// A node with plain and TLS listeners (`verify_peer`; `fail_if_no_peer_cert` as asked).
     pub async fn start_tls(require_client_cert: bool) -> Self {
         Self::start_with(Some(require_client_cert)).await
     }
 
     async fn start_with(tls: Option<bool>) -> Self {
         let dir = TempDir::new("rabbit");
-        prepare_rabbit_home(dir.path());
-        let tls = tls.map(|require| (TestCerts::generate(dir.path()), require));
-        let mut node = Self::new(dir.path(), format!("{}@localhost", unique("rabbit")), tls);
+        prepare_rabbit_home(&dir.0);
+        let tls = tls.map(|require| (TestCerts::generate(&dir.0), require));
+        let mut node = Self::new(&dir.0, format!("{}@localhost", unique("rabbit")), tls);
         node.own_dir = Some(dir);
         node.start_again().await;
         node
@@ -854,23 +775,21 @@ impl RabbitNode {
         let dir = home.join(name.split('@').next().unwrap());
         std::fs::create_dir_all(&dir).unwrap();
         let mut conf = format!("listeners.tcp.local = 127.0.0.1:{}\n", ports[0]);
-        let (amqps_port, certs) = match tls {
-            Some((c, require)) => {
-                let (ca, cert, key) = (
-                    c.ca.display(),
-                    c.server_cert.display(),
-                    c.server_key.display(),
-                );
-                conf += &format!(
-                    "listeners.ssl.local = 127.0.0.1:{}\nssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\nssl_options.keyfile = {key}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = {require}\n",
-                    ports[2]
-                );
-                (Some(ports[2]), Some(c))
-            }
-            None => (None, None),
-        };
+        if let Some((c, require)) = &tls {
+            let (ca, cert, key) = (
+                c.ca.display(),
+                c.server_cert.display(),
+                c.server_key.display(),
+            );
+            conf += &format!(
+                "listeners.ssl.local = 127.0.0.1:{}\nssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\nssl_options.keyfile = {key}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = {require}\n",
+                ports[2]
+            );
+        }
         std::fs::write(dir.join("rabbit.conf"), conf).unwrap();
         let (amqp_port, dist_port, home) = (ports[0], ports[1], home.to_owned());
+        let (amqps_port, certs) = (tls.is_some().then_some(ports[2]), tls.map(|t| t.0));
+        let (process, own_dir) = (None, None);
         Self {
             name,
             amqp_port,
@@ -879,8 +798,8 @@ impl RabbitNode {
             dist_port,
             home,
             dir,
-            process: None,
-            own_dir: None,
+            process,
+            own_dir,
         }
     }
 
@@ -891,22 +810,30 @@ impl RabbitNode {
     pub fn amqps_url(&self) -> String {
         let port = self
             .amqps_port
-            .expect("this node has no TLS listener: start it with start_tls");
+            .expect("a TLS listener (RabbitNode::start_tls)");
         format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
     }
 
-    /// Started by the test and not stopped or killed since.
-    pub fn is_running(&self) -> bool {
-        self.process.is_some()
+    /// A RabbitMQ script with the environment of this node's CLI.
+    fn script(&self, name: &str) -> Command {
+        let mut cmd = Command::new(rabbit_script(name));
+        cmd.env("HOME", &self.home); // where the cookie is
+        cmd.env(
+            "RABBITMQ_CONF_ENV_FILE",
+            self.home.join("rabbitmq-env.conf"),
+        );
+        cmd.env(
+            "RABBITMQ_ENABLED_PLUGINS_FILE",
+            self.home.join("enabled_plugins"),
+        );
+        cmd
     }
 
     /// Starts the node again on the same ports and data (a cluster member rejoins; ~4 s).
     pub async fn start_again(&mut self) {
         assert!(self.process.is_none(), "{} is already running", self.name);
-        let d = &self.dir;
-        let mut cmd = Command::new(rabbit_script("rabbitmq-server"));
-        cmd.envs(self.cli_env())
-            .env("RABBITMQ_NODENAME", &self.name);
+        let (d, mut cmd) = (&self.dir, self.script("rabbitmq-server"));
+        cmd.env("RABBITMQ_NODENAME", &self.name);
         cmd.env("RABBITMQ_NODE_PORT", self.amqp_port.to_string());
         cmd.env("RABBITMQ_DIST_PORT", self.dist_port.to_string());
         cmd.env("RABBITMQ_CONFIG_FILE", d.join("rabbit.conf"));
@@ -915,57 +842,30 @@ impl RabbitNode {
         cmd.env("RABBITMQ_LOG_BASE", d.join("log"));
         cmd.env("RABBITMQ_PLUGINS_EXPAND_DIR", d.join("plugins-expand"));
         cmd.env("RABBITMQ_PID_FILE", d.join("pid"));
-        cmd.env(
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-            "-kernel inet_dist_use_interface {127,0,0,1}",
-        );
-        let process = Proc::spawn(
-            self.amqp_port,
-            &mut cmd,
-            d.join("stdout.log"),
-            Some(d.join("pid")),
-        );
+        let erl_args = "-kernel inet_dist_use_interface {127,0,0,1}";
+        cmd.env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", erl_args);
+        let log = d.join("stdout.log");
+        let process = Proc::spawn(self.amqp_port, &mut cmd, log, Some(d.join("pid")));
         self.process = Some(process);
-        let deadline = Deadline::new(Duration::from_secs(120));
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let process = self.process.as_mut().unwrap();
             if let Ok(Some(status)) = process.child.try_wait() {
-                let log = process.tail();
-                panic!(
-                    "RabbitMQ node {} exited while starting ({status}):\n{log}",
-                    self.name
-                );
+                let (name, log) = (&self.name, process.tail());
+                panic!("RabbitMQ node {name} exited while starting ({status}):\n{log}");
             }
             // This fails at once (~0.5 s) until the node has registered with epmd.
-            match self.ctl(&["await_startup", "--timeout", "5"]).await {
-                Ok(_) => return,
-                Err(e) => {
-                    deadline
-                        .retry(&format!("RabbitMQ node {} did not start", self.name), &e)
-                        .await
-                }
-            }
+            let Err(e) = self.ctl(&["await_startup", "--timeout", "5"]).await else {
+                return;
+            };
+            retry(deadline, &format!("RabbitMQ node {} up", self.name), &e).await;
         }
-    }
-
-    fn cli_env(&self) -> [(&'static str, PathBuf); 3] {
-        [
-            ("HOME", self.home.clone()), // where the cookie is
-            (
-                "RABBITMQ_CONF_ENV_FILE",
-                self.home.join("rabbitmq-env.conf"),
-            ),
-            (
-                "RABBITMQ_ENABLED_PLUGINS_FILE",
-                self.home.join("enabled_plugins"),
-            ),
-        ]
     }
 
     /// `rabbitmqctl -n NODE ARGS`: its output.
     pub async fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let mut cmd = tokio::process::Command::new(rabbit_script("rabbitmqctl"));
-        cmd.envs(self.cli_env()).args(["-n", &self.name]).args(args);
+        let mut cmd = tokio::process::Command::from(self.script("rabbitmqctl"));
+        cmd.args(["-n", &self.name]).args(args);
         run(&mut cmd, Duration::from_secs(90)).await
     }
 
@@ -974,14 +874,6 @@ impl RabbitNode {
         if let Some(process) = self.process.take() {
             let _ = tokio::task::spawn_blocking(move || drop(process)).await;
         }
-    }
-
-    /// A crash: SIGKILL to the Erlang VM.
-    pub async fn kill(&mut self) {
-        if let Some(pid) = self.process.as_ref().and_then(Proc::beam_pid) {
-            signal("KILL", pid);
-        }
-        self.stop().await;
     }
 }
 
@@ -995,18 +887,15 @@ pub struct RabbitCluster {
 impl RabbitCluster {
     pub async fn start(n: usize) -> Self {
         let dir = TempDir::new("rabbit-cluster");
-        prepare_rabbit_home(dir.path());
+        prepare_rabbit_home(&dir.0);
         let base = unique("rabbit");
-        let new = |i| RabbitNode::new(dir.path(), format!("{base}-{i}@localhost"), None);
+        let new = |i| RabbitNode::new(&dir.0, format!("{base}-{i}@localhost"), None);
         let nodes = (1..=n).map(new).collect();
         let mut cluster = Self { nodes, dir };
-        futures::future::join_all(cluster.nodes.iter_mut().map(RabbitNode::start_again)).await;
+        let starting = cluster.nodes.iter_mut().map(RabbitNode::start_again);
+        futures::future::join_all(starting).await;
         let first = cluster.nodes[0].name.clone();
-        let steps = [
-            vec!["stop_app"],
-            vec!["join_cluster", first.as_str()],
-            vec!["start_app"],
-        ];
+        let steps: [&[&str]; 3] = [&["stop_app"], &["join_cluster", &first], &["start_app"]];
         for node in &cluster.nodes[1..] {
             for step in &steps {
                 if let Err(e) = node.ctl(step).await {
@@ -1022,40 +911,33 @@ impl RabbitCluster {
         self.nodes.iter().map(RabbitNode::amqp_url).collect()
     }
 
-    /// `running_nodes` of `cluster_status`, asked of a node the test has not stopped.
-    pub async fn running_nodes(&self) -> Result<Vec<String>, String> {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.is_running())
-            .ok_or("no node is running")?;
-        let json = node.ctl(&["cluster_status", "--formatter", "json"]).await?;
-        let status: serde_json::Value =
-            serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))?;
-        let names = status["running_nodes"]
-            .as_array()
-            .ok_or(format!("no running_nodes: {json}"))?;
-        Ok(names
-            .iter()
-            .filter_map(|n| Some(n.as_str()?.to_owned()))
-            .collect())
-    }
-
+    /// Waits until `cluster_status`, asked of a node the test has not stopped, lists `n`
+    /// running nodes.
     pub async fn wait_running(&self, n: usize, within: Duration) {
-        let deadline = Deadline::new(within);
+        let deadline = Instant::now() + within;
         loop {
             let last = match self.running_nodes().await {
                 Ok(names) if names.len() == n => return,
                 Ok(names) => format!("{names:?}"),
                 Err(e) => e,
             };
-            deadline
-                .retry(
-                    &format!("the RabbitMQ cluster did not have {n} running nodes"),
-                    &last,
-                )
-                .await;
+            retry(deadline, &format!("{n} running RabbitMQ nodes"), &last).await;
         }
+    }
+
+    async fn running_nodes(&self) -> Result<Vec<serde_json::Value>, String> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.process.is_some())
+            .ok_or("none running")?;
+        let json = node.ctl(&["cluster_status", "--formatter", "json"]).await?;
+        let status = serde_json::from_str::<serde_json::Value>(&json);
+        let names = status.map(|s| s["running_nodes"].as_array().cloned());
+        names
+            .ok()
+            .flatten()
+            .ok_or(format!("no running_nodes in {json}"))
     }
 }
 
