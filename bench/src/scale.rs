@@ -378,6 +378,9 @@ fn redis_cli(url: &str, command: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// A panel's title, its unit, and the figure it shows.
+type Panel = (&'static str, &'static str, fn(&Drain) -> f64);
+
 /// Three panels over the number of keys (log scale): msgs/s, gate RSS, Redis bytes per key.
 fn chart(growth: &[Drain], path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -388,7 +391,7 @@ fn chart(growth: &[Drain], path: &Path) -> Result<()> {
     let panels = root.split_evenly((1, 3));
     let min_keys = growth.iter().map(|d| d.keys).min().unwrap_or(1) as f64;
     let max_keys = growth.iter().map(|d| d.keys).max().unwrap_or(1) as f64;
-    let series: [(&str, &str, fn(&Drain) -> f64); 3] = [
+    let series: [Panel; 3] = [
         ("Throughput", "msg/s", |d| d.msgs_per_s),
         ("Gate peak RSS", "MiB", |d| d.gate_peak_rss_mib),
         ("Redis memory per key", "bytes", |d| d.redis_bytes_per_key),
