@@ -305,7 +305,10 @@ impl Limiter {
         let outcome = match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
+            Err(_) => match self.store.diagnose().await {
+                Some(why) => why,
+                None => format!("no answer within {:?}", self.timeout),
+            },
         };
         self.store.call_failed();
         Err(outcome)

@@ -69,7 +69,8 @@ pub struct Store {
 }
 
 enum Inner {
-    Standalone(ConnectionManager),
+    /// The client too, to learn why connecting fails (the manager only times out).
+    Standalone(ConnectionManager, Client),
     /// Connected on first use, so the gate starts while the cluster is down.
     Cluster {
         client: redis::cluster::ClusterClient,
@@ -111,7 +112,9 @@ impl Store {
                 }
                 .map_err(bad)?;
                 Inner::Standalone(
-                    ConnectionManager::new_lazy_with_config(client, manager).map_err(bad)?,
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager)
+                        .map_err(bad)?,
+                    client,
                 )
             }
             RedisMode::Cluster => {
@@ -190,7 +193,7 @@ impl Store {
     /// A connection for the next call.
     pub async fn conn(&self) -> RedisResult<Conn> {
         match &*self.inner {
-            Inner::Standalone(manager) => Ok(Conn::Single(manager.clone())),
+            Inner::Standalone(manager, _) => Ok(Conn::Single(manager.clone())),
             Inner::Cluster { client, conn } => {
                 let conn = conn
                     .get_or_try_init(|| client.get_async_connection())
@@ -234,6 +237,34 @@ impl Store {
             tokio::time::sleep(RESOLVE_PAUSE).await;
             sentinel.resolving.store(false, Ordering::Release);
         });
+    }
+
+    /// Why Redis cannot be reached, from one fresh connection attempt (a refused TLS
+    /// certificate, a wrong password), or `None` when it can. The shared connection only
+    /// says that it timed out.
+    pub async fn diagnose(&self) -> Option<String> {
+        let attempt = async {
+            match &*self.inner {
+                Inner::Standalone(_, client) => {
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                }
+                Inner::Cluster { client, .. } => {
+                    let mut conn = client.get_async_connection().await?;
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                }
+                Inner::Sentinel(sentinel) => {
+                    let client = sentinel.client.lock().await.async_get_client().await?;
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 3 s".into()),
+        }
     }
 
     /// Sends `cmd` to the primary that owns `key`'s slot (any node outside a cluster).

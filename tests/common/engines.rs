@@ -848,6 +848,8 @@ impl RabbitNode {
         let process = Proc::spawn(self.amqp_port, &mut cmd, log, Some(d.join("pid")));
         self.process = Some(process);
         let deadline = Instant::now() + Duration::from_secs(120);
+        // Booting takes 4 s or more; each check starts a CLI VM, which a booting node feels.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         loop {
             let process = self.process.as_mut().unwrap();
             if let Ok(Some(status)) = process.child.try_wait() {
@@ -877,8 +879,8 @@ impl RabbitNode {
     }
 }
 
-/// `n` nodes sharing a cookie, nodes 2..n joined to node 1. Three nodes: ~11 s to boot in
-/// parallel on 2 busy cores, ~3.5 s to join.
+/// `n` nodes sharing a cookie, nodes 2..n joined to node 1. Three nodes on 2 cores: 5–11 s
+/// to boot in parallel (depending on load), ~3 s to join.
 pub struct RabbitCluster {
     pub nodes: Vec<RabbitNode>,
     dir: TempDir,

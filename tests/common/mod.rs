@@ -24,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod engines;
+
 pub fn amqp_url() -> String {
     std::env::var("KONSTRUCT_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -194,9 +196,25 @@ impl Broker {
         Self::with_queues(names, &config.amqp).await
     }
 
+    /// A client of the broker at `url` (a node a test started), with the queues declared
+    /// as `amqp` says.
+    pub async fn at(url: &str, names: &Names, amqp: &konstruct_gate::config::AmqpConfig) -> Self {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("the test's RabbitMQ node does not answer: {e}"));
+        let broker = Self::on(conn, names).await;
+        konstruct_gate::amqp::declare_queues(&broker.conn, amqp)
+            .await
+            .unwrap();
+        broker
+    }
+
     /// A client that declares nothing: the gate (or the test) declares the queues.
     pub async fn new_without_declaring(names: &Names) -> Self {
-        let conn = connect_amqp().await;
+        Self::on(connect_amqp().await, names).await
+    }
+
+    async fn on(conn: Connection, names: &Names) -> Self {
         let channel = conn.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -374,14 +392,19 @@ pub struct TestGate {
 
 impl TestGate {
     pub async fn start(config: Config) -> Self {
+        let gate = Self::start_without_waiting(config).await;
+        gate.wait_ready(Duration::from_secs(15)).await;
+        gate
+    }
+
+    /// Starts the gate and returns at once, ready or not.
+    pub async fn start_without_waiting(config: Config) -> Self {
         init_test_log();
         let app = Application::build(config).await.expect("the gate starts");
         let http = app.http_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        let gate = Self { http, stop, task };
-        gate.wait_ready(Duration::from_secs(15)).await;
-        gate
+        Self { http, stop, task }
     }
 
     pub async fn wait_ready(&self, within: Duration) {

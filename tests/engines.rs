@@ -1,0 +1,559 @@
+//! The gate on the engines users run beyond one plain Redis and one broker: a Redis Cluster
+//! (resharded and failed over mid-drain), Sentinel (failed over mid-drain), TLS on both
+//! sides (mutual TLS too, and the certificates that must be refused), and a three-node
+//! RabbitMQ cluster with quorum queues that loses the node a gate consumes from.
+//!
+//! Every engine is started by the test itself (free ports, its own temporary directory,
+//! stopped however the test ends); the machine's own RabbitMQ and Redis stay untouched.
+//! The tests run one at a time: each starts several servers on two cores.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::engines::*;
+use common::*;
+use futures::StreamExt;
+use konstruct_gate::config::{Algorithm, QueueType, RedisMode, SecretUrl, TlsFiles};
+use lapin::options::BasicConsumeOptions;
+use lapin::types::{FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Held for a whole test: one set of engines at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+fn urls(list: Vec<String>) -> Vec<SecretUrl> {
+    list.into_iter().map(SecretUrl::new).collect()
+}
+
+fn cluster_config(names: &Names, cluster: &RedisCluster, requests: u64) -> konstruct_gate::config::Config {
+    let mut config = names.config(requests, 600);
+    config.redis.mode = RedisMode::Cluster;
+    config.redis.nodes = urls(cluster.seed_urls());
+    // Slots move and primaries fail over within a few hundred milliseconds per call.
+    config.redis.timeout_ms = 1_000;
+    config
+}
+
+/// Publishes 100 messages every 50 ms (tenants `t0`…, channel slack, ids `m0`…) until
+/// `stop`; returns how many it published.
+fn publish_steadily(
+    broker: Broker,
+    tenants: usize,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut sent = 0;
+        while !stop.is_cancelled() {
+            let bodies: Vec<Vec<u8>> = (sent..sent + 100)
+                .map(|n| message(&format!("m{n}"), &format!("t{}", n % tenants), "slack"))
+                .collect();
+            broker.publish_many(bodies).await;
+            sent += 100;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = broker.conn.close(200, ShortString::from("done")).await;
+        sent
+    })
+}
+
+/// What reached the orchestrator queue: distinct ids, copies, and how many went through
+/// unchecked (`x-ratelimit-degraded`).
+#[derive(Debug, Default)]
+struct Forwarded {
+    ids: HashSet<String>,
+    copies: usize,
+    degraded: usize,
+    /// Ids that went through unchecked.
+    degraded_ids: HashSet<String>,
+}
+
+/// Reads the orchestrator queue until `n` distinct ids arrived, then 300 ms more for
+/// stragglers.
+async fn gather(broker: &Broker, n: usize, within: Duration) -> Forwarded {
+    let channel = broker.conn.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            ShortString::from(broker.names.orchestrator.as_str()),
+            ShortString::from(unique("gather")),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let mut out = Forwarded::default();
+    let mut done_at: Option<Instant> = None;
+    loop {
+        let until = done_at.unwrap_or(deadline);
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                let id = output_id(OutputKind::Allowed, &d);
+                out.copies += 1;
+                let degraded = konstruct_gate::route::header(
+                    d.properties.headers(),
+                    "x-ratelimit-degraded",
+                )
+                .is_some();
+                if degraded {
+                    out.degraded += 1;
+                    out.degraded_ids.insert(id.clone());
+                }
+                out.ids.insert(id);
+                if out.ids.len() >= n && done_at.is_none() {
+                    done_at = Some(Instant::now() + Duration::from_millis(300));
+                }
+            }
+            _ if done_at.is_some() => break,
+            _ => panic!(
+                "only {} of {n} messages reached the orchestrator queue within {within:?}",
+                out.ids.len()
+            ),
+        }
+    }
+    let _ = channel.close(200, ShortString::from("done")).await;
+    out
+}
+
+async fn cluster_connection(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.seed_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .expect("the test's Redis Cluster answers")
+}
+
+/// The sum of the fixed-window counters of tenants `t0`… on the cluster.
+async fn counted(cluster: &RedisCluster, prefix: &str, tenants: usize) -> i64 {
+    let mut conn = cluster_connection(cluster).await;
+    let mut sum = 0;
+    for t in 0..tenants {
+        let key = format!("{prefix}t{t}:ratelimit:slack");
+        let count: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        sum += count.unwrap_or(0);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algorithm() {
+    let _serial = serial().await;
+    let cluster = RedisCluster::start(3, 1).await;
+    const TENANTS: usize = 300;
+    const PER_TENANT: usize = 5;
+    const LIMIT: u64 = 3;
+    // The keys land on every primary.
+    let mut owners = HashSet::new();
+    for t in 0..TENANTS {
+        owners.insert(cluster.owner_of_key(&format!("t{t}:ratelimit:slack")).await.port);
+    }
+    assert_eq!(owners.len(), 3, "the tenants' counters spread over all three primaries");
+
+    for algorithm in [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::TokenBucket,
+    ] {
+        let names = Names::new("cluster-exact");
+        let broker = Broker::new(&names).await;
+        let mut config = cluster_config(&names, &cluster, LIMIT);
+        config.limits.algorithm = algorithm;
+        let gates = futures::join!(
+            TestGate::start(config.clone()),
+            TestGate::start(config.clone()),
+            TestGate::start(config),
+        );
+        let bodies: Vec<Vec<u8>> = (0..PER_TENANT)
+            .flat_map(|round| {
+                (0..TENANTS).map(move |t| message(&format!("m{t}-{round}"), &format!("t{t}"), "slack"))
+            })
+            .collect();
+        broker.publish_many(bodies).await;
+        let allowed = broker
+            .collect(&names.orchestrator, TENANTS * LIMIT as usize, WAIT)
+            .await;
+        let rejected = broker
+            .collect(&names.notifications, TENANTS * (PER_TENANT - LIMIT as usize), WAIT)
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        broker.assert_empty(&names.orchestrator).await;
+        broker.assert_empty(&names.notifications).await;
+        broker.assert_empty(&names.dead_letter).await;
+        let tenant_of = |d: &lapin::message::Delivery| -> String {
+            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            v["tenant_id"].as_str().unwrap().to_owned()
+        };
+        let allowed_tenants: Vec<String> = allowed.iter().map(tenant_of).collect();
+        for (tenant, n) in tally(&allowed_tenants) {
+            assert_eq!(n, LIMIT as usize, "{algorithm:?}: {tenant} got {n} through");
+        }
+        assert!(
+            allowed.iter().all(|d| konstruct_gate::route::header(
+                d.properties.headers(),
+                "x-ratelimit-degraded"
+            )
+            .is_none()),
+            "{algorithm:?}: every message was checked"
+        );
+        assert_eq!(rejected.len(), TENANTS * 2);
+
+        if algorithm == Algorithm::FixedWindow {
+            // The router's own key, on the cluster, with its count and expiry.
+            let mut conn = cluster_connection(&cluster).await;
+            let key = format!("{}t0:ratelimit:slack", names.key_prefix);
+            let count: i64 = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+            let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut conn).await.unwrap();
+            assert_eq!(count, PER_TENANT as i64);
+            assert!(ttl > 0 && ttl <= 600, "ttl {ttl}");
+        }
+        for gate in gates_vec(gates) {
+            gate.stop().await;
+        }
+        broker.cleanup().await;
+    }
+}
+
+fn gates_vec(gates: (TestGate, TestGate, TestGate)) -> Vec<TestGate> {
+    vec![gates.0, gates.1, gates.2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_mid_drain_loses_nothing_and_leaves_the_counts_exact() {
+    let _serial = serial().await;
+    let cluster = RedisCluster::start(3, 1).await;
+    const TENANTS: usize = 500;
+    let names = Names::new("cluster-reshard");
+    let broker = Broker::new(&names).await;
+    let config = cluster_config(&names, &cluster, 1_000_000);
+    let gates = [
+        TestGate::start(config.clone()).await,
+        TestGate::start(config).await,
+    ];
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::new_without_declaring(&names).await,
+        TENANTS,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nodes = cluster.nodes().await;
+    let primaries: Vec<&ClusterNode> = nodes.iter().filter(|n| n.primary && !n.failed).collect();
+    let started = Instant::now();
+    cluster
+        .reshard(Some(&primaries[0].id), &primaries[1].id, 1500)
+        .await;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    for gate in gates {
+        gate.stop().await;
+    }
+    eprintln!(
+        "reshard of 1500 slots took {took:?}; {sent} messages, {} copies, {} forwarded unchecked",
+        forwarded.copies, forwarded.degraded
+    );
+    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    broker.assert_empty(&names.dead_letter).await;
+    assert!(
+        forwarded.degraded * 100 <= sent,
+        "at most a trickle (1%) went through unchecked: {} of {sent}",
+        forwarded.degraded
+    );
+    // Every checked message was counted once: the counters hold the checked messages,
+    // plus at most those a timed-out call counted before the gate gave up on it.
+    let counted = counted(&cluster, &names.key_prefix, TENANTS).await;
+    let checked = (sent - forwarded.degraded_ids.len()) as i64;
+    assert!(
+        counted >= checked && counted <= sent as i64,
+        "counted {counted}, checked {checked}, sent {sent}"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cluster_primary_loses_nothing_and_checks_resume_on_its_replica() {
+    let _serial = serial().await;
+    let mut cluster = RedisCluster::start(3, 1).await;
+    const TENANTS: usize = 300;
+    let names = Names::new("cluster-failover");
+    let broker = Broker::new(&names).await;
+    let config = cluster_config(&names, &cluster, 1_000_000);
+    let gate = TestGate::start(config).await;
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::new_without_declaring(&names).await,
+        TENANTS,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = cluster
+        .kill_primary_owning(&format!("{}t0:ratelimit:slack", names.key_prefix))
+        .await;
+    let started = Instant::now();
+    cluster.wait_ok(Duration::from_secs(30)).await;
+    let failover = started.elapsed();
+    // Checks resume by themselves: the gate is ready again, and a message to a key of the
+    // failed-over slots is checked.
+    gate.wait_ready(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    eprintln!(
+        "primary on port {} killed; cluster ok after {failover:?}; {sent} messages, {} copies, {} unchecked",
+        killed.port, forwarded.copies, forwarded.degraded
+    );
+    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    broker.assert_empty(&names.dead_letter).await;
+
+    let last = format!("last-{}", unique("after"));
+    broker.publish(&message(&last, "t0", "slack"), Default::default()).await;
+    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &after[0]), last);
+    assert!(
+        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
+            .is_none(),
+        "a message after the failover is checked again"
+    );
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_mid_drain_loses_nothing_and_checks_resume_on_the_new_primary() {
+    let _serial = serial().await;
+    let sentinel = RedisSentinel::start().await;
+    const TENANTS: usize = 100;
+    let names = Names::new("sentinel");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1_000_000, 600);
+    config.redis.mode = RedisMode::Sentinel;
+    config.redis.sentinels = urls(sentinel.sentinel_urls());
+    config.redis.master_name = Some(MASTER_NAME.to_owned());
+    config.redis.timeout_ms = 1_000;
+    let gate = TestGate::start(config).await;
+    let first = sentinel.primary_port().await;
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::new_without_declaring(&names).await,
+        TENANTS,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let second = sentinel.failover().await;
+    assert_ne!(first, second, "SENTINEL FAILOVER named a new primary");
+    sentinel.wait_settled(Duration::from_secs(30)).await;
+    gate.wait_ready(Duration::from_secs(20)).await;
+    let failover = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    eprintln!(
+        "failover {first} -> {second} in {failover:?}; {sent} messages, {} copies, {} unchecked",
+        forwarded.copies, forwarded.degraded
+    );
+    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    broker.assert_empty(&names.dead_letter).await;
+
+    // Checks run on the new primary: a fresh message is checked, and counted there.
+    let last = format!("last-{}", unique("after"));
+    broker.publish(&message(&last, "fresh", "slack"), Default::default()).await;
+    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert!(
+        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
+            .is_none(),
+        "a message after the failover is checked again"
+    );
+    let new_primary = redis::Client::open(format!("redis://127.0.0.1:{second}/0")).unwrap();
+    let mut conn = new_primary.get_multiplexed_async_connection().await.unwrap();
+    let count: i64 = redis::cmd("GET")
+        .arg(format!("{}fresh:ratelimit:slack", names.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "counted on the new primary");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+fn tls(ca: &std::path::Path, client: Option<(&std::path::Path, &std::path::Path)>) -> TlsFiles {
+    TlsFiles {
+        ca_file: Some(ca.to_owned()),
+        cert_file: client.map(|(cert, _)| cert.to_owned()),
+        key_file: client.map(|(_, key)| key.to_owned()),
+    }
+}
+
+/// Polls `/readyz` until it names `error` (503 all along); returns the body.
+async fn not_ready_because(gate: &TestGate, field: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+        assert_eq!(status, 503, "ready with a certificate that must be refused: {body}");
+        if body.contains(field) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz never said why: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts a gate that is not expected to become ready.
+async fn start_unready(config: konstruct_gate::config::Config) -> TestGate {
+    TestGate::start_without_waiting(config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_refused() {
+    let _serial = serial().await;
+    // Server-side TLS only: the private CA is enough, and the limit holds.
+    let redis = TlsRedis::start(false).await;
+    let names = Names::new("rediss");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(3, 60);
+    config.redis.url = SecretUrl::new(redis.url());
+    config.redis.tls = Some(tls(&redis.certs.ca, None));
+    let gate = TestGate::start(config.clone()).await;
+    broker
+        .publish_many((0..4).map(|i| message(&format!("m{i}"), "acme", "slack")))
+        .await;
+    broker.collect(&names.orchestrator, 3, WAIT).await;
+    broker.collect(&names.notifications, 1, WAIT).await;
+    gate.stop().await;
+
+    // A CA that did not sign the server's certificate: running, not ready, and says why.
+    config.redis.tls = Some(tls(&redis.certs.other_ca, None));
+    let gate = start_unready(config.clone()).await;
+    let body = not_ready_because(&gate, "redis_error", Duration::from_secs(15)).await;
+    eprintln!("wrong CA: {body}");
+    gate.stop().await;
+    drop(redis);
+
+    // Mutual TLS: with the client certificate it works; without one, or with an expired
+    // one, the server refuses the gate, which stays up and not ready.
+    let redis = TlsRedis::start(true).await;
+    config.redis.url = SecretUrl::new(redis.url());
+    let c = &redis.certs;
+    config.redis.tls = Some(tls(&c.ca, Some((&c.client_cert, &c.client_key))));
+    let gate = TestGate::start(config.clone()).await;
+    broker
+        .publish(&message("mtls", "globex", "slack"), Default::default())
+        .await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+    gate.stop().await;
+    for (case, files) in [
+        ("no client certificate", tls(&c.ca, None)),
+        (
+            "an expired client certificate",
+            tls(&c.ca, Some((&c.expired_client_cert, &c.expired_client_key))),
+        ),
+    ] {
+        config.redis.tls = Some(files);
+        let gate = start_unready(config.clone()).await;
+        let body = not_ready_because(&gate, "redis_error", Duration::from_secs(15)).await;
+        eprintln!("{case}: {body}");
+        gate.stop().await;
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_private_ca_and_a_client_certificate_works_and_a_wrong_ca_is_refused() {
+    let _serial = serial().await;
+    let node = RabbitNode::start_tls(true).await;
+    let certs = node.certs.as_ref().expect("a TLS node has certificates");
+    let names = Names::new("amqps");
+    let mut config = names.config(3, 60);
+    // The test publishes and reads over the node's plain listener; the gate over TLS.
+    let broker = Broker::at(&node.amqp_url(), &names, &config.amqp).await;
+    config.amqp.url = SecretUrl::new(node.amqps_url());
+    config.amqp.tls = Some(tls(&certs.ca, Some((&certs.client_cert, &certs.client_key))));
+    let gate = TestGate::start(config.clone()).await;
+    broker
+        .publish_many((0..4).map(|i| message(&format!("m{i}"), "acme", "slack")))
+        .await;
+    broker.collect(&names.orchestrator, 3, WAIT).await;
+    broker.collect(&names.notifications, 1, WAIT).await;
+    gate.stop().await;
+
+    for (case, files) in [
+        ("a CA that did not sign the node's certificate", tls(&certs.other_ca, Some((&certs.client_cert, &certs.client_key)))),
+        ("no client certificate", tls(&certs.ca, None)),
+    ] {
+        config.amqp.tls = Some(files);
+        let gate = start_unready(config.clone()).await;
+        let body = not_ready_because(&gate, "broker_error", Duration::from_secs(20)).await;
+        eprintln!("{case}: {body}");
+        gate.stop().await;
+    }
+    let _ = broker.conn.close(200, ShortString::from("done")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_on_a_three_node_rabbitmq_cluster_survives_the_loss_of_its_node() {
+    let _serial = serial().await;
+    let mut cluster = RabbitCluster::start(3).await;
+    let names = Names::new("rabbit-cluster");
+    let mut config = names.config(1_000_000, 600);
+    config.amqp.queue_type = QueueType::Quorum;
+    config.amqp.urls = urls(cluster.amqp_urls());
+    // The gate declares the quorum queues on whichever node it reaches first.
+    let gate = TestGate::start(config.clone()).await;
+    let consuming_from = loop {
+        let mut found = None;
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let out = node
+                .ctl(&["list_connections", "client_properties"])
+                .await
+                .unwrap_or_default();
+            if out.contains("konstruct-gate consume") {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The test's own clients stay on another node.
+    let test_node = cluster.nodes[(consuming_from + 1) % 3].amqp_url();
+    let broker = Broker::at(&test_node, &names, &config.amqp).await;
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::at(&test_node, &names, &config.amqp).await,
+        50,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped_at = Instant::now();
+    cluster.nodes[consuming_from].stop().await;
+    gate.wait_ready(Duration::from_secs(30)).await;
+    let resumed = stopped_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    eprintln!(
+        "node {} (the gate's) stopped; the gate was ready again after {resumed:?}; {sent} messages, {} copies",
+        consuming_from + 1,
+        forwarded.copies
+    );
+    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    gate.stop().await;
+    let _ = broker.conn.close(200, ShortString::from("done")).await;
+}
