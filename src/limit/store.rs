@@ -26,6 +26,8 @@ use crate::config::{ConfigError, RedisConfig, RedisMode, TlsPem};
 
 /// How long the sentinels are left alone after they were asked.
 const RESOLVE_PAUSE: Duration = Duration::from_millis(500);
+/// How long a cluster connection is kept after it was replaced for failing.
+const REPLACE_PAUSE: Duration = Duration::from_secs(2);
 
 /// A connection to whichever node a command belongs to. Cheap to clone.
 #[derive(Clone)]
@@ -72,11 +74,17 @@ enum Inner {
     /// The client too, to learn why connecting fails (the manager only times out).
     Standalone(ConnectionManager, Client),
     /// Connected on first use, so the gate starts while the cluster is down.
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: tokio::sync::OnceCell<ClusterConnection>,
-    },
+    Cluster(Cluster),
     Sentinel(Sentinel),
+}
+
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: ArcSwapOption<ClusterConnection>,
+    /// Serializes connecting, so a burst of calls makes one connection.
+    connecting: tokio::sync::Mutex<()>,
+    /// Set while a failing connection is being replaced.
+    replacing: AtomicBool,
 }
 
 struct Sentinel {
@@ -131,10 +139,12 @@ impl Store {
                 if let Some(certs) = tls {
                     builder = builder.certs(certs);
                 }
-                Inner::Cluster {
+                Inner::Cluster(Cluster {
                     client: builder.build().map_err(bad)?,
-                    conn: tokio::sync::OnceCell::new(),
-                }
+                    conn: ArcSwapOption::empty(),
+                    connecting: tokio::sync::Mutex::new(()),
+                    replacing: AtomicBool::new(false),
+                })
             }
             RedisMode::Sentinel => {
                 let primary = config.url.expose().into_connection_info().map_err(bad)?;
@@ -187,19 +197,14 @@ impl Store {
 
     /// True for a Redis Cluster: every call must keep to one slot.
     pub fn is_cluster(&self) -> bool {
-        matches!(*self.inner, Inner::Cluster { .. })
+        matches!(*self.inner, Inner::Cluster(_))
     }
 
     /// A connection for the next call.
     pub async fn conn(&self) -> RedisResult<Conn> {
         match &*self.inner {
             Inner::Standalone(manager, _) => Ok(Conn::Single(manager.clone())),
-            Inner::Cluster { client, conn } => {
-                let conn = conn
-                    .get_or_try_init(|| client.get_async_connection())
-                    .await?;
-                Ok(Conn::Cluster(conn.clone()))
-            }
+            Inner::Cluster(cluster) => Ok(Conn::Cluster(cluster.conn().await?)),
             Inner::Sentinel(sentinel) => {
                 if let Some(primary) = sentinel.primary.load_full() {
                     return Ok(Conn::Single(primary.1.clone()));
@@ -216,27 +221,42 @@ impl Store {
         }
     }
 
-    /// A call failed as a whole: with Sentinel, the primary may have changed (a refused
+    /// A call failed as a whole. With Sentinel, the primary may have changed (a refused
     /// connection, or READONLY from a primary that became a replica), so the sentinels
-    /// are asked again in the background, at most once per `RESOLVE_PAUSE`.
+    /// are asked again in the background, at most once per `RESOLVE_PAUSE`. In a cluster,
+    /// a killed primary can stay in the connection's map after its replica took over (the
+    /// calls for its slots time out instead of being redirected), so a new connection
+    /// learns the slots afresh from the seeds, at most once per `REPLACE_PAUSE`.
     pub fn call_failed(&self) {
-        let Inner::Sentinel(sentinel) = &*self.inner else {
-            return;
-        };
-        if sentinel.resolving.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let store = self.clone();
-        tokio::spawn(async move {
-            let Inner::Sentinel(sentinel) = &*store.inner else {
-                return;
-            };
-            if let Err(e) = sentinel.resolve().await {
-                tracing::debug!(error = %e, "the sentinels could not name the primary");
+        match &*self.inner {
+            Inner::Standalone(..) => {}
+            Inner::Cluster(cluster) => {
+                if !cluster.replacing.swap(true, Ordering::AcqRel) {
+                    let store = self.clone();
+                    tokio::spawn(async move {
+                        if let Inner::Cluster(cluster) = &*store.inner {
+                            cluster.replace().await;
+                        }
+                    });
+                }
             }
-            tokio::time::sleep(RESOLVE_PAUSE).await;
-            sentinel.resolving.store(false, Ordering::Release);
-        });
+            Inner::Sentinel(sentinel) => {
+                if sentinel.resolving.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let Inner::Sentinel(sentinel) = &*store.inner else {
+                        return;
+                    };
+                    if let Err(e) = sentinel.resolve().await {
+                        tracing::debug!(error = %e, "the sentinels could not name the primary");
+                    }
+                    tokio::time::sleep(RESOLVE_PAUSE).await;
+                    sentinel.resolving.store(false, Ordering::Release);
+                });
+            }
+        }
     }
 
     /// Why Redis cannot be reached, from one fresh connection attempt (a refused TLS
@@ -249,7 +269,7 @@ impl Store {
                     let mut conn = client.get_multiplexed_async_connection().await?;
                     redis::cmd("PING").query_async::<()>(&mut conn).await
                 }
-                Inner::Cluster { client, .. } => {
+                Inner::Cluster(Cluster { client, .. }) => {
                     let mut conn = client.get_async_connection().await?;
                     redis::cmd("PING").query_async::<()>(&mut conn).await
                 }
@@ -281,6 +301,37 @@ impl Store {
                 .await
             }
         }
+    }
+}
+
+impl Cluster {
+    async fn conn(&self) -> RedisResult<ClusterConnection> {
+        if let Some(conn) = self.conn.load_full() {
+            return Ok((*conn).clone());
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(conn) = self.conn.load_full() {
+            return Ok((*conn).clone());
+        }
+        let conn = self.client.get_async_connection().await?;
+        self.conn.store(Some(Arc::new(conn.clone())));
+        Ok(conn)
+    }
+
+    /// Connects afresh and swaps the new connection in; the old one closes once the calls
+    /// that hold it are done.
+    async fn replace(&self) {
+        let fresh = tokio::time::timeout(REPLACE_PAUSE, self.client.get_async_connection()).await;
+        match fresh {
+            Ok(Ok(conn)) => {
+                tracing::debug!("reconnected to the Redis Cluster after failed calls");
+                self.conn.store(Some(Arc::new(conn)));
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not reconnect to the Redis Cluster"),
+            Err(_) => tracing::debug!("reconnecting to the Redis Cluster timed out"),
+        }
+        tokio::time::sleep(REPLACE_PAUSE).await;
+        self.replacing.store(false, Ordering::Release);
     }
 }
 
