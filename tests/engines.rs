@@ -33,7 +33,11 @@ fn urls(list: Vec<String>) -> Vec<SecretUrl> {
     list.into_iter().map(SecretUrl::new).collect()
 }
 
-fn cluster_config(names: &Names, cluster: &RedisCluster, requests: u64) -> konstruct_gate::config::Config {
+fn cluster_config(
+    names: &Names,
+    cluster: &RedisCluster,
+    requests: u64,
+) -> konstruct_gate::config::Config {
     let mut config = names.config(requests, 600);
     config.redis.mode = RedisMode::Cluster;
     config.redis.nodes = urls(cluster.seed_urls());
@@ -104,11 +108,9 @@ async fn gather(broker: &Broker, n: usize, within: Duration) -> Forwarded {
             Ok(Some(Ok(d))) => {
                 let id = output_id(OutputKind::Allowed, &d);
                 out.copies += 1;
-                let degraded = konstruct_gate::route::header(
-                    d.properties.headers(),
-                    "x-ratelimit-degraded",
-                )
-                .is_some();
+                let degraded =
+                    konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-degraded")
+                        .is_some();
                 if degraded {
                     out.degraded += 1;
                     out.degraded_ids.insert(id.clone());
@@ -143,7 +145,11 @@ async fn counted(cluster: &RedisCluster, prefix: &str, tenants: usize) -> i64 {
     let mut sum = 0;
     for t in 0..tenants {
         let key = format!("{prefix}t{t}:ratelimit:slack");
-        let count: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        let count: Option<i64> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         sum += count.unwrap_or(0);
     }
     sum
@@ -159,9 +165,18 @@ async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algori
     // The keys land on every primary.
     let mut owners = HashSet::new();
     for t in 0..TENANTS {
-        owners.insert(cluster.owner_of_key(&format!("t{t}:ratelimit:slack")).await.port);
+        owners.insert(
+            cluster
+                .owner_of_key(&format!("t{t}:ratelimit:slack"))
+                .await
+                .port,
+        );
     }
-    assert_eq!(owners.len(), 3, "the tenants' counters spread over all three primaries");
+    assert_eq!(
+        owners.len(),
+        3,
+        "the tenants' counters spread over all three primaries"
+    );
 
     for algorithm in [
         Algorithm::FixedWindow,
@@ -179,7 +194,8 @@ async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algori
         );
         let bodies: Vec<Vec<u8>> = (0..PER_TENANT)
             .flat_map(|round| {
-                (0..TENANTS).map(move |t| message(&format!("m{t}-{round}"), &format!("t{t}"), "slack"))
+                (0..TENANTS)
+                    .map(move |t| message(&format!("m{t}-{round}"), &format!("t{t}"), "slack"))
             })
             .collect();
         broker.publish_many(bodies).await;
@@ -187,7 +203,11 @@ async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algori
             .collect(&names.orchestrator, TENANTS * LIMIT as usize, WAIT)
             .await;
         let rejected = broker
-            .collect(&names.notifications, TENANTS * (PER_TENANT - LIMIT as usize), WAIT)
+            .collect(
+                &names.notifications,
+                TENANTS * (PER_TENANT - LIMIT as usize),
+                WAIT,
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         broker.assert_empty(&names.orchestrator).await;
@@ -215,8 +235,16 @@ async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algori
             // The router's own key, on the cluster, with its count and expiry.
             let mut conn = cluster_connection(&cluster).await;
             let key = format!("{}t0:ratelimit:slack", names.key_prefix);
-            let count: i64 = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
-            let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut conn).await.unwrap();
+            let count: i64 = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             assert_eq!(count, PER_TENANT as i64);
             assert!(ttl > 0 && ttl <= 600, "ttl {ttl}");
         }
@@ -268,7 +296,11 @@ async fn a_reshard_mid_drain_loses_nothing_and_leaves_the_counts_exact() {
         "reshard of 1500 slots took {took:?}; {sent} messages, {} copies, {} forwarded unchecked",
         forwarded.copies, forwarded.degraded
     );
-    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
     broker.assert_empty(&names.dead_letter).await;
     assert!(
         forwarded.degraded * 100 <= sent,
@@ -319,11 +351,17 @@ async fn a_killed_cluster_primary_loses_nothing_and_checks_resume_on_its_replica
         "primary on port {} killed; cluster ok after {failover:?}; {sent} messages, {} copies, {} unchecked",
         killed.port, forwarded.copies, forwarded.degraded
     );
-    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
     broker.assert_empty(&names.dead_letter).await;
 
     let last = format!("last-{}", unique("after"));
-    broker.publish(&message(&last, "t0", "slack"), Default::default()).await;
+    broker
+        .publish(&message(&last, "t0", "slack"), Default::default())
+        .await;
     let after = broker.collect(&names.orchestrator, 1, WAIT).await;
     assert_eq!(output_id(OutputKind::Allowed, &after[0]), last);
     assert!(
@@ -370,12 +408,18 @@ async fn a_sentinel_failover_mid_drain_loses_nothing_and_checks_resume_on_the_ne
         "failover {first} -> {second} in {failover:?}; {sent} messages, {} copies, {} unchecked",
         forwarded.copies, forwarded.degraded
     );
-    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
     broker.assert_empty(&names.dead_letter).await;
 
     // Checks run on the new primary: a fresh message is checked, and counted there.
     let last = format!("last-{}", unique("after"));
-    broker.publish(&message(&last, "fresh", "slack"), Default::default()).await;
+    broker
+        .publish(&message(&last, "fresh", "slack"), Default::default())
+        .await;
     let after = broker.collect(&names.orchestrator, 1, WAIT).await;
     assert!(
         konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
@@ -383,7 +427,10 @@ async fn a_sentinel_failover_mid_drain_loses_nothing_and_checks_resume_on_the_ne
         "a message after the failover is checked again"
     );
     let new_primary = redis::Client::open(format!("redis://127.0.0.1:{second}/0")).unwrap();
-    let mut conn = new_primary.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = new_primary
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let count: i64 = redis::cmd("GET")
         .arg(format!("{}fresh:ratelimit:slack", names.key_prefix))
         .query_async(&mut conn)
@@ -407,7 +454,10 @@ async fn not_ready_because(gate: &TestGate, field: &str, within: Duration) -> St
     let deadline = Instant::now() + within;
     loop {
         let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
-        assert_eq!(status, 503, "ready with a certificate that must be refused: {body}");
+        assert_eq!(
+            status, 503,
+            "ready with a certificate that must be refused: {body}"
+        );
         if body.contains(field) {
             return body;
         }
@@ -485,7 +535,10 @@ async fn amqps_with_a_private_ca_and_a_client_certificate_works_and_a_wrong_ca_i
     // The test publishes and reads over the node's plain listener; the gate over TLS.
     let broker = Broker::at(&node.amqp_url(), &names, &config.amqp).await;
     config.amqp.url = SecretUrl::new(node.amqps_url());
-    config.amqp.tls = Some(tls(&certs.ca, Some((&certs.client_cert, &certs.client_key))));
+    config.amqp.tls = Some(tls(
+        &certs.ca,
+        Some((&certs.client_cert, &certs.client_key)),
+    ));
     let gate = TestGate::start(config.clone()).await;
     broker
         .publish_many((0..4).map(|i| message(&format!("m{i}"), "acme", "slack")))
@@ -495,7 +548,13 @@ async fn amqps_with_a_private_ca_and_a_client_certificate_works_and_a_wrong_ca_i
     gate.stop().await;
 
     for (case, files) in [
-        ("a CA that did not sign the node's certificate", tls(&certs.other_ca, Some((&certs.client_cert, &certs.client_key)))),
+        (
+            "a CA that did not sign the node's certificate",
+            tls(
+                &certs.other_ca,
+                Some((&certs.client_cert, &certs.client_key)),
+            ),
+        ),
         ("no client certificate", tls(&certs.ca, None)),
     ] {
         config.amqp.tls = Some(files);
@@ -556,7 +615,11 @@ async fn a_gate_on_a_three_node_rabbitmq_cluster_survives_the_loss_of_its_node()
         consuming_from + 1,
         forwarded.copies
     );
-    assert_eq!(forwarded.ids.len(), sent, "every message reached the orchestrator");
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
     gate.stop().await;
     let _ = broker.conn.close(200, ShortString::from("done")).await;
 }
