@@ -13,12 +13,14 @@
 //! - [`session`]: one broker session after another: connect, watch, consume, settle, and
 //!   reconnect with backoff.
 //! - [`message`]: the inbound envelope: borrowing parse and validation, the error codes.
-//! - [`limit`]: override resolution, decisions, the atomic Redis scripts, the rejection cache.
+//! - [`limit`]: override resolution, decisions, the atomic Redis scripts, the rejection cache,
+//!   and the way to Redis: one server, a Redis Cluster, or the primary Sentinel names.
 //! - [`route`]: a verdict turned into the one outgoing message (a pure function).
 //! - [`acks`]: settling out-of-order completions with in-order cumulative acks, and held
 //!   messages without blocking the rest.
 //! - [`health`]: readiness from the consumer, the Redis probe and the checks themselves.
-//! - [`amqp`]: connections, queue declaration, the confirming publisher.
+//! - [`amqp`]: the brokers (one, or the nodes of a cluster, over TLS or not), queue
+//!   declaration, the confirming publisher.
 //! - [`admin`]: `konstruct-gate limits …`, the operators' commands on the limits in Redis.
 //! - [`config`]: typed configuration, layered loading, validation, redaction.
 //! - [`app`]: the application the binary and the tests start.
