@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override};
+use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override, RedisMode};
 use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RedisOverride, parse_overrides};
 use crate::limit::store::Store;
 use crate::limit::{Rules, counter_key, key_for};
@@ -169,7 +169,10 @@ impl Admin {
             store,
             hash,
         };
-        let _: String = admin.query(&redis::cmd("PING")).await?;
+        // PING where the overrides live: in a cluster, a PING without a key would need
+        // every primary to answer.
+        let hash = admin.hash.clone();
+        let _: String = admin.query_at(&hash, redis::cmd("PING")).await?;
         Ok(admin)
     }
 
@@ -406,23 +409,30 @@ impl Admin {
         let channel = target.channel.as_deref().unwrap_or_default();
         let counter = counter_key(&self.config.redis.key_prefix, &target.tenant, channel);
         let mut keys = vec![counter.clone()];
-        // Every companion is named `{counter}:…`, in the counter's slot.
-        let pattern = format!("{{{}}}:*", glob_escape(&counter));
-        let mut cursor: u64 = 0;
-        loop {
-            let cmd = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .to_owned();
-            let (next, found): (u64, Vec<String>) = self.query_at(&counter, cmd).await?;
-            keys.extend(found);
-            if next == 0 {
-                break;
+        // Every companion is named `{counter}:…`, in the counter's slot. Gates of earlier
+        // versions (never on a cluster) named them `counter:…`: during a rolling upgrade
+        // those are reset too.
+        let mut patterns = vec![format!("{{{}}}:*", glob_escape(&counter))];
+        if self.config.redis.mode != RedisMode::Cluster {
+            patterns.push(format!("{}:*", glob_escape(&counter)));
+        }
+        for pattern in &patterns {
+            let mut cursor: u64 = 0;
+            loop {
+                let cmd = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .to_owned();
+                let (next, found): (u64, Vec<String>) = self.query_at(&counter, cmd).await?;
+                keys.extend(found);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
         let mut deleted = 0;
         for chunk in keys.chunks(500) {

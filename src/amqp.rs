@@ -115,15 +115,21 @@ impl Brokers {
     /// Connects to the next broker that answers, trying each once from where the last
     /// session left off. Returns the connection and which broker it reached.
     pub async fn connect_next(&self, role: &str) -> Result<(Connection, usize), lapin::Error> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.load(Ordering::Relaxed);
         let mut last_error = None;
         for offset in 0..self.addresses.len() {
             let index = (start + offset) % self.addresses.len();
             match self.connect_to(index, role).await {
-                Ok(conn) => return Ok((conn, index)),
+                Ok(conn) => {
+                    // The next session starts past this one: when this node goes down,
+                    // its successor is tried first, not the node that just failed.
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    return Ok((conn, index));
+                }
                 Err(e) => {
                     if self.addresses.len() > 1 {
-                        tracing::debug!(broker = %self.addresses[index], error = %e, "broker did not answer; trying the next");
+                        let error = crate::config::scrub(&e.to_string(), &[&self.addresses[index]]);
+                        tracing::debug!(broker = %self.addresses[index], %error, "broker did not answer; trying the next");
                     }
                     last_error = Some(e);
                 }

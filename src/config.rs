@@ -225,8 +225,8 @@ pub enum RedisMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
-    /// The CA that signed the server's certificate; when set, it replaces the system's
-    /// roots.
+    /// The CA that signed the server's certificate. For Redis it replaces the system's
+    /// roots; for the broker, lapin's verifier trusts it besides the platform's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// A client certificate (with `key_file`), for servers that require mutual TLS.
@@ -270,14 +270,50 @@ impl TlsFiles {
                 })
                 .transpose()
         };
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certificates = |field: &str, pem: &Option<Vec<u8>>| -> Result<(), ConfigError> {
+            let Some(pem) = pem else { return Ok(()) };
+            let parsed: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+            match parsed {
+                Ok(certs) if !certs.is_empty() => Ok(()),
+                _ => Err(ConfigError(format!(
+                    "{key}.{field} holds no PEM certificate that can be read"
+                ))),
+            }
+        };
         let ca = read("ca_file", &self.ca_file)?;
+        certificates("ca_file", &ca)?;
         let cert = read("cert_file", &self.cert_file)?;
+        certificates("cert_file", &cert)?;
         let private_key = read("key_file", &self.key_file)?;
+        if let Some(pem) = &private_key
+            && PrivateKeyDer::from_pem_slice(pem).is_err()
+        {
+            return Err(ConfigError(format!(
+                "{key}.key_file holds no PEM private key that can be read"
+            )));
+        }
         Ok(TlsPem {
             ca,
             identity: cert.zip(private_key),
         })
     }
+}
+
+/// Refuses a list whose URLs do not all use TLS or all not: a plaintext one would carry the
+/// password in clear, and the clients cannot mix them.
+fn same_scheme(key: &str, urls: &[SecretUrl]) -> Result<(), ConfigError> {
+    let secure = |url: &SecretUrl| {
+        let scheme = url.expose().split("://").next().unwrap_or_default();
+        scheme.ends_with('s')
+    };
+    if urls.iter().any(secure) && !urls.iter().all(secure) {
+        return Err(ConfigError(format!(
+            "{key} mixes TLS and plaintext URLs; use amqps:// or rediss:// for all of them, or for none"
+        )));
+    }
+    Ok(())
 }
 
 /// A list, from a TOML array or from one comma-separated string (an environment variable).
@@ -761,6 +797,7 @@ impl Config {
                 ));
             }
         }
+        same_scheme("amqp.urls", &amqp.urls)?;
         if let Some(tls) = &amqp.tls {
             tls.validate("amqp.tls")?;
             if !amqp
@@ -943,6 +980,25 @@ impl RedisConfig {
             }
         };
         check("redis.url", &self.url)?;
+        let mode = match self.mode {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        };
+        for (key, set, wants) in [
+            ("redis.nodes", !self.nodes.is_empty(), RedisMode::Cluster),
+            ("redis.sentinels", !self.sentinels.is_empty(), RedisMode::Sentinel),
+            ("redis.master_name", self.master_name.is_some(), RedisMode::Sentinel),
+        ] {
+            if set && self.mode != wants {
+                return fail(format!(
+                    "{key} is set, but redis.mode is \"{mode}\", which does not use it"
+                ));
+            }
+        }
+        for (key, list) in [("redis.nodes", &self.nodes), ("redis.sentinels", &self.sentinels)] {
+            same_scheme(key, list)?;
+        }
         match self.mode {
             RedisMode::Standalone => {}
             RedisMode::Cluster => {
@@ -1387,6 +1443,18 @@ mod tests {
     #[test]
     fn each_redis_mode_names_what_it_is_missing() {
         let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+        assert!(
+            err("[redis]\nnodes = [\"redis://n:6379\"]\n").contains("redis.nodes is set, but redis.mode is \"standalone\""),
+            "nodes without mode = cluster"
+        );
+        assert!(
+            err("[redis]\nmode = \"cluster\"\nnodes = [\"rediss://a:6379\", \"redis://b:6379\"]\n")
+                .contains("redis.nodes mixes TLS and plaintext"),
+        );
+        assert!(
+            err("[amqp]\nurls = [\"amqps://a:5671\", \"amqp://b:5672\"]\n")
+                .contains("amqp.urls mixes TLS and plaintext"),
+        );
         assert!(err("[redis]\nmode = \"cluster\"\n").contains("redis.nodes"));
         assert!(err("[redis]\nmode = \"sentinel\"\n").contains("redis.sentinels"));
         assert!(
@@ -1413,9 +1481,32 @@ mod tests {
         let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
         let dir = std::env::temp_dir().join(format!("gate-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let ca = dir.join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
-        let ca = ca.display();
+        std::fs::write(&ca, made.cert.pem()).unwrap();
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        let (ca, broken, key) = (ca.display(), broken.display(), key.display());
+        assert!(
+            err(&format!(
+                "[redis]\nurl = \"rediss://h:6380\"\n[redis.tls]\nca_file = \"{broken}\"\n"
+            ))
+            .contains("redis.tls.ca_file holds no PEM certificate"),
+            "a CA file that is not PEM"
+        );
+        assert!(
+            err(&format!(
+                "[amqp]\nurl = \"amqps://h:5671\"\n[amqp.tls]\ncert_file = \"{ca}\"\nkey_file = \"{ca}\"\n"
+            ))
+            .contains("amqp.tls.key_file holds no PEM private key"),
+            "a certificate given as the key"
+        );
+        Config::from_toml_str(&format!(
+            "[amqp]\nurl = \"amqps://h:5671\"\n[amqp.tls]\ncert_file = \"{ca}\"\nkey_file = \"{key}\"\n"
+        ))
+        .unwrap();
         assert!(
             err(&format!("[redis.tls]\nca_file = \"{ca}\"\n")).contains("rediss://"),
             "a TLS table on a plaintext URL"

@@ -8,10 +8,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Sets `slot` to `value`; true when `value` is an error other than the one before.
+/// Sets `slot` to `value`; true when an error follows a success, so an outage is logged
+/// once however its text varies.
 fn replace(slot: &Mutex<Option<String>>, value: Option<String>) -> bool {
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-    let new = value.is_some() && *slot != value;
+    let new = value.is_some() && slot.is_none();
     *slot = value;
     new
 }
@@ -80,8 +81,8 @@ impl Health {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 
-    /// The outcome of the last Redis probe; returns true when its error is new (so it is
-    /// logged once, not every probe).
+    /// The outcome of the last Redis probe; returns true when it fails after a success
+    /// (so an outage is logged once, not every probe).
     pub fn set_redis_probe(&self, outcome: Result<(), String>) -> bool {
         self.redis_probe_ok
             .store(outcome.is_ok(), Ordering::Relaxed);

@@ -449,8 +449,8 @@ fn tls(ca: &std::path::Path, client: Option<(&std::path::Path, &std::path::Path)
     }
 }
 
-/// Polls `/readyz` until it names `error` (503 all along); returns the body.
-async fn not_ready_because(gate: &TestGate, field: &str, within: Duration) -> String {
+/// Polls `/readyz` until it says `reason` (503 all along); returns the body.
+async fn not_ready_because(gate: &TestGate, reason: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
         let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
@@ -458,7 +458,7 @@ async fn not_ready_because(gate: &TestGate, field: &str, within: Duration) -> St
             status, 503,
             "ready with a certificate that must be refused: {body}"
         );
-        if body.contains(field) {
+        if body.contains(reason) {
             return body;
         }
         assert!(Instant::now() < deadline, "/readyz never said why: {body}");
@@ -492,7 +492,7 @@ async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_r
     // A CA that did not sign the server's certificate: running, not ready, and says why.
     config.redis.tls = Some(tls(&redis.certs.other_ca, None));
     let gate = start_unready(config.clone()).await;
-    let body = not_ready_because(&gate, "redis_error", Duration::from_secs(15)).await;
+    let body = not_ready_because(&gate, "UnknownIssuer", Duration::from_secs(15)).await;
     eprintln!("wrong CA: {body}");
     gate.stop().await;
     drop(redis);
@@ -509,16 +509,17 @@ async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_r
         .await;
     broker.collect(&names.orchestrator, 1, WAIT).await;
     gate.stop().await;
-    for (case, files) in [
-        ("no client certificate", tls(&c.ca, None)),
+    for (case, files, reason) in [
+        ("no client certificate", tls(&c.ca, None), "CertificateRequired"),
         (
             "an expired client certificate",
             tls(&c.ca, Some((&c.expired_client_cert, &c.expired_client_key))),
+            "CertificateExpired",
         ),
     ] {
         config.redis.tls = Some(files);
         let gate = start_unready(config.clone()).await;
-        let body = not_ready_because(&gate, "redis_error", Duration::from_secs(15)).await;
+        let body = not_ready_because(&gate, reason, Duration::from_secs(15)).await;
         eprintln!("{case}: {body}");
         gate.stop().await;
     }
@@ -547,19 +548,25 @@ async fn amqps_with_a_private_ca_and_a_client_certificate_works_and_a_wrong_ca_i
     broker.collect(&names.notifications, 1, WAIT).await;
     gate.stop().await;
 
-    for (case, files) in [
+    for (case, files, reason) in [
         (
             "a CA that did not sign the node's certificate",
             tls(
                 &certs.other_ca,
                 Some((&certs.client_cert, &certs.client_key)),
             ),
+            "UnknownIssuer",
         ),
-        ("no client certificate", tls(&certs.ca, None)),
+        (
+            "no client certificate",
+            tls(&certs.ca, None),
+            "CertificateRequired",
+        ),
     ] {
         config.amqp.tls = Some(files);
         let gate = start_unready(config.clone()).await;
-        let body = not_ready_because(&gate, "broker_error", Duration::from_secs(20)).await;
+        let body = not_ready_because(&gate, reason, Duration::from_secs(20)).await;
+        assert!(body.contains("broker_error"), "{body}");
         eprintln!("{case}: {body}");
         gate.stop().await;
     }
@@ -602,8 +609,19 @@ async fn a_gate_on_a_three_node_rabbitmq_cluster_survives_the_loss_of_its_node()
         stop.clone(),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let reconnects = "konstruct_gate_amqp_reconnects_total";
+    let before = metric_value(gate.http, reconnects).await;
     let stopped_at = Instant::now();
     cluster.nodes[consuming_from].stop().await;
+    // The gate noticed (a new session), then consumes again from another node (ready).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_value(gate.http, reconnects).await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the gate never noticed its node stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gate.wait_ready(Duration::from_secs(30)).await;
     let resumed = stopped_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;

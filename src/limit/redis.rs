@@ -172,13 +172,22 @@ impl Limiter {
         let keys: Vec<[String; 3]> = indices
             .iter()
             .map(|&i| {
+                // A companion the script will not touch (no id, no sender tag) is declared
+                // as the counter again: while a slot migrates, Redis answers TRYAGAIN to a
+                // call with some of its keys missing.
                 let check = checks[i];
                 let base = companion_base(algorithm, &check.key);
-                [
-                    check.key.clone(),
-                    seen_key(algorithm, &base, &check.message_id),
-                    notified_key(&base, &check.notify_tag),
-                ]
+                let seen = if check.message_id.is_empty() {
+                    check.key.clone()
+                } else {
+                    seen_key(algorithm, &base, &check.message_id)
+                };
+                let notified = if check.notify_tag.is_empty() {
+                    check.key.clone()
+                } else {
+                    notified_key(&base, &check.notify_tag)
+                };
+                [check.key.clone(), seen, notified]
             })
             .collect();
         let fill = |cmd: &mut Cmd| {
@@ -298,10 +307,7 @@ impl Limiter {
 
     /// Ok when Redis answers a PING within the check timeout, else why not.
     pub async fn ping(&self) -> Result<(), String> {
-        let ping = async {
-            let mut conn = self.store.conn().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        };
+        let ping = self.store.ping();
         let outcome = match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => e.to_string(),

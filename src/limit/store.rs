@@ -26,6 +26,8 @@ use crate::config::{ConfigError, RedisConfig, RedisMode, TlsPem};
 
 /// How long the sentinels are left alone after they were asked.
 const RESOLVE_PAUSE: Duration = Duration::from_millis(500);
+/// How long the reason Redis cannot be reached is reused before it is asked again.
+const DIAGNOSE_PAUSE: Duration = Duration::from_secs(10);
 /// How long a cluster connection is kept after it was replaced for failing.
 const REPLACE_PAUSE: Duration = Duration::from_secs(2);
 
@@ -68,6 +70,8 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// When Redis was last asked why it cannot be reached, and its answer.
+    last_diagnosis: Arc<std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>>,
 }
 
 enum Inner {
@@ -100,7 +104,9 @@ impl Store {
     /// while Redis is down, and connects on first use.
     pub fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
         install_crypto_provider();
-        let bad = |e: RedisError| ConfigError::new(format!("redis: {e}"));
+        let bad = |e: RedisError| {
+            ConfigError::new(format!("redis: {}", crate::config::redact_urls_in(&e.to_string())))
+        };
         let timeout = Duration::from_millis(config.timeout_ms);
         let connect_timeout = timeout.max(Duration::from_secs(1));
         let manager = ConnectionManagerConfig::new()
@@ -150,14 +156,19 @@ impl Store {
                 let primary = config.url.expose().into_connection_info().map_err(bad)?;
                 let settings = primary.redis_settings();
                 let mut addresses = Vec::new();
+                // The sentinels' own credentials (`requirepass` on the sentinels), from
+                // the first of their URLs that has some.
+                let mut sentinel_auth: Option<(Option<String>, String)> = None;
                 for url in &config.sentinels {
-                    addresses.push(
-                        url.expose()
-                            .into_connection_info()
-                            .map_err(bad)?
-                            .addr()
-                            .clone(),
-                    );
+                    let info = url.expose().into_connection_info().map_err(bad)?;
+                    let auth = info.redis_settings();
+                    if sentinel_auth.is_none()
+                        && let Some(password) = auth.password()
+                    {
+                        sentinel_auth =
+                            Some((auth.username().map(str::to_owned), password.to_owned()));
+                    }
+                    addresses.push(info.addr().clone());
                 }
                 let sentinels_tls = addresses
                     .iter()
@@ -172,6 +183,12 @@ impl Store {
                 }
                 if let Some(password) = settings.password() {
                     builder = builder.set_client_to_redis_password(password);
+                }
+                if let Some((user, password)) = sentinel_auth {
+                    if let Some(user) = user {
+                        builder = builder.set_client_to_sentinel_username(user);
+                    }
+                    builder = builder.set_client_to_sentinel_password(password);
                 }
                 if matches!(primary.addr(), redis::ConnectionAddr::TcpTls { .. }) {
                     builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
@@ -192,6 +209,7 @@ impl Store {
         };
         Ok(Self {
             inner: Arc::new(inner),
+            last_diagnosis: Arc::default(),
         })
     }
 
@@ -249,11 +267,11 @@ impl Store {
                     let Inner::Sentinel(sentinel) = &*store.inner else {
                         return;
                     };
+                    let _clear = ClearOnDrop(&sentinel.resolving);
                     if let Err(e) = sentinel.resolve().await {
                         tracing::debug!(error = %e, "the sentinels could not name the primary");
                     }
                     tokio::time::sleep(RESOLVE_PAUSE).await;
-                    sentinel.resolving.store(false, Ordering::Release);
                 });
             }
         }
@@ -263,6 +281,22 @@ impl Store {
     /// certificate, a wrong password), or `None` when it can. The shared connection only
     /// says that it timed out.
     pub async fn diagnose(&self) -> Option<String> {
+        // One fresh connection per `DIAGNOSE_PAUSE` at most, however often it is asked.
+        {
+            let last = self.last_diagnosis.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, why)) = &*last
+                && at.elapsed() < DIAGNOSE_PAUSE
+            {
+                return why.clone();
+            }
+        }
+        let why = self.diagnose_now().await;
+        *self.last_diagnosis.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), why.clone()));
+        why
+    }
+
+    async fn diagnose_now(&self) -> Option<String> {
         let attempt = async {
             match &*self.inner {
                 Inner::Standalone(_, client) => {
@@ -284,6 +318,25 @@ impl Store {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("no answer within 3 s".into()),
+        }
+    }
+
+    /// PING, to one node: in a cluster the primary of slot 0 (a PING without a key would go
+    /// to every primary, and one primary down would make every gate not ready while the
+    /// other slots work; failing checks of that primary's slots count on their own).
+    pub async fn ping(&self) -> RedisResult<()> {
+        match self.conn().await? {
+            Conn::Single(mut conn) => redis::cmd("PING").query_async(&mut conn).await,
+            Conn::Cluster(mut conn) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(0, SlotAddr::Master);
+                conn.route_command(
+                    redis::cmd("PING"),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await
+                .map(|_| ())
+            }
         }
     }
 
@@ -321,6 +374,7 @@ impl Cluster {
     /// Connects afresh and swaps the new connection in; the old one closes once the calls
     /// that hold it are done.
     async fn replace(&self) {
+        let _clear = ClearOnDrop(&self.replacing);
         let fresh = tokio::time::timeout(REPLACE_PAUSE, self.client.get_async_connection()).await;
         match fresh {
             Ok(Ok(conn)) => {
@@ -331,7 +385,6 @@ impl Cluster {
             Err(_) => tracing::debug!("reconnecting to the Redis Cluster timed out"),
         }
         tokio::time::sleep(REPLACE_PAUSE).await;
-        self.replacing.store(false, Ordering::Release);
     }
 }
 
@@ -357,6 +410,16 @@ impl Sentinel {
 pub fn install_crypto_provider() {
     // Err only when a provider is already installed, which is as good.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Clears a flag when dropped, so a background task that ends any way (a panic too) never
+/// leaves it set.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The redis crate's TLS settings from the files' contents.
