@@ -306,7 +306,7 @@ impl TlsFiles {
 fn same_scheme(key: &str, urls: &[SecretUrl]) -> Result<(), ConfigError> {
     let secure = |url: &SecretUrl| {
         let scheme = url.expose().split("://").next().unwrap_or_default();
-        scheme.ends_with('s')
+        matches!(scheme, "amqps" | "rediss" | "valkeys")
     };
     if urls.iter().any(secure) && !urls.iter().all(secure) {
         return Err(ConfigError(format!(
@@ -987,8 +987,16 @@ impl RedisConfig {
         };
         for (key, set, wants) in [
             ("redis.nodes", !self.nodes.is_empty(), RedisMode::Cluster),
-            ("redis.sentinels", !self.sentinels.is_empty(), RedisMode::Sentinel),
-            ("redis.master_name", self.master_name.is_some(), RedisMode::Sentinel),
+            (
+                "redis.sentinels",
+                !self.sentinels.is_empty(),
+                RedisMode::Sentinel,
+            ),
+            (
+                "redis.master_name",
+                self.master_name.is_some(),
+                RedisMode::Sentinel,
+            ),
         ] {
             if set && self.mode != wants {
                 return fail(format!(
@@ -996,7 +1004,10 @@ impl RedisConfig {
                 ));
             }
         }
-        for (key, list) in [("redis.nodes", &self.nodes), ("redis.sentinels", &self.sentinels)] {
+        for (key, list) in [
+            ("redis.nodes", &self.nodes),
+            ("redis.sentinels", &self.sentinels),
+        ] {
             same_scheme(key, list)?;
         }
         match self.mode {
@@ -1419,7 +1430,7 @@ mod tests {
             );
             jail.set_env(
                 "KONSTRUCT_GATE__AMQP__URLS",
-                "amqp://u:pw1@a:5672/%2f,amqps://u:pw2@b:5671/%2f",
+                "amqp://u:pw1@a:5672/%2f,amqp://u:pw2@b:5672/%2f",
             );
             let c = Config::load(Some(Path::new("gate.toml"))).unwrap();
             let nodes: Vec<&str> = c.redis.nodes.iter().map(SecretUrl::expose).collect();
@@ -1444,7 +1455,8 @@ mod tests {
     fn each_redis_mode_names_what_it_is_missing() {
         let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
         assert!(
-            err("[redis]\nnodes = [\"redis://n:6379\"]\n").contains("redis.nodes is set, but redis.mode is \"standalone\""),
+            err("[redis]\nnodes = [\"redis://n:6379\"]\n")
+                .contains("redis.nodes is set, but redis.mode is \"standalone\""),
             "nodes without mode = cluster"
         );
         assert!(

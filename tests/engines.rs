@@ -510,7 +510,11 @@ async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_r
     broker.collect(&names.orchestrator, 1, WAIT).await;
     gate.stop().await;
     for (case, files, reason) in [
-        ("no client certificate", tls(&c.ca, None), "CertificateRequired"),
+        (
+            "no client certificate",
+            tls(&c.ca, None),
+            "CertificateRequired",
+        ),
         (
             "an expired client certificate",
             tls(&c.ca, Some((&c.expired_client_cert, &c.expired_client_key))),
@@ -583,20 +587,27 @@ async fn a_gate_on_a_three_node_rabbitmq_cluster_survives_the_loss_of_its_node()
     config.amqp.urls = urls(cluster.amqp_urls());
     // The gate declares the quorum queues on whichever node it reaches first.
     let gate = TestGate::start(config.clone()).await;
+    // `list_connections` lists the whole cluster's; the pid names the node of each.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let consuming_from = loop {
-        let mut found = None;
-        for (i, node) in cluster.nodes.iter().enumerate() {
-            let out = node
-                .ctl(&["list_connections", "client_properties"])
-                .await
-                .unwrap_or_default();
-            if out.contains("konstruct-gate consume") {
-                found = Some(i);
-            }
-        }
-        if let Some(i) = found {
+        let out = cluster.nodes[0]
+            .ctl(&["list_connections", "pid", "client_properties"])
+            .await
+            .unwrap_or_default();
+        let line = out.lines().find(|l| l.contains("konstruct-gate consume"));
+        let node = line.and_then(|l| {
+            cluster
+                .nodes
+                .iter()
+                .position(|n| l.contains(&format!("<{}.", n.name)))
+        });
+        if let Some(i) = node {
             break i;
         }
+        assert!(
+            Instant::now() < deadline,
+            "no node lists the gate's consuming connection: {out}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // The test's own clients stay on another node.

@@ -71,8 +71,11 @@ impl ConnectionLike for Conn {
 pub struct Store {
     inner: Arc<Inner>,
     /// When Redis was last asked why it cannot be reached, and its answer.
-    last_diagnosis: Arc<std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>>,
+    last_diagnosis: Arc<std::sync::Mutex<Option<Diagnosis>>>,
 }
+
+/// When Redis was asked why it cannot be reached, and what it said (`None`: it can).
+type Diagnosis = (std::time::Instant, Option<String>);
 
 enum Inner {
     /// The client too, to learn why connecting fails (the manager only times out).
@@ -105,7 +108,10 @@ impl Store {
     pub fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
         install_crypto_provider();
         let bad = |e: RedisError| {
-            ConfigError::new(format!("redis: {}", crate::config::redact_urls_in(&e.to_string())))
+            ConfigError::new(format!(
+                "redis: {}",
+                crate::config::redact_urls_in(&e.to_string())
+            ))
         };
         let timeout = Duration::from_millis(config.timeout_ms);
         let connect_timeout = timeout.max(Duration::from_secs(1));
@@ -283,7 +289,10 @@ impl Store {
     pub async fn diagnose(&self) -> Option<String> {
         // One fresh connection per `DIAGNOSE_PAUSE` at most, however often it is asked.
         {
-            let last = self.last_diagnosis.lock().unwrap_or_else(|e| e.into_inner());
+            let last = self
+                .last_diagnosis
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some((at, why)) = &*last
                 && at.elapsed() < DIAGNOSE_PAUSE
             {
@@ -291,8 +300,10 @@ impl Store {
             }
         }
         let why = self.diagnose_now().await;
-        *self.last_diagnosis.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((std::time::Instant::now(), why.clone()));
+        *self
+            .last_diagnosis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), why.clone()));
         why
     }
 
