@@ -84,6 +84,7 @@ fn hot_path(c: &mut Criterion) {
             window_seconds: 60,
             burst: 30,
             shadow: false,
+            defer: false,
         };
         b.iter(|| Decision::fixed_window(black_box(rule), black_box(17), black_box(41_500), true))
     });

@@ -164,7 +164,56 @@ impl Brokers {
     }
 }
 
-/// Declares the inbound and the three output queues as durable. With quorum queues the
+/// The steps of the defer ladder, in seconds: a deferred message waits in the smallest
+/// step at least as long as its retry-after (the longest, and then again, beyond it).
+pub const DEFER_STEPS: [u64; 9] = [1, 2, 5, 10, 30, 60, 120, 300, 600];
+
+/// The delay queue of one step of the ladder, named after the inbound queue.
+pub fn defer_queue(inbound: &str, seconds: u64) -> String {
+    format!("{inbound}.defer.{seconds}s")
+}
+
+/// How often the steps of the defer ladder are counted.
+const PARKED_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets the parked-messages gauge of each step of the defer ladder from a passive declare
+/// every few seconds, on a channel of its own, until `stop` (the session's end). Counting
+/// stops for the session when a step does not exist (the broker closes the channel).
+pub async fn count_parked(
+    channel: Channel,
+    inbound: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    loop {
+        for seconds in DEFER_STEPS {
+            let queue = defer_queue(&inbound, seconds);
+            let declared = channel
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await;
+            let Ok(declared) = declared else { return };
+            metrics::gauge!(crate::telemetry::PARKED, "step" => format!("{seconds}s"))
+                .set(f64::from(declared.message_count()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PARKED_INTERVAL) => {}
+            _ = stop.cancelled() => {
+                let _ = channel.close(200, ShortString::from("done")).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Declares the inbound and the three output queues, and the defer ladder's delay queues,
+/// as durable. With quorum queues the
 /// inbound queue also gets a delivery limit, past which the broker moves a message that
 /// keeps coming back to the dead-letter queue instead of redelivering it forever.
 ///
@@ -195,12 +244,37 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
             AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
         );
     }
-    for (queue, arguments) in [
+    // The defer ladder: each step holds its messages for its own TTL (the same for every
+    // message of the queue, so they expire in order at its head), then dead-letters them
+    // back to the inbound queue.
+    let ladder: Vec<(String, FieldTable)> = DEFER_STEPS
+        .iter()
+        .map(|&seconds| {
+            let mut args = outputs.clone();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(seconds as i64 * 1000),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(config.inbound_queue.as_str().into()),
+            );
+            (defer_queue(&config.inbound_queue, seconds), args)
+        })
+        .collect();
+    let queues = [
         (&config.inbound_queue, &inbound),
         (&config.orchestrator_queue, &outputs),
         (&config.notification_queue, &outputs),
         (&config.dead_letter_queue, &outputs),
-    ] {
+    ]
+    .into_iter()
+    .chain(ladder.iter().map(|(queue, args)| (queue, args)));
+    for (queue, arguments) in queues {
         let declared =
             declare_on_own_channel(conn, queue, QueueDeclareOptions::durable(), arguments).await;
         if let Err(refused) = declared {

@@ -30,17 +30,6 @@ pub const MAX_DEFER_SECONDS: u64 = 24 * 60 * 60;
 pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_STALL_SECONDS: u64 = 86_400;
 
-/// Refuses `on_limit = "defer"` where it is set: this version of the gate rejects over-limit
-/// messages only, and saying so beats silently rejecting what an operator asked to defer.
-pub fn check_on_limit(key: &str, on_limit: Option<OnLimit>) -> Result<(), String> {
-    match on_limit {
-        Some(OnLimit::Defer) => Err(format!(
-            "{key}.on_limit = \"defer\" is not available in this version of the gate; use \"reject\""
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// Checks the numbers one limit sets (the file's global limit, a file override, a Redis
 /// override, the admin command line), so every source accepts exactly the same values.
 /// `key` names where the values come from, e.g. `limits.overrides[2]`.
@@ -1082,7 +1071,6 @@ impl LimitsConfig {
                 limits.max_message_bytes
             ));
         }
-        check_on_limit("limits", Some(limits.on_limit))?;
         if !(1..=MAX_DEFER_SECONDS).contains(&limits.max_defer_seconds) {
             return fail(format!(
                 "limits.max_defer_seconds = {} is out of range (1 to {MAX_DEFER_SECONDS})",
@@ -1111,7 +1099,6 @@ impl LimitsConfig {
                 ));
             }
             check_limit_numbers(&key, o.requests, o.window_seconds, o.burst)?;
-            check_on_limit(&key, o.on_limit)?;
             let duplicate = limits.overrides[..i]
                 .iter()
                 .any(|p| p.tenant == o.tenant && p.channel == o.channel);

@@ -21,7 +21,7 @@ use crate::limit::{
     Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, key_for, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
-use crate::route::{self, Destination, Outcome, Verdict};
+use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
 use crate::telemetry::Metrics;
 
 /// What became of one delivery after a pass through the pipeline.
@@ -56,6 +56,8 @@ pub struct Pipeline {
     limiter: Limiter,
     metrics: Metrics,
     health: Arc<Health>,
+    /// The defer ladder's queues, by their seconds.
+    ladder: Vec<(u64, String)>,
 }
 
 impl Pipeline {
@@ -66,7 +68,15 @@ impl Pipeline {
         metrics: Metrics,
         health: Arc<Health>,
     ) -> Self {
+        let ladder = crate::amqp::DEFER_STEPS
+            .iter()
+            .map(|&seconds| {
+                let queue = crate::amqp::defer_queue(&config.amqp.inbound_queue, seconds);
+                (seconds, queue)
+            })
+            .collect();
         Self {
+            ladder,
             config,
             rules,
             cache: RejectionCache::default(),
@@ -104,6 +114,12 @@ impl Pipeline {
             })
             .unzip();
         let decided = self.decide(&checks, &rules, retry).await;
+        let clock = DeferClock {
+            now_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            max_defer_seconds: settings.max_defer_seconds,
+        };
 
         let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
@@ -134,7 +150,8 @@ impl Pipeline {
                     ),
                 },
             };
-            let output = route::output(&delivery.data, &delivery.properties, parsed, verdict);
+            let output =
+                route::output(&delivery.data, &delivery.properties, parsed, verdict, clock);
             self.observe(delivery, parsed, verdict, output.outcome);
             fates.push(None);
             outputs.push((i, output, check));
@@ -146,6 +163,12 @@ impl Pipeline {
                 Destination::Orchestrator => &amqp.orchestrator_queue,
                 Destination::Notifications => &amqp.notification_queue,
                 Destination::DeadLetter => &amqp.dead_letter_queue,
+                Destination::Defer(seconds) => self
+                    .ladder
+                    .iter()
+                    .find(|(step, _)| *step == seconds)
+                    .map(|(_, queue)| queue)
+                    .expect("every step of the ladder has a queue"),
             };
             let result = publisher
                 .publish(queue, &output.body, output.properties)
@@ -195,7 +218,12 @@ impl Pipeline {
         };
         let id = route::message_id(envelope, &delivery.properties).filter(|_| settings.count_once);
         let (message_id, token) = match (id, settings.on_redis_error) {
-            (Some(id), _) => (id.to_owned(), false),
+            // Back from the defer ladder, a message is decided afresh, not handed its
+            // earlier "over the limit": each return counts under an id of its own.
+            (Some(id), _) => match route::times_deferred(&delivery.properties) {
+                0 => (id.to_owned(), false),
+                n => (format!("{id}#deferred-{n}"), false),
+            },
             // A held check is tried again, and a call that timed out may have counted it:
             // a token of this delivery (unique to this process, session and tag) lets the
             // retry get that decision back.
@@ -363,6 +391,10 @@ fn log_output(
                 Outcome::Shadowed => (
                     "shadow_rejected",
                     "message over its limit forwarded (shadow mode)",
+                ),
+                Outcome::Deferred => (
+                    "deferred",
+                    "message deferred: rate limit exceeded, parked until its window frees",
                 ),
                 _ => ("rejected", "message rejected: rate limit exceeded"),
             };

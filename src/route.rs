@@ -29,6 +29,8 @@ pub enum Outcome {
     /// Forwarded without a check (Redis could not decide).
     Unchecked,
     Rejected,
+    /// Over its limit, parked in the defer ladder (`on_limit = "defer"`).
+    Deferred,
     Invalid,
 }
 
@@ -38,6 +40,22 @@ pub enum Destination {
     Orchestrator,
     Notifications,
     DeadLetter,
+    /// The step of the defer ladder that holds a message this many seconds.
+    Defer(u64),
+}
+
+/// Header: how many times a message was deferred.
+pub const DEFERRED: &str = "x-gate-deferred";
+/// Header: when a deferred message first arrived, in milliseconds since the Unix epoch; it
+/// travels with the message, so `limits.max_defer_seconds` counts from there.
+pub const FIRST_ARRIVAL: &str = "x-gate-first-arrival";
+
+/// What deciding to defer needs besides the message: the time, and how long a message may
+/// wait from its first arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeferClock {
+    pub now_ms: u64,
+    pub max_defer_seconds: u64,
 }
 
 /// The one message published for an inbound one.
@@ -56,6 +74,7 @@ pub fn output<'a>(
     properties: &BasicProperties,
     parsed: &Result<Envelope<'_>, Invalid>,
     verdict: Option<(Verdict, Rule)>,
+    clock: DeferClock,
 ) -> Output<'a> {
     let forward = |outcome, properties| Output {
         outcome,
@@ -99,6 +118,17 @@ pub fn output<'a>(
             Outcome::Shadowed,
             shadow_properties(properties, limit, retry_after, replayed),
         ),
+        Decision::Rejected { retry_after, .. }
+            if rule.defer
+                && let Some((step, properties)) = deferral(properties, retry_after, clock) =>
+        {
+            Output {
+                outcome: Outcome::Deferred,
+                to: Destination::Defer(step),
+                body: Cow::Borrowed(body),
+                properties,
+            }
+        }
         Decision::Rejected {
             limit,
             window_seconds,
@@ -120,6 +150,60 @@ pub fn output<'a>(
                 properties,
             }
         }
+    }
+}
+
+/// Where an over-limit message under `on_limit = "defer"` waits: the step of the ladder
+/// (the smallest at least `retry_after` seconds long, else the longest), and its
+/// properties, counting the deferral and carrying its first arrival. `None` when the
+/// message could not be allowed within `max_defer_seconds` of its first arrival: it is
+/// rejected instead.
+pub fn deferral(
+    inbound: &BasicProperties,
+    retry_after: u64,
+    clock: DeferClock,
+) -> Option<(u64, BasicProperties)> {
+    let headers = inbound.headers();
+    let first = header_int(headers, FIRST_ARRIVAL).unwrap_or(clock.now_ms);
+    let allowed_at = clock
+        .now_ms
+        .saturating_add(retry_after.saturating_mul(1000));
+    if allowed_at.saturating_sub(first) > clock.max_defer_seconds.saturating_mul(1000) {
+        return None;
+    }
+    let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
+    let properties = copy_properties(
+        inbound,
+        &[(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))],
+    );
+    Some((defer_step(retry_after), properties))
+}
+
+/// The step of the ladder for a message allowed again in `retry_after` seconds.
+pub fn defer_step(retry_after: u64) -> u64 {
+    let steps = crate::amqp::DEFER_STEPS;
+    steps
+        .iter()
+        .copied()
+        .find(|&step| step >= retry_after)
+        .unwrap_or(steps[steps.len() - 1])
+}
+
+/// How many times a message was deferred before (0 for a fresh one).
+pub fn times_deferred(inbound: &BasicProperties) -> u64 {
+    header_int(inbound.headers(), DEFERRED).unwrap_or(0)
+}
+
+/// A header holding a non-negative integer, of whichever AMQP integer type.
+fn header_int(headers: &Option<FieldTable>, name: &str) -> Option<u64> {
+    match header(headers, name)? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::Timestamp(v) => Some(*v),
+        _ => None,
     }
 }
 
@@ -434,7 +518,124 @@ mod tests {
             window_seconds: 60,
             burst: 30,
             shadow,
+            defer: false,
         }
+    }
+
+    const CLOCK: DeferClock = DeferClock {
+        now_ms: 1_764_400_000_000,
+        max_defer_seconds: 3600,
+    };
+
+    #[test]
+    fn a_deferred_message_waits_in_the_smallest_step_that_is_long_enough() {
+        assert_eq!(defer_step(0), 1);
+        assert_eq!(defer_step(1), 1);
+        assert_eq!(defer_step(2), 2);
+        assert_eq!(defer_step(3), 5);
+        assert_eq!(defer_step(6), 10);
+        assert_eq!(defer_step(42), 60);
+        assert_eq!(defer_step(600), 600);
+        assert_eq!(
+            defer_step(86_400),
+            600,
+            "beyond the ladder: the longest step, again"
+        );
+
+        let inbound = full_properties();
+        let (step, first) = deferral(&inbound, 4, CLOCK).unwrap();
+        assert_eq!(step, 5);
+        assert_eq!(times_deferred(&first), 1);
+        assert_eq!(
+            header(first.headers(), "x-trace"),
+            Some(&text("abc")),
+            "headers kept"
+        );
+        assert_eq!(
+            first.correlation_id(),
+            inbound.correlation_id(),
+            "properties kept"
+        );
+        // Back from the ladder 5 s later and deferred again: the count grows, the first
+        // arrival stays.
+        let later = DeferClock {
+            now_ms: CLOCK.now_ms + 5_000,
+            ..CLOCK
+        };
+        let (_, second) = deferral(&first, 30, later).unwrap();
+        assert_eq!(times_deferred(&second), 2);
+        assert_eq!(
+            header(second.headers(), FIRST_ARRIVAL),
+            Some(&int(CLOCK.now_ms))
+        );
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_allowed_within_max_defer_seconds_is_rejected() {
+        let short = DeferClock {
+            max_defer_seconds: 5,
+            ..CLOCK
+        };
+        assert!(
+            deferral(&full_properties(), 5, short).is_some(),
+            "allowed at 5 s: in time"
+        );
+        assert!(
+            deferral(&full_properties(), 6, short).is_none(),
+            "allowed at 6 s: too late"
+        );
+        // The first arrival counts, not this one.
+        let (_, parked) = deferral(&full_properties(), 3, short).unwrap();
+        let back = DeferClock {
+            now_ms: CLOCK.now_ms + 3_000,
+            ..short
+        };
+        assert!(deferral(&parked, 2, back).is_some());
+        assert!(deferral(&parked, 3, back).is_none());
+    }
+
+    #[test]
+    fn a_rule_that_defers_parks_what_it_would_reject() {
+        let body = br#"{"id":"m1","tenant_id":"acme","channel":"whatsapp"}"#;
+        let parsed = parse(body, 1 << 20);
+        let props = full_properties();
+        let rejected = checked(
+            Decision::Rejected {
+                limit: 5,
+                window_seconds: 6,
+                retry_after: 4,
+                notify_user: true,
+            },
+            false,
+        );
+        let deferring = Rule {
+            defer: true,
+            ..rule(false)
+        };
+        let o = output(body, &props, &parsed, Some((rejected, deferring)), CLOCK);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Deferred, Destination::Defer(5))
+        );
+        assert_eq!(&*o.body, body.as_slice(), "byte for byte");
+        let o = output(body, &props, &parsed, Some((rejected, rule(false))), CLOCK);
+        assert_eq!(o.outcome, Outcome::Rejected);
+        let impatient = DeferClock {
+            max_defer_seconds: 1,
+            ..CLOCK
+        };
+        let o = output(
+            body,
+            &props,
+            &parsed,
+            Some((rejected, deferring)),
+            impatient,
+        );
+        assert_eq!(
+            o.outcome,
+            Outcome::Rejected,
+            "past max_defer_seconds: rejected"
+        );
     }
 
     fn checked(decision: Decision, forwarded_before: bool) -> Verdict {
@@ -462,7 +663,8 @@ mod tests {
             remaining: 29,
             reset_after: 60,
         };
-        let route = |verdict, shadow| output(body, &props, &parsed, Some((verdict, rule(shadow))));
+        let route =
+            |verdict, shadow| output(body, &props, &parsed, Some((verdict, rule(shadow))), CLOCK);
 
         let o = route(checked(allowed, false), false);
         assert_eq!(
@@ -517,7 +719,7 @@ mod tests {
         );
 
         let bad = parse(b"{}", 1 << 20);
-        let o = output(b"{}", &props, &bad, None);
+        let o = output(b"{}", &props, &bad, None, CLOCK);
         assert_eq!(
             (o.outcome, o.to),
             (Outcome::Invalid, Destination::DeadLetter)

@@ -277,6 +277,17 @@ impl Gate {
         self.health.set_broker_error(None);
         *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
+        // Only where the gate declared the ladder: a passive declare of a missing queue
+        // fails its channel, which the connection reports as an error.
+        if amqp.declare_queues
+            && let Ok(counting) = publish_conn.create_channel().await
+        {
+            tokio::spawn(amqp::count_parked(
+                counting,
+                amqp.inbound_queue.clone(),
+                lost.clone(),
+            ));
+        }
 
         let tracker = Mutex::new(AckTracker::default());
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -529,6 +540,7 @@ impl Gate {
                                 self.metrics.allowed.increment(1)
                             }
                             Outcome::Rejected => self.metrics.rejected.increment(1),
+                            Outcome::Deferred => self.metrics.deferred.increment(1),
                             Outcome::Invalid => self.metrics.invalid.increment(1),
                         }
                     }

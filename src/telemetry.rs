@@ -23,6 +23,8 @@ pub const BATCH_SIZE: &str = "konstruct_gate_batch_size";
 pub const SHADOW_REJECTIONS_TOTAL: &str = "konstruct_gate_shadow_rejections_total";
 pub const NEAR_LIMIT_TOTAL: &str = "konstruct_gate_near_limit_total";
 pub const LOCAL_REJECTIONS_TOTAL: &str = "konstruct_gate_local_rejections_total";
+/// Messages waiting in each step of the defer ladder (label `step`, e.g. `5s`).
+pub const PARKED: &str = "konstruct_gate_messages_parked";
 
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_tracing(config: &LogConfig) {
@@ -76,6 +78,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub struct Metrics {
     pub allowed: Counter,
     pub rejected: Counter,
+    pub deferred: Counter,
     pub invalid: Counter,
     pub redis_check_seconds: Histogram,
     pub publish_confirm_seconds: Histogram,
@@ -102,6 +105,7 @@ impl Metrics {
         let metrics = Self {
             allowed: counter!(MESSAGES_TOTAL, "outcome" => "allowed"),
             rejected: counter!(MESSAGES_TOTAL, "outcome" => "rejected"),
+            deferred: counter!(MESSAGES_TOTAL, "outcome" => "deferred"),
             invalid: counter!(MESSAGES_TOTAL, "outcome" => "invalid"),
             redis_check_seconds: histogram!(REDIS_CHECK_SECONDS),
             publish_confirm_seconds: histogram!(PUBLISH_CONFIRM_SECONDS),
@@ -122,6 +126,7 @@ impl Metrics {
         for c in [
             &metrics.allowed,
             &metrics.rejected,
+            &metrics.deferred,
             &metrics.invalid,
             &metrics.redis_errors,
             &metrics.degraded,

@@ -129,7 +129,6 @@ async fn invalid_values_exit_2_and_write_nothing() {
         &["set", "acme", "--requests", "100000000000000000"],
         &["set", "acme", "--window-seconds", "40000000"],
         &["set", "acme", "--algorithm", "leaky"],
-        &["set", "acme", "--on-limit", "defer"],
         &["set", "acme"],
         &["set", "-acme", "--requests", "5"],
         &["usage", "acme"],

@@ -31,6 +31,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         window_seconds: 3_600,
         burst: 30,
         shadow: false,
+        defer: false,
     };
     let rejected = Answer::fresh(Decision::Rejected {
         limit: 30,

@@ -194,6 +194,7 @@ mod tests {
                 window_seconds: 60,
                 burst: 3,
                 shadow: false,
+                defer: false,
             },
             notify_tag: tag.into(),
             message_id: String::new(),

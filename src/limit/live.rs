@@ -10,9 +10,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::Rules;
-use crate::config::{
-    Algorithm, LimitsConfig, OnLimit, Override, check_limit_numbers, check_on_limit,
-};
+use crate::config::{Algorithm, LimitsConfig, OnLimit, Override, check_limit_numbers};
 use crate::message::{valid_channel, valid_tenant_id};
 
 /// The Redis hash of live overrides, under the configured key prefix.
@@ -154,8 +152,7 @@ pub fn parse_overrides(
         };
         let key = format!("override {field:?}");
         let checked =
-            check_limit_numbers(&key, parsed.requests, parsed.window_seconds, parsed.burst)
-                .and_then(|()| check_on_limit(&key, parsed.on_limit));
+            check_limit_numbers(&key, parsed.requests, parsed.window_seconds, parsed.burst);
         if let Err(e) = checked {
             errors.push(e);
             keep_previous(&mut overrides);

@@ -244,6 +244,7 @@ mod tests {
         window_seconds: 60,
         burst: 3,
         shadow: false,
+        defer: false,
     };
 
     #[test]

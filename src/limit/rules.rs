@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Algorithm, LimitsConfig, Notify, OnRedisError, Override};
+use crate::config::{Algorithm, LimitsConfig, Notify, OnLimit, OnRedisError, Override};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
@@ -14,6 +14,9 @@ pub struct Rule {
     pub burst: u64,
     /// Forward what this rule would reject, marked, instead of rejecting it.
     pub shadow: bool,
+    /// Park what this rule would reject in the broker until its window can allow it
+    /// (`on_limit = "defer"`), instead of rejecting it.
+    pub defer: bool,
 }
 
 impl Rule {
@@ -31,6 +34,7 @@ impl Rule {
             window_seconds: o.window_seconds.unwrap_or(base.window_seconds),
             burst,
             shadow: o.shadow.unwrap_or(base.shadow),
+            defer: o.on_limit.map_or(base.defer, |l| l == OnLimit::Defer),
         };
         (rule, o.burst.is_some() || base_has_burst)
     }
@@ -44,6 +48,8 @@ pub struct Settings {
     pub notify: Notify,
     pub count_once: bool,
     pub on_redis_error: OnRedisError,
+    /// `on_limit = "defer"`: how long after its first arrival a message may still be parked.
+    pub max_defer_seconds: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +77,7 @@ impl Rules {
             window_seconds: limits.window_seconds,
             burst: limits.burst.unwrap_or(limits.requests),
             shadow: limits.shadow,
+            defer: limits.on_limit == OnLimit::Defer,
         };
         let global_has_burst = limits.burst.is_some();
         let mut tenants: HashMap<String, TenantRules> = HashMap::new();
@@ -100,6 +107,7 @@ impl Rules {
                 notify: limits.notify,
                 count_once: limits.count_once,
                 on_redis_error: limits.on_redis_error,
+                max_defer_seconds: limits.max_defer_seconds,
             },
             global,
             tenants,
@@ -140,6 +148,7 @@ mod tests {
             window_seconds,
             burst: requests,
             shadow: false,
+            defer: false,
         }
     }
 

@@ -352,12 +352,17 @@ impl Broker {
 
     /// Deletes the test's queues and Redis keys.
     pub async fn cleanup(self) {
+        let ladder = konstruct_gate::amqp::DEFER_STEPS
+            .map(|seconds| konstruct_gate::amqp::defer_queue(&self.names.inbound, seconds));
         for queue in [
             &self.names.inbound,
             &self.names.orchestrator,
             &self.names.notifications,
             &self.names.dead_letter,
-        ] {
+        ]
+        .into_iter()
+        .chain(&ladder)
+        {
             let _ = self
                 .channel
                 .queue_delete(
@@ -367,8 +372,9 @@ impl Broker {
                 .await;
         }
         let mut redis = connect_redis().await;
+        // Counters start with the prefix, their companions with `{` and then the prefix.
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.names.key_prefix))
+            .arg(format!("*{}*", self.names.key_prefix))
             .query_async(&mut redis)
             .await
             .unwrap_or_default();

@@ -1,0 +1,241 @@
+//! `on_limit = "defer"` against the real broker and Redis: over-limit messages are parked in
+//! the broker's delay ladder and come back when their window frees; nothing is lost when
+//! the gate dies meanwhile; past `limits.max_defer_seconds` a message is rejected as
+//! before. And a property test: however deferred messages return, no window lets more than
+//! its limit through.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use konstruct_gate::amqp::{DEFER_STEPS, defer_queue};
+use konstruct_gate::config::{OnLimit, Override};
+use konstruct_gate::route::{self, DeferClock, FIRST_ARRIVAL};
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use proptest::prelude::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn deferred_times(d: &Delivery) -> u64 {
+    route::times_deferred(&d.properties)
+}
+
+fn channel_of(d: &Delivery) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    v["channel"].as_str().unwrap().to_owned()
+}
+
+async fn parked(broker: &Broker) -> u32 {
+    let mut total = 0;
+    for seconds in DEFER_STEPS {
+        total += broker
+            .depth(&defer_queue(&broker.names.inbound, seconds))
+            .await;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_slack_is_rejected() {
+    let names = Names::new("defer-burst");
+    let broker = Broker::new(&names).await;
+    // 5 per 6 s everywhere; acme's WhatsApp defers, its Slack rejects as before.
+    let mut config = names.config(5, 6);
+    config.limits.overrides.push(Override {
+        tenant: "acme".into(),
+        channel: Some("whatsapp".into()),
+        on_limit: Some(OnLimit::Defer),
+        ..Override::default()
+    });
+    let gate = TestGate::start(config).await;
+    let whatsapp: Vec<Vec<u8>> = (0..15)
+        .map(|i| message(&format!("w{i}"), "acme", "whatsapp"))
+        .collect();
+    let slack: Vec<Vec<u8>> = (0..7)
+        .map(|i| message(&format!("s{i}"), "acme", "slack"))
+        .collect();
+    broker.publish_many(whatsapp.into_iter().chain(slack)).await;
+
+    let forwarded = broker.collect(&names.orchestrator, 20, WAIT).await;
+    let rejected = broker.collect(&names.notifications, 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.assert_empty(&names.orchestrator).await;
+    broker.assert_empty(&names.notifications).await;
+    assert_eq!(parked(&broker).await, 0, "nothing left in the ladder");
+
+    let (whatsapp, slack): (Vec<&Delivery>, Vec<&Delivery>) =
+        forwarded.iter().partition(|d| channel_of(d) == "whatsapp");
+    assert_eq!(slack.len(), 5, "slack: its limit, and the rest rejected");
+    for note in &rejected {
+        let v: serde_json::Value = serde_json::from_slice(&note.data).unwrap();
+        assert_eq!(v["channel"], "slack");
+    }
+    let ids: HashSet<String> = whatsapp
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        15,
+        "every WhatsApp message reached the orchestrator, once"
+    );
+    let at_once = whatsapp.iter().filter(|d| deferred_times(d) == 0).count();
+    assert_eq!(at_once, 5, "the first window lets 5 through at once");
+    for d in whatsapp.iter().filter(|d| deferred_times(d) > 0) {
+        assert!(
+            route::header(d.properties.headers(), FIRST_ARRIVAL).is_some(),
+            "a deferred message carries its first arrival"
+        );
+    }
+    // A deferred message comes back in a later window, so the ten take at least two more.
+    let twice = whatsapp.iter().filter(|d| deferred_times(d) >= 2).count();
+    assert!(
+        twice >= 1,
+        "the third window's messages were deferred twice"
+    );
+    assert!(
+        metric_value(
+            gate.http,
+            "konstruct_gate_messages_total{outcome=\"deferred\"}"
+        )
+        .await
+            >= 10.0
+    );
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_gate_while_messages_are_parked_loses_none() {
+    let names = Names::new("defer-kill");
+    let broker = Broker::new(&names).await;
+    let mut env = names.env(5, 6);
+    env.push(("KONSTRUCT_GATE__LIMITS__ON_LIMIT".into(), "defer".into()));
+    let mut process = GateProcess::spawn(&env);
+    broker
+        .publish_many((0..15).map(|i| message(&format!("k{i}"), "acme", "whatsapp")))
+        .await;
+    broker.collect(&names.orchestrator, 5, WAIT).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while parked(&broker).await < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ten messages were never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    process.signal("KILL");
+    process.wait(Duration::from_secs(10)).await;
+
+    let mut config = names.config(5, 6);
+    config.limits.on_limit = OnLimit::Defer;
+    let gate = TestGate::start(config).await;
+    let rest = broker.collect(&names.orchestrator, 10, WAIT).await;
+    let ids: HashSet<String> = rest
+        .iter()
+        .map(|d| output_id(OutputKind::Allowed, d))
+        .collect();
+    assert_eq!(ids.len(), 10, "the ten parked messages all came through");
+    broker.assert_empty(&names.notifications).await;
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_allowed_within_max_defer_seconds_is_rejected_with_a_notification()
+{
+    let names = Names::new("defer-max");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(5, 60);
+    config.limits.on_limit = OnLimit::Defer;
+    config.limits.max_defer_seconds = 5;
+    let gate = TestGate::start(config).await;
+    broker
+        .publish_many((0..8).map(|i| message(&format!("x{i}"), "acme", "whatsapp")))
+        .await;
+    broker.collect(&names.orchestrator, 5, WAIT).await;
+    let notes = broker.collect(&names.notifications, 3, WAIT).await;
+    let told: Vec<bool> = notes
+        .iter()
+        .map(|n| {
+            let v: serde_json::Value = serde_json::from_slice(&n.data).unwrap();
+            assert_eq!(v["type"], "rate_limited");
+            v["notify_user"].as_bool().unwrap()
+        })
+        .collect();
+    assert!(told.contains(&true), "the sender is told");
+    assert_eq!(parked(&broker).await, 0, "nothing was parked");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+/// A fixed window of `limit` per `window_ms`, as the script keeps it (windows start at the
+/// first message after the last one expired).
+#[derive(Default)]
+struct Window {
+    started_ms: Option<u64>,
+    count: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Messages of one key arrive at random; each is decided by a fixed window, and one
+    /// over the limit is deferred to the ladder step `route::deferral` picks, and comes
+    /// back when that step's TTL has passed. However they return, no window lets more
+    /// than its limit through, and every message is let through exactly once.
+    #[test]
+    fn no_window_lets_more_than_its_limit_through_when_deferred_messages_return(
+        limit in 1u64..8,
+        window_s in 1u64..90,
+        arrivals in prop::collection::vec(0u64..120_000, 1..60),
+    ) {
+        let window_ms = window_s * 1000;
+        // (time it is offered, id, its properties)
+        let mut queue: Vec<(u64, usize, BasicProperties)> = arrivals
+            .iter()
+            .enumerate()
+            .map(|(id, &at)| (at, id, BasicProperties::default()))
+            .collect();
+        let mut window = Window::default();
+        let mut allowed_at: HashMap<usize, u64> = HashMap::new();
+        let mut per_window: HashMap<u64, u64> = HashMap::new();
+        let mut steps = 0;
+        while !queue.is_empty() {
+            steps += 1;
+            prop_assert!(steps < 100_000, "the simulation ends");
+            queue.sort_by_key(|(at, id, _)| (*at, *id));
+            let (now, id, properties) = queue.remove(0);
+            if window.started_ms.is_none_or(|s| now >= s + window_ms) {
+                window = Window { started_ms: Some(now), count: 0 };
+            }
+            let start = window.started_ms.unwrap();
+            window.count += 1;
+            if window.count <= limit {
+                prop_assert!(allowed_at.insert(id, now).is_none(), "let through once");
+                *per_window.entry(start).or_default() += 1;
+                continue;
+            }
+            let retry_after = (start + window_ms - now).div_ceil(1000).max(1);
+            let clock = DeferClock { now_ms: now, max_defer_seconds: 86_400 };
+            let (step, parked) = route::deferral(&properties, retry_after, clock)
+                .expect("within a day");
+            prop_assert!(step >= retry_after || step == *DEFER_STEPS.last().unwrap());
+            queue.push((now + step * 1000, id, parked));
+        }
+        prop_assert_eq!(allowed_at.len(), arrivals.len(), "every message came through");
+        for (start, n) in &per_window {
+            prop_assert!(*n <= limit, "window at {} let {} through (limit {})", start, n, limit);
+        }
+    }
+}
+
+#[test]
+fn the_ladder_steps_grow_and_end_at_ten_minutes() {
+    assert!(DEFER_STEPS.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(DEFER_STEPS[0], 1);
+    assert_eq!(*DEFER_STEPS.last().unwrap(), 600);
+}
