@@ -263,6 +263,18 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(config.inbound_queue.as_str().into()),
             );
+            if config.queue_type == QueueType::Quorum {
+                // Quorum queues dead-letter at most once by default: a message expiring
+                // while the inbound queue has no leader would be dropped.
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
             (defer_queue(&config.inbound_queue, seconds), args)
         })
         .collect();

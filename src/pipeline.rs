@@ -159,6 +159,9 @@ impl Pipeline {
         // Every publish is sent before any confirm is awaited.
         let amqp = &self.config.amqp;
         let published = join_all(outputs.into_iter().map(|(i, output, check)| async move {
+            if output.to == Destination::Done {
+                return (i, Ok(output.outcome), None);
+            }
             let queue = match output.to {
                 Destination::Orchestrator => &amqp.orchestrator_queue,
                 Destination::Notifications => &amqp.notification_queue,
@@ -169,6 +172,7 @@ impl Pipeline {
                     .find(|(step, _)| *step == seconds)
                     .map(|(_, queue)| queue)
                     .expect("every step of the ladder has a queue"),
+                Destination::Done => unreachable!("acknowledged without an output above"),
             };
             let result = publisher
                 .publish(queue, &output.body, output.properties)
@@ -212,7 +216,10 @@ impl Pipeline {
             &envelope.tenant_id,
             &envelope.channel,
         );
+        // A rule that defers tells no sender while it parks: a quiet-rejection marker set
+        // then would silence the notification of a message finally rejected.
         let notify_tag = match settings.notify {
+            _ if rule.defer => String::new(),
             Notify::Every => String::new(),
             Notify::OncePerWindow => sender_tag(envelope.sender.map(|s| s.get())),
         };

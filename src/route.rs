@@ -42,6 +42,9 @@ pub enum Destination {
     DeadLetter,
     /// The step of the defer ladder that holds a message this many seconds.
     Defer(u64),
+    /// Nowhere: the output of this message's decision was already confirmed (a
+    /// redelivery of a deferred message), so it is only acknowledged.
+    Done,
 }
 
 /// Header: how many times a message was deferred.
@@ -118,6 +121,14 @@ pub fn output<'a>(
             Outcome::Shadowed,
             shadow_properties(properties, limit, retry_after, replayed),
         ),
+        // Parked (or finally rejected) before its ack was lost: parking it again would
+        // make a second copy.
+        Decision::Rejected { .. } if rule.defer && replayed => Output {
+            outcome: Outcome::Deferred,
+            to: Destination::Done,
+            body: Cow::Borrowed(body),
+            properties: BasicProperties::default(),
+        },
         Decision::Rejected { retry_after, .. }
             if rule.defer
                 && let Some((step, properties)) = deferral(properties, retry_after, clock) =>
@@ -164,19 +175,23 @@ pub fn deferral(
     clock: DeferClock,
 ) -> Option<(u64, BasicProperties)> {
     let headers = inbound.headers();
-    let first = header_int(headers, FIRST_ARRIVAL).unwrap_or(clock.now_ms);
-    let allowed_at = clock
-        .now_ms
-        .saturating_add(retry_after.saturating_mul(1000));
-    if allowed_at.saturating_sub(first) > clock.max_defer_seconds.saturating_mul(1000) {
+    // A first arrival in the future (a forged or skewed header) counts as now.
+    let first = header_int(headers, FIRST_ARRIVAL)
+        .unwrap_or(clock.now_ms)
+        .min(clock.now_ms);
+    let step = defer_step(retry_after);
+    // The message is back when its step is over, not when its window frees.
+    let back_at = clock.now_ms.saturating_add(step.saturating_mul(1000));
+    if back_at.saturating_sub(first) > clock.max_defer_seconds.saturating_mul(1000) {
         return None;
     }
     let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
-    let properties = copy_properties(
+    // No per-message TTL in a delay queue: the queue's own TTL keeps them in order.
+    let properties = copy_properties_except_expiration(
         inbound,
         &[(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))],
     );
-    Some((defer_step(retry_after), properties))
+    Some((step, properties))
 }
 
 /// The step of the ladder for a message allowed again in `retry_after` seconds.
@@ -202,7 +217,6 @@ fn header_int(headers: &Option<FieldTable>, name: &str) -> Option<u64> {
         AMQPValue::LongUInt(v) => Some(u64::from(*v)),
         AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
         AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::Timestamp(v) => Some(*v),
         _ => None,
     }
 }
@@ -210,9 +224,33 @@ fn header_int(headers: &Option<FieldTable>, name: &str) -> Option<u64> {
 /// AMQP delivery mode for messages that survive a broker restart.
 pub const PERSISTENT: u8 = 2;
 
+/// Headers the broker adds when the defer ladder dead-letters a message back: they
+/// describe the gate's own parking, not a failure, so they do not travel on.
+const LADDER_HEADERS: [&str; 7] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
 /// The inbound properties minus `user_id` (the broker refuses a `user_id` that is not the
 /// publishing user), with persistent delivery and `extra` headers added.
 pub fn copy_properties(inbound: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+    let out = copy_properties_except_expiration(inbound, extra);
+    match inbound.expiration() {
+        Some(v) => out.with_expiration(v.clone()),
+        None => out,
+    }
+}
+
+/// `copy_properties` without `expiration`: a parked copy must not carry a TTL of its own.
+fn copy_properties_except_expiration(
+    inbound: &BasicProperties,
+    extra: &[(&str, AMQPValue)],
+) -> BasicProperties {
     let mut out = BasicProperties::default().with_delivery_mode(PERSISTENT);
     if let Some(v) = inbound.content_type() {
         out = out.with_content_type(v.clone());
@@ -228,9 +266,6 @@ pub fn copy_properties(inbound: &BasicProperties, extra: &[(&str, AMQPValue)]) -
     }
     if let Some(v) = inbound.reply_to() {
         out = out.with_reply_to(v.clone());
-    }
-    if let Some(v) = inbound.expiration() {
-        out = out.with_expiration(v.clone());
     }
     if let Some(v) = inbound.message_id() {
         out = out.with_message_id(v.clone());
@@ -248,6 +283,15 @@ pub fn copy_properties(inbound: &BasicProperties, extra: &[(&str, AMQPValue)]) -
         out = out.with_cluster_id(v.clone());
     }
     let mut headers = inbound.headers().clone().unwrap_or_default();
+    if header(inbound.headers(), DEFERRED).is_some() {
+        let mut kept = FieldTable::default();
+        for (name, value) in headers.inner() {
+            if !LADDER_HEADERS.contains(&name.as_str()) {
+                kept.insert(name.clone(), value.clone());
+            }
+        }
+        headers = kept;
+    }
     for (name, value) in extra {
         headers.insert(ShortString::from(*name), value.clone());
     }
@@ -568,6 +612,57 @@ mod tests {
             header(second.headers(), FIRST_ARRIVAL),
             Some(&int(CLOCK.now_ms))
         );
+    }
+
+    #[test]
+    fn a_parked_copy_has_no_ttl_of_its_own_and_the_ladders_headers_do_not_travel_on() {
+        let inbound = full_properties().with_expiration("60000".into());
+        let (_, parked) = deferral(&inbound, 4, CLOCK).unwrap();
+        assert_eq!(
+            parked.expiration(),
+            &None,
+            "no per-message TTL in a delay queue"
+        );
+        // Back from the ladder with the broker's dead-lettering headers.
+        let mut headers = parked.headers().clone().unwrap();
+        headers.insert("x-death".into(), text("[…]"));
+        headers.insert(
+            "x-first-death-queue".into(),
+            text("konstruct.inbound.defer.5s"),
+        );
+        let back = parked.clone().with_headers(headers);
+        let forwarded = allowed_properties(&back, 5, 4, 6, false);
+        assert_eq!(header(forwarded.headers(), "x-death"), None);
+        assert_eq!(header(forwarded.headers(), "x-first-death-queue"), None);
+        assert_eq!(header(forwarded.headers(), DEFERRED), Some(&int(1)));
+        // A future first arrival (forged, or a skewed clock) counts as now.
+        let mut forged = FieldTable::default();
+        forged.insert(FIRST_ARRIVAL.into(), int(CLOCK.now_ms + 86_400_000));
+        let forged = BasicProperties::default().with_headers(forged);
+        let (_, parked) = deferral(&forged, 4, CLOCK).unwrap();
+        assert_eq!(
+            header(parked.headers(), FIRST_ARRIVAL),
+            Some(&int(CLOCK.now_ms))
+        );
+    }
+
+    #[test]
+    fn a_deferred_message_whose_parked_copy_was_confirmed_is_only_acknowledged() {
+        let body = br#"{"id":"m1","tenant_id":"acme","channel":"whatsapp"}"#;
+        let parsed = parse(body, 1 << 20);
+        let replayed = checked(REJECTED, true);
+        let deferring = Rule {
+            defer: true,
+            ..rule(false)
+        };
+        let o = output(
+            body,
+            &full_properties(),
+            &parsed,
+            Some((replayed, deferring)),
+            CLOCK,
+        );
+        assert_eq!((o.outcome, o.to), (Outcome::Deferred, Destination::Done));
     }
 
     #[test]

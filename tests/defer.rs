@@ -183,10 +183,13 @@ struct Window {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Messages of one key arrive at random; each is decided by a fixed window, and one
-    /// over the limit is deferred to the ladder step `route::deferral` picks, and comes
-    /// back when that step's TTL has passed. However they return, no window lets more
-    /// than its limit through, and every message is let through exactly once.
+    /// Messages of one key arrive at random; each is decided by a model of the fixed
+    /// window, and one over the limit is deferred to the ladder step `route::deferral`
+    /// picks and comes back when that step's TTL has passed. The ladder never brings a
+    /// message back before its window can allow it (unless the wait is longer than the
+    /// longest step), each return counts one more deferral and keeps the first arrival,
+    /// every message is let through exactly once, and no window lets more than its limit
+    /// through. (The Redis scripts' own windows are tested in tests/algorithms.rs.)
     #[test]
     fn no_window_lets_more_than_its_limit_through_when_deferred_messages_return(
         limit in 1u64..8,
@@ -224,6 +227,15 @@ proptest! {
             let (step, parked) = route::deferral(&properties, retry_after, clock)
                 .expect("within a day");
             prop_assert!(step >= retry_after || step == *DEFER_STEPS.last().unwrap());
+            prop_assert_eq!(
+                route::times_deferred(&parked),
+                route::times_deferred(&properties) + 1
+            );
+            let first = |p: &BasicProperties| match route::header(p.headers(), FIRST_ARRIVAL) {
+                Some(lapin::types::AMQPValue::LongLongInt(v)) => Some(*v as u64),
+                _ => None,
+            };
+            prop_assert_eq!(first(&parked), Some(first(&properties).unwrap_or(arrivals[id])));
             queue.push((now + step * 1000, id, parked));
         }
         prop_assert_eq!(allowed_at.len(), arrivals.len(), "every message came through");
