@@ -276,3 +276,43 @@ async fn set_starts_from_the_files_override_and_refuses_what_no_gate_would_apply
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn set_on_limit_defer_parks_the_next_over_limit_message_on_every_gate() {
+    let names = Names::new("admin-defer");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(2, 600);
+    config.limits.redis_overrides_refresh_ms = 200;
+    let gate = TestGate::start(config).await;
+
+    let out = json(&cli(
+        &names,
+        &["set", "acme:whatsapp", "--on-limit", "defer", "--json"],
+        &[],
+    ));
+    assert_eq!(out["override"]["on_limit"], "defer");
+    let got = json(&cli(&names, &["get", "acme:whatsapp", "--json"], &[]));
+    assert_eq!(got["on_limit"]["value"], "defer");
+    assert_eq!(got["on_limit"]["source"], "redis acme:whatsapp");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    for i in 0..3 {
+        broker
+            .publish(
+                &message(&format!("d{i}"), "acme", "whatsapp"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    broker.collect(&names.orchestrator, 2, WAIT).await;
+    // The third waits out the 600 s window in the ladder's longest step, untold.
+    let step = konstruct_gate::amqp::defer_queue(&names.inbound, 600);
+    let deadline = Instant::now() + WAIT;
+    while broker.depth(&step).await < 1 {
+        assert!(Instant::now() < deadline, "nothing was parked in {step}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.assert_empty(&names.notifications).await;
+    gate.stop().await;
+    broker.cleanup().await;
+}

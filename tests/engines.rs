@@ -441,6 +441,68 @@ async fn a_sentinel_failover_mid_drain_loses_nothing_and_checks_resume_on_the_ne
     broker.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sentinel_primary_loses_nothing_and_checks_resume_on_its_replica() {
+    let _serial = serial().await;
+    let mut sentinel = RedisSentinel::start().await;
+    let names = Names::new("sentinel-kill");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1_000_000, 600);
+    config.redis.mode = RedisMode::Sentinel;
+    config.redis.sentinels = urls(sentinel.sentinel_urls());
+    config.redis.master_name = Some(MASTER_NAME.to_owned());
+    config.redis.timeout_ms = 1_000;
+    let gate = TestGate::start(config).await;
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::new_without_declaring(&names).await,
+        100,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let promoted = sentinel.kill_primary().await;
+    gate.wait_ready(Duration::from_secs(30)).await;
+    let recovered = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    eprintln!(
+        "primary killed, {promoted} promoted; ready again after {recovered:?}; {sent} messages, {} copies, {} unchecked",
+        forwarded.copies, forwarded.degraded
+    );
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
+    broker.assert_empty(&names.dead_letter).await;
+    let last = format!("last-{}", unique("after"));
+    broker
+        .publish(&message(&last, "fresh", "slack"), Default::default())
+        .await;
+    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert!(
+        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
+            .is_none(),
+        "a message after the failover is checked again"
+    );
+    let new_primary = redis::Client::open(format!("redis://127.0.0.1:{promoted}/0")).unwrap();
+    let mut conn = new_primary
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let count: i64 = redis::cmd("GET")
+        .arg(format!("{}fresh:ratelimit:slack", names.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "counted on the promoted replica");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
 fn tls(ca: &std::path::Path, client: Option<(&std::path::Path, &std::path::Path)>) -> TlsFiles {
     TlsFiles {
         ca_file: Some(ca.to_owned()),

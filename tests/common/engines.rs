@@ -527,6 +527,36 @@ impl RedisSentinel {
         }
     }
 
+    /// SIGKILLs the primary; returns the replica's port once every sentinel names it and
+    /// it answers as the primary (the sentinels notice after `down-after-milliseconds`).
+    pub async fn kill_primary(&mut self) -> u16 {
+        self.wait_settled(Duration::from_secs(60)).await;
+        let old = self.primary_port().await;
+        let new = self.redis_ports.into_iter().find(|&p| p != old).unwrap();
+        let primary = self.processes.iter_mut().find(|p| p.port == old);
+        let primary = primary.expect("the primary is one of the test's servers");
+        let _ = primary.child.kill();
+        let _ = primary.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut named = Vec::new();
+            for sentinel in self.sentinel_ports {
+                named.push(sentinel_primary(sentinel).await);
+            }
+            let role = redis_cli(new, &["role"]).await.unwrap_or_default();
+            if named.iter().all(|p| *p == Ok(new)) && role.starts_with("master\n") {
+                return new;
+            }
+            let what = format!("the sentinels promoting {new} after {old} was killed");
+            retry(
+                deadline,
+                &what,
+                &format!("sentinels name {named:?}; {role:?}"),
+            )
+            .await;
+        }
+    }
+
     /// Waits until the sentinels agree on the primary, know each other, and have seen the
     /// other server as its in-sync replica: at once after start; ~20 s after a failover.
     pub async fn wait_settled(&self, within: Duration) {
