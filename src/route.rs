@@ -129,9 +129,18 @@ pub fn output<'a>(
             body: Cow::Borrowed(body),
             properties: BasicProperties::default(),
         },
-        Decision::Rejected { retry_after, .. }
-            if rule.defer
-                && let Some((step, properties)) = deferral(properties, retry_after, clock) =>
+        Decision::Rejected {
+            limit,
+            window_seconds,
+            retry_after,
+            queued,
+            ..
+        } if rule.defer
+            && let Some((step, properties)) = deferral(
+                properties,
+                turn_in(retry_after, queued, limit, window_seconds),
+                clock,
+            ) =>
         {
             Output {
                 outcome: Outcome::Deferred,
@@ -145,6 +154,7 @@ pub fn output<'a>(
             window_seconds,
             retry_after,
             notify_user,
+            ..
         } => {
             let (body, properties) = rejection(
                 envelope,
@@ -165,7 +175,8 @@ pub fn output<'a>(
 }
 
 /// Where an over-limit message under `on_limit = "defer"` waits: the step of the ladder
-/// (the smallest at least `retry_after` seconds long, else the longest), and its
+/// (the smallest at least `retry_after` seconds long, else the longest; `retry_after` is
+/// its turn, see [`turn_in`]), and its
 /// properties, counting the deferral and carrying its first arrival. `None` when the
 /// message could not be allowed within `max_defer_seconds` of its first arrival: it is
 /// rejected instead.
@@ -192,6 +203,15 @@ pub fn deferral(
         &[(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))],
     );
     Some((step, properties))
+}
+
+/// Seconds until an over-limit message's turn: its window frees in `retry_after`, and
+/// `queued` over-limit messages ahead of it take `limit` per window after that. Parking
+/// each for its turn spreads a flood's return over the windows it needs, instead of
+/// bringing it all back at once, every step, until it passes.
+pub fn turn_in(retry_after: u64, queued: u64, limit: u64, window_seconds: u64) -> u64 {
+    let windows_ahead = queued / limit.max(1);
+    retry_after.saturating_add(windows_ahead.saturating_mul(window_seconds))
 }
 
 /// The step of the ladder for a message allowed again in `retry_after` seconds.
@@ -615,6 +635,18 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_message_waits_for_its_turn_not_only_for_its_window() {
+        // 5 per 6 s, the window frees in 4 s: the first five over the limit are next,
+        // the five after them one window later, and so on.
+        assert_eq!(turn_in(4, 0, 5, 6), 4);
+        assert_eq!(turn_in(4, 4, 5, 6), 4);
+        assert_eq!(turn_in(4, 5, 5, 6), 10);
+        assert_eq!(turn_in(4, 12, 5, 6), 16);
+        assert_eq!(turn_in(4, u64::MAX, 1, u64::MAX), u64::MAX, "saturates");
+        assert_eq!(turn_in(4, 3, 0, 6), 22, "a limit of 0 counts as 1");
+    }
+
+    #[test]
     fn a_parked_copy_has_no_ttl_of_its_own_and_the_ladders_headers_do_not_travel_on() {
         let inbound = full_properties().with_expiration("60000".into());
         let (_, parked) = deferral(&inbound, 4, CLOCK).unwrap();
@@ -700,6 +732,7 @@ mod tests {
                 window_seconds: 6,
                 retry_after: 4,
                 notify_user: true,
+                queued: 0,
             },
             false,
         );
@@ -746,6 +779,7 @@ mod tests {
         window_seconds: 60,
         retry_after: 42,
         notify_user: true,
+        queued: 0,
     };
 
     #[test]

@@ -38,6 +38,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         window_seconds: 3_600,
         retry_after: 3_000,
         notify_user: true,
+        queued: 0,
     });
     let before = rss_mib();
     let t0 = Instant::now();

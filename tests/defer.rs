@@ -42,7 +42,9 @@ async fn parked(broker: &Broker) -> u32 {
 async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_slack_is_rejected() {
     let names = Names::new("defer-burst");
     let broker = Broker::new(&names).await;
-    // 5 per 6 s everywhere; acme's WhatsApp defers, its Slack rejects as before.
+    // 5 per 6 s everywhere; acme's WhatsApp defers, its Slack rejects as before. The ten
+    // over the limit are parked for their turns: five until the window frees, five a
+    // window later.
     let mut config = names.config(5, 6);
     config.limits.overrides.push(Override {
         tenant: "acme".into(),
@@ -90,12 +92,15 @@ async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_s
             "a deferred message carries its first arrival"
         );
     }
-    // A deferred message comes back in a later window, so the ten take at least two more.
-    let twice = whatsapp.iter().filter(|d| deferred_times(d) >= 2).count();
-    assert!(
-        twice >= 1,
-        "the third window's messages were deferred twice"
-    );
+    // Three windows of exactly five: each parked message waited for its turn, so the
+    // second five came back a window after the first (x-ratelimit-remaining counts down
+    // 4…0 once per window).
+    let mut remaining: Vec<i64> = whatsapp
+        .iter()
+        .map(|d| int_header(d, "x-ratelimit-remaining"))
+        .collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
     assert!(
         metric_value(
             gate.http,
@@ -184,8 +189,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Messages of one key arrive at random; each is decided by a model of the fixed
-    /// window, and one over the limit is deferred to the ladder step `route::deferral`
-    /// picks and comes back when that step's TTL has passed. The ladder never brings a
+    /// window, and one over the limit is parked for its turn (`route::turn_in`) in the
+    /// ladder step `route::deferral` picks, and comes back when that step's TTL has passed. The ladder never brings a
     /// message back before its window can allow it (unless the wait is longer than the
     /// longest step), each return counts one more deferral and keeps the first arrival,
     /// every message is let through exactly once, and no window lets more than its limit
@@ -223,9 +228,12 @@ proptest! {
                 continue;
             }
             let retry_after = (start + window_ms - now).div_ceil(1000).max(1);
+            let queued = window.count - limit - 1;
+            let turn = route::turn_in(retry_after, queued, limit, window_s);
             let clock = DeferClock { now_ms: now, max_defer_seconds: 86_400 };
-            let (step, parked) = route::deferral(&properties, retry_after, clock)
+            let (step, parked) = route::deferral(&properties, turn, clock)
                 .expect("within a day");
+            prop_assert!(step >= turn || step == *DEFER_STEPS.last().unwrap());
             prop_assert!(step >= retry_after || step == *DEFER_STEPS.last().unwrap());
             prop_assert_eq!(
                 route::times_deferred(&parked),

@@ -45,6 +45,10 @@ struct Entry {
     seq: u64,
     limit: u64,
     window_seconds: u64,
+    /// Redis's `queued` for the rejection learnt, plus one for every answer since: the
+    /// place in line of the next message this instance answers (an estimate: other
+    /// instances answer too).
+    queued: u64,
     /// Senders Redis has already marked as told in this window, by [`sender_id`].
     told: HashSet<u64>,
 }
@@ -94,7 +98,7 @@ impl RejectionCache {
         }
         let mut inner = self.inner.lock().expect("never poisoned");
         inner.forget_all_unless(generation);
-        let entry = inner.entries.get(check.key.as_str())?;
+        let entry = inner.entries.get_mut(check.key.as_str())?;
         if now >= entry.until {
             inner.remove(&check.key);
             return None;
@@ -106,11 +110,13 @@ impl RejectionCache {
         // Redis reported whole seconds, so the true wait is at most a second longer than
         // what is left here: answer with that upper bound, never an early retry.
         let left = entry.until - now;
+        entry.queued = entry.queued.saturating_add(1);
         Some(Decision::Rejected {
             limit: entry.limit,
             window_seconds: entry.window_seconds,
             retry_after: (left.as_millis().div_ceil(1000) as u64).saturating_add(1),
             notify_user: !once_per_window,
+            queued: entry.queued,
         })
     }
 
@@ -120,6 +126,7 @@ impl RejectionCache {
             limit,
             window_seconds,
             retry_after,
+            queued,
             ..
         } = answer.decision
         else {
@@ -160,10 +167,12 @@ impl RejectionCache {
             seq,
             limit,
             window_seconds,
+            queued,
             told: HashSet::new(),
         });
         entry.until = until;
         entry.seq = seq;
+        entry.queued = entry.queued.max(queued);
         if !check.notify_tag.is_empty() && entry.told.len() < MAX_TOLD {
             entry.told.insert(sender_id(&check.notify_tag));
         }
@@ -212,6 +221,7 @@ mod tests {
             window_seconds: 60,
             retry_after: 42,
             notify_user: true,
+            queued: 0,
         }
     }
 
@@ -311,6 +321,7 @@ mod tests {
             window_seconds: 60,
             retry_after: 2,
             notify_user: true,
+            queued: 0,
         };
         cache.learn(&keyed("short".into()), &fresh(short), 1, t0);
         // Learning after the short entry expired sweeps it.

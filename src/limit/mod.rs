@@ -35,6 +35,10 @@ pub enum Decision {
         /// False when this sender was already told during this window (`notify =
         /// "once_per_window"`), so the notifier stays quiet.
         notify_user: bool,
+        /// Over-limit messages of this key ahead of this one in its window (the fixed
+        /// window's count beyond the limit; 0 where unknown): a deferred message waits
+        /// that many windows' worth of turns more, instead of coming back with all of them.
+        queued: u64,
     },
 }
 
@@ -130,6 +134,7 @@ impl Decision {
                 window_seconds: rule.window_seconds,
                 retry_after: reset_after,
                 notify_user,
+                queued: count - rule.requests - 1,
             }
         }
     }
@@ -154,6 +159,7 @@ impl Decision {
                 window_seconds: rule.window_seconds,
                 retry_after: seconds(retry_ms),
                 notify_user: notify == 1,
+                queued: 0,
             }
         }
     }
@@ -289,6 +295,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_window_rejection_knows_its_place_in_line() {
+        let queued = |count| match Decision::fixed_window(RULE, count, 5_000, true) {
+            Decision::Rejected { queued, .. } => queued,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            queued(RULE.requests + 1),
+            0,
+            "the first over the limit is next"
+        );
+        assert_eq!(queued(RULE.requests + 7), 6);
+    }
+
+    #[test]
     fn key_is_the_python_routers() {
         assert_eq!(counter_key("", "acme", "slack"), "acme:ratelimit:slack");
         assert_eq!(
@@ -322,6 +342,7 @@ mod tests {
                 window_seconds: 60,
                 retry_after: 42,
                 notify_user: false,
+                queued: 0,
             }
         );
     }
