@@ -38,6 +38,16 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("--json prints JSON")
 }
 
+/// Removes the test's Redis overrides hash.
+async fn delete_overrides(names: &Names) {
+    let mut redis = connect_redis().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{}konstruct-gate:overrides", names.key_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
 async fn publish(broker: &Broker, prefix: &str, n: usize) {
     for i in 0..n {
         broker
@@ -212,12 +222,7 @@ async fn list_shows_the_file_and_the_redis_overrides_with_their_sources() {
         text.contains("globex:sms") && text.contains("token_bucket"),
         "{text}"
     );
-    let mut redis = connect_redis().await;
-    let _: i64 = redis::cmd("DEL")
-        .arg(format!("{}konstruct-gate:overrides", names.key_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    delete_overrides(&names).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -268,12 +273,7 @@ async fn set_starts_from_the_files_override_and_refuses_what_no_gate_would_apply
         &[("KONSTRUCT_GATE__REDIS__URL", "redis://127.0.0.1:1/0")],
     );
     assert_eq!(out.status.code(), Some(2));
-    let mut redis = connect_redis().await;
-    let _: i64 = redis::cmd("DEL")
-        .arg(format!("{}konstruct-gate:overrides", names.key_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    delete_overrides(&names).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

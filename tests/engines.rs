@@ -16,8 +16,7 @@ use common::engines::*;
 use common::*;
 use futures::StreamExt;
 use konstruct_gate::config::{Algorithm, QueueType, RedisMode, SecretUrl, TlsFiles};
-use lapin::options::BasicConsumeOptions;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -85,19 +84,7 @@ struct Forwarded {
 /// Reads the orchestrator queue until `n` distinct ids arrived, then 300 ms more for
 /// stragglers.
 async fn gather(broker: &Broker, n: usize, within: Duration) -> Forwarded {
-    let channel = broker.conn.create_channel().await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            ShortString::from(broker.names.orchestrator.as_str()),
-            ShortString::from(unique("gather")),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (channel, mut consumer) = broker.consume(&broker.names.orchestrator).await;
     let deadline = Instant::now() + within;
     let mut out = Forwarded::default();
     let mut done_at: Option<Instant> = None;
@@ -129,6 +116,73 @@ async fn gather(broker: &Broker, n: usize, within: Duration) -> Forwarded {
     }
     let _ = channel.close(200, ShortString::from("done")).await;
     out
+}
+
+/// Publishes a steady stream over `tenants` keys while `fault` runs (from two seconds after
+/// the stream starts to `after` past the fault's end), then reads the orchestrator queue
+/// until every message arrived, and checks that every one did and none was dead-lettered.
+/// Returns what `fault` returned, how many messages were sent, and what was forwarded.
+async fn drain_through<T>(
+    broker: &Broker,
+    tenants: usize,
+    after: Duration,
+    fault: impl Future<Output = T>,
+) -> (T, usize, Forwarded) {
+    let stop = CancellationToken::new();
+    let publishing = publish_steadily(
+        Broker::new_without_declaring(&broker.names).await,
+        tenants,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = fault.await;
+    tokio::time::sleep(after).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(broker, sent, WAIT).await;
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
+    broker.assert_empty(&broker.names.dead_letter).await;
+    (outcome, sent, forwarded)
+}
+
+/// Publishes one message of `tenant` and checks that the gate checked it (no
+/// `x-ratelimit-degraded`): checks resumed after a fault.
+async fn assert_checked_again(broker: &Broker, tenant: &str) {
+    let last = format!("last-{}", unique("after"));
+    broker
+        .publish(&message(&last, tenant, "slack"), Default::default())
+        .await;
+    let after = broker.collect(&broker.names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &after[0]), last);
+    assert!(
+        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
+            .is_none(),
+        "a message after the failover is checked again"
+    );
+}
+
+/// The fixed-window counter of (`tenant`, slack) on the Redis server at `port`.
+async fn count_at(port: u16, names: &Names, tenant: &str) -> i64 {
+    let server = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let mut conn = server.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(format!("{}{tenant}:ratelimit:slack", names.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+fn sentinel_config(names: &Names, sentinel: &RedisSentinel) -> konstruct_gate::config::Config {
+    let mut config = names.config(1_000_000, 600);
+    config.redis.mode = RedisMode::Sentinel;
+    config.redis.sentinels = urls(sentinel.sentinel_urls());
+    config.redis.master_name = Some(MASTER_NAME.to_owned());
+    config.redis.timeout_ms = 1_000;
+    config
 }
 
 async fn cluster_connection(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
@@ -248,15 +302,11 @@ async fn three_gates_on_a_redis_cluster_keep_every_limit_exact_with_every_algori
             assert_eq!(count, PER_TENANT as i64);
             assert!(ttl > 0 && ttl <= 600, "ttl {ttl}");
         }
-        for gate in gates_vec(gates) {
+        for gate in [gates.0, gates.1, gates.2] {
             gate.stop().await;
         }
         broker.cleanup().await;
     }
-}
-
-fn gates_vec(gates: (TestGate, TestGate, TestGate)) -> Vec<TestGate> {
-    vec![gates.0, gates.1, gates.2]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,24 +321,17 @@ async fn a_reshard_mid_drain_loses_nothing_and_leaves_the_counts_exact() {
         TestGate::start(config.clone()).await,
         TestGate::start(config).await,
     ];
-    let stop = CancellationToken::new();
-    let publishing = publish_steadily(
-        Broker::new_without_declaring(&names).await,
-        TENANTS,
-        stop.clone(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let nodes = cluster.nodes().await;
     let primaries: Vec<&ClusterNode> = nodes.iter().filter(|n| n.primary && !n.failed).collect();
-    let started = Instant::now();
-    cluster
-        .reshard(Some(&primaries[0].id), &primaries[1].id, 1500)
-        .await;
-    let took = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.cancel();
-    let sent = publishing.await.unwrap();
-    let forwarded = gather(&broker, sent, WAIT).await;
+    let reshard = async {
+        let started = Instant::now();
+        cluster
+            .reshard(Some(&primaries[0].id), &primaries[1].id, 1500)
+            .await;
+        started.elapsed()
+    };
+    let (took, sent, forwarded) =
+        drain_through(&broker, TENANTS, Duration::from_secs(1), reshard).await;
     for gate in gates {
         gate.stop().await;
     }
@@ -296,12 +339,6 @@ async fn a_reshard_mid_drain_loses_nothing_and_leaves_the_counts_exact() {
         "reshard of 1500 slots took {took:?}; {sent} messages, {} copies, {} forwarded unchecked",
         forwarded.copies, forwarded.degraded
     );
-    assert_eq!(
-        forwarded.ids.len(),
-        sent,
-        "every message reached the orchestrator"
-    );
-    broker.assert_empty(&names.dead_letter).await;
     assert!(
         forwarded.degraded * 100 <= sent,
         "at most a trickle (1%) went through unchecked: {} of {sent}",
@@ -327,48 +364,24 @@ async fn a_killed_cluster_primary_loses_nothing_and_checks_resume_on_its_replica
     let broker = Broker::new(&names).await;
     let config = cluster_config(&names, &cluster, 1_000_000);
     let gate = TestGate::start(config).await;
-    let stop = CancellationToken::new();
-    let publishing = publish_steadily(
-        Broker::new_without_declaring(&names).await,
-        TENANTS,
-        stop.clone(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let killed = cluster
-        .kill_primary_owning(&format!("{}t0:ratelimit:slack", names.key_prefix))
-        .await;
-    let started = Instant::now();
-    cluster.wait_ok(Duration::from_secs(30)).await;
-    let failover = started.elapsed();
-    // Checks resume by themselves: the gate is ready again, and a message to a key of the
-    // failed-over slots is checked.
-    gate.wait_ready(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    let sent = publishing.await.unwrap();
-    let forwarded = gather(&broker, sent, WAIT).await;
+    let key = format!("{}t0:ratelimit:slack", names.key_prefix);
+    let fault = async {
+        let killed = cluster.kill_primary_owning(&key).await;
+        let started = Instant::now();
+        cluster.wait_ok(Duration::from_secs(30)).await;
+        let failover = started.elapsed();
+        // Checks resume by themselves: the gate is ready again, and a message to a key of
+        // the failed-over slots is checked.
+        gate.wait_ready(Duration::from_secs(20)).await;
+        (killed, failover)
+    };
+    let ((killed, failover), sent, forwarded) =
+        drain_through(&broker, TENANTS, Duration::from_secs(2), fault).await;
     eprintln!(
         "primary on port {} killed; cluster ok after {failover:?}; {sent} messages, {} copies, {} unchecked",
         killed.port, forwarded.copies, forwarded.degraded
     );
-    assert_eq!(
-        forwarded.ids.len(),
-        sent,
-        "every message reached the orchestrator"
-    );
-    broker.assert_empty(&names.dead_letter).await;
-
-    let last = format!("last-{}", unique("after"));
-    broker
-        .publish(&message(&last, "t0", "slack"), Default::default())
-        .await;
-    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Allowed, &after[0]), last);
-    assert!(
-        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
-            .is_none(),
-        "a message after the failover is checked again"
-    );
+    assert_checked_again(&broker, "t0").await;
     gate.stop().await;
     broker.cleanup().await;
 }
@@ -380,63 +393,29 @@ async fn a_sentinel_failover_mid_drain_loses_nothing_and_checks_resume_on_the_ne
     const TENANTS: usize = 100;
     let names = Names::new("sentinel");
     let broker = Broker::new(&names).await;
-    let mut config = names.config(1_000_000, 600);
-    config.redis.mode = RedisMode::Sentinel;
-    config.redis.sentinels = urls(sentinel.sentinel_urls());
-    config.redis.master_name = Some(MASTER_NAME.to_owned());
-    config.redis.timeout_ms = 1_000;
-    let gate = TestGate::start(config).await;
+    let gate = TestGate::start(sentinel_config(&names, &sentinel)).await;
     let first = sentinel.primary_port().await;
-    let stop = CancellationToken::new();
-    let publishing = publish_steadily(
-        Broker::new_without_declaring(&names).await,
-        TENANTS,
-        stop.clone(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let second = sentinel.failover().await;
-    assert_ne!(first, second, "SENTINEL FAILOVER named a new primary");
-    sentinel.wait_settled(Duration::from_secs(30)).await;
-    gate.wait_ready(Duration::from_secs(20)).await;
-    let failover = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    let sent = publishing.await.unwrap();
-    let forwarded = gather(&broker, sent, WAIT).await;
+    let fault = async {
+        let started = Instant::now();
+        let second = sentinel.failover().await;
+        assert_ne!(first, second, "SENTINEL FAILOVER named a new primary");
+        sentinel.wait_settled(Duration::from_secs(30)).await;
+        gate.wait_ready(Duration::from_secs(20)).await;
+        (second, started.elapsed())
+    };
+    let ((second, failover), sent, forwarded) =
+        drain_through(&broker, TENANTS, Duration::from_secs(2), fault).await;
     eprintln!(
         "failover {first} -> {second} in {failover:?}; {sent} messages, {} copies, {} unchecked",
         forwarded.copies, forwarded.degraded
     );
-    assert_eq!(
-        forwarded.ids.len(),
-        sent,
-        "every message reached the orchestrator"
-    );
-    broker.assert_empty(&names.dead_letter).await;
-
     // Checks run on the new primary: a fresh message is checked, and counted there.
-    let last = format!("last-{}", unique("after"));
-    broker
-        .publish(&message(&last, "fresh", "slack"), Default::default())
-        .await;
-    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert!(
-        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
-            .is_none(),
-        "a message after the failover is checked again"
+    assert_checked_again(&broker, "fresh").await;
+    assert_eq!(
+        count_at(second, &names, "fresh").await,
+        1,
+        "counted on the new primary"
     );
-    let new_primary = redis::Client::open(format!("redis://127.0.0.1:{second}/0")).unwrap();
-    let mut conn = new_primary
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let count: i64 = redis::cmd("GET")
-        .arg(format!("{}fresh:ratelimit:slack", names.key_prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(count, 1, "counted on the new primary");
     gate.stop().await;
     broker.cleanup().await;
 }
@@ -447,58 +426,25 @@ async fn a_killed_sentinel_primary_loses_nothing_and_checks_resume_on_its_replic
     let mut sentinel = RedisSentinel::start().await;
     let names = Names::new("sentinel-kill");
     let broker = Broker::new(&names).await;
-    let mut config = names.config(1_000_000, 600);
-    config.redis.mode = RedisMode::Sentinel;
-    config.redis.sentinels = urls(sentinel.sentinel_urls());
-    config.redis.master_name = Some(MASTER_NAME.to_owned());
-    config.redis.timeout_ms = 1_000;
-    let gate = TestGate::start(config).await;
-    let stop = CancellationToken::new();
-    let publishing = publish_steadily(
-        Broker::new_without_declaring(&names).await,
-        100,
-        stop.clone(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let promoted = sentinel.kill_primary().await;
-    gate.wait_ready(Duration::from_secs(30)).await;
-    let recovered = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    let sent = publishing.await.unwrap();
-    let forwarded = gather(&broker, sent, WAIT).await;
+    let gate = TestGate::start(sentinel_config(&names, &sentinel)).await;
+    let fault = async {
+        let started = Instant::now();
+        let promoted = sentinel.kill_primary().await;
+        gate.wait_ready(Duration::from_secs(30)).await;
+        (promoted, started.elapsed())
+    };
+    let ((promoted, recovered), sent, forwarded) =
+        drain_through(&broker, 100, Duration::from_secs(2), fault).await;
     eprintln!(
         "primary killed, {promoted} promoted; ready again after {recovered:?}; {sent} messages, {} copies, {} unchecked",
         forwarded.copies, forwarded.degraded
     );
+    assert_checked_again(&broker, "fresh").await;
     assert_eq!(
-        forwarded.ids.len(),
-        sent,
-        "every message reached the orchestrator"
+        count_at(promoted, &names, "fresh").await,
+        1,
+        "counted on the promoted replica"
     );
-    broker.assert_empty(&names.dead_letter).await;
-    let last = format!("last-{}", unique("after"));
-    broker
-        .publish(&message(&last, "fresh", "slack"), Default::default())
-        .await;
-    let after = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert!(
-        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
-            .is_none(),
-        "a message after the failover is checked again"
-    );
-    let new_primary = redis::Client::open(format!("redis://127.0.0.1:{promoted}/0")).unwrap();
-    let mut conn = new_primary
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let count: i64 = redis::cmd("GET")
-        .arg(format!("{}fresh:ratelimit:slack", names.key_prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(count, 1, "counted on the promoted replica");
     gate.stop().await;
     broker.cleanup().await;
 }
@@ -528,11 +474,6 @@ async fn not_ready_because(gate: &TestGate, reason: &str, within: Duration) -> S
     }
 }
 
-/// Starts a gate that is not expected to become ready.
-async fn start_unready(config: konstruct_gate::config::Config) -> TestGate {
-    TestGate::start_without_waiting(config).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_refused() {
     let _serial = serial().await;
@@ -553,7 +494,7 @@ async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_r
 
     // A CA that did not sign the server's certificate: running, not ready, and says why.
     config.redis.tls = Some(tls(&redis.certs.other_ca, None));
-    let gate = start_unready(config.clone()).await;
+    let gate = TestGate::start_without_waiting(config.clone()).await;
     let body = not_ready_because(&gate, "UnknownIssuer", Duration::from_secs(15)).await;
     eprintln!("wrong CA: {body}");
     gate.stop().await;
@@ -584,7 +525,7 @@ async fn rediss_with_a_private_ca_and_mutual_tls_work_and_bad_certificates_are_r
         ),
     ] {
         config.redis.tls = Some(files);
-        let gate = start_unready(config.clone()).await;
+        let gate = TestGate::start_without_waiting(config.clone()).await;
         let body = not_ready_because(&gate, reason, Duration::from_secs(15)).await;
         eprintln!("{case}: {body}");
         gate.stop().await;
@@ -630,7 +571,7 @@ async fn amqps_with_a_private_ca_and_a_client_certificate_works_and_a_wrong_ca_i
         ),
     ] {
         config.amqp.tls = Some(files);
-        let gate = start_unready(config.clone()).await;
+        let gate = TestGate::start_without_waiting(config.clone()).await;
         let body = not_ready_because(&gate, reason, Duration::from_secs(20)).await;
         assert!(body.contains("broker_error"), "{body}");
         eprintln!("{case}: {body}");

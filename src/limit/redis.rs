@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use redis::cluster_routing::Slot;
@@ -169,31 +170,30 @@ impl Limiter {
         };
         // Every key a check touches, declared: its state, its decisions by id, and its
         // sender's notification marker.
-        let keys: Vec<[String; 3]> = indices
+        let keys: Vec<[Cow<'_, str>; 3]> = indices
             .iter()
             .map(|&i| {
                 // A companion the script will not touch (no id, no sender tag) is declared
                 // as the counter again: while a slot migrates, Redis answers TRYAGAIN to a
                 // call with some of its keys missing.
                 let check = checks[i];
+                let key = Cow::Borrowed(check.key.as_str());
                 let base = companion_base(algorithm, &check.key);
-                let seen = if check.message_id.is_empty() {
-                    check.key.clone()
-                } else {
-                    seen_key(algorithm, &base, &check.message_id)
+                let seen = match check.message_id.as_str() {
+                    "" => key.clone(),
+                    id => Cow::Owned(seen_key(algorithm, &base, id)),
                 };
-                let notified = if check.notify_tag.is_empty() {
-                    check.key.clone()
-                } else {
-                    notified_key(&base, &check.notify_tag)
+                let notified = match check.notify_tag.as_str() {
+                    "" => key.clone(),
+                    tag => Cow::Owned(notified_key(&base, tag)),
                 };
-                [check.key.clone(), seen, notified]
+                [key, seen, notified]
             })
             .collect();
         let fill = |cmd: &mut Cmd| {
             cmd.arg(keys.len() * 3);
             for key in keys.iter().flatten() {
-                cmd.arg(key);
+                cmd.arg(key.as_ref());
             }
             if algorithm != Algorithm::FixedWindow {
                 cmd.arg("");

@@ -16,6 +16,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     Client, ClientTlsConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
@@ -336,33 +337,24 @@ impl Store {
     /// to every primary, and one primary down would make every gate not ready while the
     /// other slots work; failing checks of that primary's slots count on their own).
     pub async fn ping(&self) -> RedisResult<()> {
-        match self.conn().await? {
-            Conn::Single(mut conn) => redis::cmd("PING").query_async(&mut conn).await,
-            Conn::Cluster(mut conn) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(0, SlotAddr::Master);
-                conn.route_command(
-                    redis::cmd("PING"),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
-                .await
-                .map(|_| ())
-            }
-        }
+        self.query_at(Route::new(0, SlotAddr::Master), redis::cmd("PING"))
+            .await
+            .map(|_| ())
     }
 
     /// Sends `cmd` to the primary that owns `key`'s slot (any node outside a cluster).
     pub async fn query_at_key(&self, key: &str, cmd: Cmd) -> RedisResult<Value> {
+        self.query_at(Route::with_key(key, SlotAddr::Master), cmd)
+            .await
+    }
+
+    /// Sends `cmd` to the node of `route` in a cluster, to the one server otherwise.
+    async fn query_at(&self, route: Route, cmd: Cmd) -> RedisResult<Value> {
         match self.conn().await? {
             Conn::Single(mut conn) => cmd.query_async(&mut conn).await,
             Conn::Cluster(mut conn) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::with_key(key, SlotAddr::Master);
-                conn.route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
-                .await
+                let node = SingleNodeRoutingInfo::SpecificNode(route);
+                conn.route_command(cmd, RoutingInfo::SingleNode(node)).await
             }
         }
     }

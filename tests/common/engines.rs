@@ -507,24 +507,8 @@ impl RedisSentinel {
             Ok("OK"),
             "SENTINEL FAILOVER"
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut named = Vec::new();
-            for sentinel in self.sentinel_ports {
-                named.push(sentinel_primary(sentinel).await);
-            }
-            let role = redis_cli(new, &["role"]).await.unwrap_or_default();
-            if named.iter().all(|p| *p == Ok(new)) && role.starts_with("master\n") {
-                return new;
-            }
-            let what = format!("the failover from {old} to {new}");
-            retry(
-                deadline,
-                &what,
-                &format!("sentinels name {named:?}; {role:?}"),
-            )
-            .await;
-        }
+        self.wait_promoted(new, &format!("the failover from {old} to {new}"))
+            .await
     }
 
     /// SIGKILLs the primary; returns the replica's port once every sentinel names it and
@@ -537,6 +521,13 @@ impl RedisSentinel {
         let primary = primary.expect("the primary is one of the test's servers");
         let _ = primary.child.kill();
         let _ = primary.child.wait();
+        let what = format!("the sentinels promoting {new} after {old} was killed");
+        self.wait_promoted(new, &what).await
+    }
+
+    /// Waits (30 s at most) until every sentinel names `new` and it answers as the
+    /// primary; returns `new`.
+    async fn wait_promoted(&self, new: u16, what: &str) -> u16 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut named = Vec::new();
@@ -547,13 +538,8 @@ impl RedisSentinel {
             if named.iter().all(|p| *p == Ok(new)) && role.starts_with("master\n") {
                 return new;
             }
-            let what = format!("the sentinels promoting {new} after {old} was killed");
-            retry(
-                deadline,
-                &what,
-                &format!("sentinels name {named:?}; {role:?}"),
-            )
-            .await;
+            let state = format!("sentinels name {named:?}; {role:?}");
+            retry(deadline, what, &state).await;
         }
     }
 

@@ -275,10 +275,11 @@ impl Broker {
         assert!(returned.is_empty());
     }
 
-    /// Reads exactly `n` messages from `queue`, failing after `within`.
-    pub async fn collect(&self, queue: &str, n: usize, within: Duration) -> Vec<Delivery> {
+    /// A consumer of `queue` (auto-ack) on a channel of its own; close the channel when
+    /// done.
+    pub async fn consume(&self, queue: &str) -> (Channel, lapin::Consumer) {
         let channel = self.conn.create_channel().await.unwrap();
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 ShortString::from(queue),
                 ShortString::from(unique("collector")),
@@ -290,6 +291,12 @@ impl Broker {
             )
             .await
             .unwrap();
+        (channel, consumer)
+    }
+
+    /// Reads exactly `n` messages from `queue`, failing after `within`.
+    pub async fn collect(&self, queue: &str, n: usize, within: Duration) -> Vec<Delivery> {
+        let (channel, mut consumer) = self.consume(queue).await;
         let deadline = Instant::now() + within;
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
