@@ -810,6 +810,14 @@ impl Config {
                 return fail(format!("{key} must be a queue name of 1 to 255 bytes"));
             }
         }
+        // The defer ladder's queues are named after the inbound queue.
+        let ladder_suffix = ".defer.600s".len();
+        if amqp.inbound_queue.len() > 255 - ladder_suffix {
+            return fail(format!(
+                "amqp.inbound_queue must be at most {} bytes, so that its defer queues (<inbound_queue>.defer.600s) stay within 255",
+                255 - ladder_suffix
+            ));
+        }
         if [
             &amqp.orchestrator_queue,
             &amqp.notification_queue,
@@ -1436,6 +1444,17 @@ mod tests {
             }
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_inbound_queue_leaves_room_for_its_defer_queues() {
+        let toml = |n: usize| format!("[amqp]\ninbound_queue = \"{}\"\n", "q".repeat(n));
+        Config::from_toml_str(&toml(244)).unwrap();
+        let err = Config::from_toml_str(&toml(245)).unwrap_err().to_string();
+        assert!(
+            err.contains("amqp.inbound_queue must be at most 244 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -191,8 +191,10 @@ pub fn deferral(
         .unwrap_or(clock.now_ms)
         .min(clock.now_ms);
     let step = defer_step(retry_after);
-    // The message is back when its step is over, not when its window frees.
-    let back_at = clock.now_ms.saturating_add(step.saturating_mul(1000));
+    // The message is back when its step is over, not when its window frees; and not
+    // allowed before its turn, however often the longest step brings it back first.
+    let due = step.max(retry_after);
+    let back_at = clock.now_ms.saturating_add(due.saturating_mul(1000));
     if back_at.saturating_sub(first) > clock.max_defer_seconds.saturating_mul(1000) {
         return None;
     }
@@ -719,6 +721,12 @@ mod tests {
         };
         assert!(deferral(&parked, 2, back).is_some());
         assert!(deferral(&parked, 3, back).is_none());
+        // A turn beyond the longest step is judged by the turn, not by the step.
+        assert!(deferral(&full_properties(), 3_600, CLOCK).is_some());
+        assert!(
+            deferral(&full_properties(), 5_000, CLOCK).is_none(),
+            "due in 5,000 s with at most 3,600: rejected at once"
+        );
     }
 
     #[test]
