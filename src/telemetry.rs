@@ -26,6 +26,9 @@ pub const LOCAL_REJECTIONS_TOTAL: &str = "konstruct_gate_local_rejections_total"
 /// Messages waiting in each step of the defer ladder (label `step`, e.g. `5s`).
 pub const PARKED: &str = "konstruct_gate_messages_parked";
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_tracing(config: &LogConfig) {
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -65,6 +68,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
+        // Histogram samples wait in the recorder until they are folded into the buckets,
+        // which only a scrape or an upkeep does: unscraped, every message would leave a
+        // few bytes behind for good. One thread folds them in every few seconds.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
         // Another recorder may already be installed (an embedding application): then the
         // gate's metrics go there and /metrics renders an empty page.
         let _ = metrics::set_global_recorder(recorder);

@@ -1,11 +1,13 @@
 //! gate-bench: load and drain benchmarks for konstruct-gate against a local RabbitMQ and
 //! Redis. `gate-bench load` measures throughput, latency and outcomes through gates it
 //! starts; `gate-bench drain` times RabbitMQ's Shovel and the gate side by side;
-//! `gate-bench scale` measures a Redis Cluster and growing numbers of keys.
+//! `gate-bench scale` measures a Redis Cluster and growing numbers of keys;
+//! `gate-bench soak` watches one gate's memory and open files under a steady rate.
 
 mod drain;
 mod load;
 mod scale;
+mod soak;
 mod support;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +47,8 @@ enum Mode {
     /// A Redis Cluster against one server, and 1,000 to 1,000,000 distinct keys, on
     /// Redis servers of its own.
     Scale(scale::ScaleArgs),
+    /// A steady rate through one gate for a long time, its memory and open files sampled.
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -54,5 +58,6 @@ async fn main() -> anyhow::Result<()> {
         Mode::Load(args) => load::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
         Mode::Drain(args) => drain::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
         Mode::Scale(args) => scale::run(args, cli.amqp_url, cli.json).await,
+        Mode::Soak(args) => soak::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
     }
 }

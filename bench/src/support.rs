@@ -1,6 +1,8 @@
 //! What both benchmark modes share: queue names, realistic messages, a fast confirming
 //! publisher, gate processes and their CPU and memory.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -293,6 +295,16 @@ pub struct GateProcess {
 
 impl GateProcess {
     pub fn spawn(settings: &GateSettings, queues: &Queues) -> Result<Self> {
+        Self::spawn_with(settings, queues, &[])
+    }
+
+    /// Like [`Self::spawn`], with more environment variables (full names, e.g.
+    /// `KONSTRUCT_GATE__LIMITS__ON_LIMIT` or `KONSTRUCT_GATE_CONFIG`).
+    pub fn spawn_with(
+        settings: &GateSettings,
+        queues: &Queues,
+        extra: &[(&str, String)],
+    ) -> Result<Self> {
         let mut command = Command::new(gate_binary()?);
         command
             .arg("run")
@@ -334,8 +346,34 @@ impl GateProcess {
                 settings.redis_nodes.join(","),
             );
         }
+        for (k, v) in extra {
+            command.env(k, v);
+        }
         let child = command.spawn().context("starting konstruct-gate")?;
         Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size now, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Open file descriptors now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
     }
 
     /// User + system CPU time so far.
@@ -479,4 +517,189 @@ impl ServerCpu {
             redis: self.redis.saturating_sub(start.redis),
         }
     }
+}
+
+/// One value of the gate's `/metrics`.
+pub fn scrape(port: u16, name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.split_whitespace().last())
+        .and_then(|value| value.parse().ok())
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Redis servers of the benchmark's own: one server, or the primaries of a cluster.
+pub struct RedisServers {
+    children: Vec<Child>,
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    dir: PathBuf,
+}
+
+/// What the servers did so far, summed over them.
+pub struct ServerStats {
+    pub cpu: Duration,
+    pub script_calls: u64,
+    pub used_memory: u64,
+}
+
+impl RedisServers {
+    pub fn standalone() -> Result<Self> {
+        Self::start(1, false)
+    }
+
+    /// `primaries` cluster nodes without replicas, every slot assigned.
+    pub fn cluster(primaries: usize) -> Result<Self> {
+        let servers = Self::start(primaries, true)?;
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for url in &servers.urls {
+            create.arg(url.trim_start_matches("redis://"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while servers
+            .urls
+            .iter()
+            .any(|url| !redis_cli(url, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            if Instant::now() > deadline {
+                bail!("the benchmark's Redis Cluster did not become ok within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(servers)
+    }
+
+    fn start(n: usize, cluster: bool) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "gate-bench-redis-{}-{}",
+            std::process::id(),
+            now_micros()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let mut servers = Self {
+            children: Vec::new(),
+            urls: Vec::new(),
+            cluster,
+            dir,
+        };
+        for _ in 0..n {
+            let port = free_port()?;
+            let child = servers.spawn_server(port)?;
+            servers.children.push(child);
+            servers.urls.push(format!("redis://127.0.0.1:{port}"));
+        }
+        Ok(servers)
+    }
+
+    /// Starts one server on `port` and waits until it answers.
+    fn spawn_server(&self, port: u16) -> Result<Child> {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null());
+        if self.cluster {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.join(format!("nodes-{port}.conf")));
+        }
+        let mut child = command
+            .spawn()
+            .context("starting redis-server (is it on PATH?)")?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_cli(&url, &["INFO", "server"]).contains("redis_version") {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("redis-server on port {port} did not answer within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(child)
+    }
+
+    /// Kills server `i` (an outage: connections are refused until [`Self::restart`]).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
+
+    /// Starts server `i` again on its port, empty.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let port: u16 = self.urls[i]
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .parse()?;
+        self.children[i] = self.spawn_server(port)?;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<ServerStats> {
+        let mut stats = ServerStats {
+            cpu: Duration::ZERO,
+            script_calls: 0,
+            used_memory: 0,
+        };
+        for (child, url) in self.children.iter().zip(&self.urls) {
+            stats.cpu += process_cpu(child.id());
+            let text = redis_cli(url, &["INFO", "all"]);
+            stats.script_calls += text
+                .lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+            stats.used_memory += text
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("INFO gave no used_memory")?;
+        }
+        Ok(stats)
+    }
+}
+
+impl Drop for RedisServers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What `redis-cli` prints for `command` on the server at `url`, or "" when it does not
+/// answer.
+pub fn redis_cli(url: &str, command: &[&str]) -> String {
+    let port = url.rsplit(':').next().unwrap_or_default();
+    Command::new("redis-cli")
+        .args(["-p", port])
+        .args(command)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
 }
