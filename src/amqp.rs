@@ -9,7 +9,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::config::{AmqpConfig, ConfigError, QueueType, SecretUrl};
 use crate::telemetry::Metrics;
@@ -78,6 +79,8 @@ pub fn process_nonce() -> u64 {
 pub struct Brokers {
     addresses: Vec<SecretUrl>,
     tls: OwnedTLSConfig,
+    /// `amqp.heartbeat_seconds`, offered where a URL names none.
+    heartbeat: u16,
     /// Where the next session starts looking; random at first, so instances spread over
     /// the nodes.
     next: AtomicUsize,
@@ -108,6 +111,7 @@ impl Brokers {
         Ok(Self {
             addresses,
             tls,
+            heartbeat: config.heartbeat_seconds,
             next: AtomicUsize::new(start),
         })
     }
@@ -149,10 +153,37 @@ impl Brokers {
         let name = format!("konstruct-gate {role} {}", instance_name());
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
-        let url = self.addresses[index].expose();
+        let mut uri: AMQPUri = self.addresses[index]
+            .expose()
+            .parse()
+            .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+        uri.query.heartbeat.get_or_insert(self.heartbeat);
+        let tls = self.tls.clone();
         let connect = async {
             let runtime = lapin::runtime::default_runtime()?;
-            Connection::connect_with_config(url, properties, self.tls.clone(), runtime).await
+            // As lapin connects, plus TCP keepalive on the socket before any TLS.
+            let open = async move |uri: AMQPUri, runtime| {
+                let host = uri.authority.host.clone();
+                let addresses = tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                    .await
+                    .map_err(lapin::Error::from)?
+                    .collect::<Vec<_>>();
+                let stream: AsyncTcpStream<async_compat::Compat<tokio::net::TcpStream>> =
+                    AsyncTcpStream::connect(&runtime, addresses.as_slice())
+                        .await
+                        .map_err(lapin::Error::from)?;
+                if let AsyncTcpStream::Plain(plain) = &stream {
+                    keep_alive(plain.get_ref());
+                }
+                match uri.scheme {
+                    AMQPScheme::AMQP => Ok(stream),
+                    AMQPScheme::AMQPS => stream
+                        .into_tls(&host, tls.as_ref())
+                        .await
+                        .map_err(lapin::Error::from),
+                }
+            };
+            Connection::connector(uri, runtime, open, properties).await
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(result) => result,
@@ -161,6 +192,14 @@ impl Brokers {
                 "connecting to the broker timed out",
             ))),
         }
+    }
+}
+
+/// TCP keepalive on a broker connection's socket, as on Redis's.
+fn keep_alive(socket: &tokio::net::TcpStream) {
+    let keepalive = crate::limit::store::tcp_keepalive();
+    if let Err(e) = crate::limit::store::SockRef::from(socket).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not turn on TCP keepalive");
     }
 }
 

@@ -28,6 +28,9 @@ pub const MAX_OVERRIDES_REFRESH_MS: u64 = 3_600_000;
 pub const MAX_DELIVERY_LIMIT: u32 = 1_000_000;
 pub const MAX_DEFER_SECONDS: u64 = 24 * 60 * 60;
 pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 600_000;
+/// RabbitMQ's own upper bound for a negotiated heartbeat is far higher; past ten minutes a
+/// dead connection is found too late to matter.
+pub const MAX_HEARTBEAT_SECONDS: u16 = 600;
 pub const MAX_STALL_SECONDS: u64 = 86_400;
 
 /// Checks the numbers one limit sets (the file's global limit, a file override, a Redis
@@ -117,6 +120,10 @@ pub struct AmqpConfig {
     /// How long a publish may wait for the broker's confirm; then the message is handed
     /// back and the session starts over.
     pub confirm_timeout_ms: u64,
+    /// The AMQP heartbeat offered to the broker (it may negotiate lower). A connection
+    /// silent for two intervals is given up and the session starts over, so a silently
+    /// dead connection (a half-open TCP path) costs about twice this. 0 turns it off.
+    pub heartbeat_seconds: u16,
 }
 
 impl Default for AmqpConfig {
@@ -136,6 +143,7 @@ impl Default for AmqpConfig {
             delivery_limit: 20,
             shutdown_grace_seconds: 15,
             confirm_timeout_ms: 30_000,
+            heartbeat_seconds: 5,
         }
     }
 }
@@ -852,6 +860,12 @@ impl Config {
             return fail(format!(
                 "amqp.confirm_timeout_ms = {} is out of range (100 to {MAX_CONFIRM_TIMEOUT_MS})",
                 amqp.confirm_timeout_ms
+            ));
+        }
+        if amqp.heartbeat_seconds > MAX_HEARTBEAT_SECONDS {
+            return fail(format!(
+                "amqp.heartbeat_seconds = {} is out of range (0 to {MAX_HEARTBEAT_SECONDS})",
+                amqp.heartbeat_seconds
             ));
         }
         if !(1..=MAX_STALL_SECONDS).contains(&self.http.stall_seconds) {

@@ -205,8 +205,17 @@ impl Gate {
             .await;
         self.health.set_consuming(false);
         watching.cancel();
-        close(&consume_conn).await;
-        close(&publish_conn).await;
+        if result.is_ok() {
+            close(&consume_conn).await;
+            close(&publish_conn).await;
+        } else {
+            // A lost session must not wait for a goodbye from a connection that may be
+            // silently dead (its close would time out): the next session starts now.
+            tokio::spawn(async move {
+                close(&consume_conn).await;
+                close(&publish_conn).await;
+            });
+        }
         result
     }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};
 
-use super::store::{Lua, Store};
+use super::store::{Failure, Lua, Store};
 use super::{Answer, Check, Decision, companion_base, notified_key, seen_key};
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
@@ -23,7 +23,10 @@ use crate::telemetry::Metrics;
 pub enum CheckError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    /// The call failed as a whole: connection, script or protocol.
+    /// The call failed as a whole on the way: the connection broke or was refused.
+    #[error("redis failed: {0}")]
+    Unanswered(Arc<str>),
+    /// The call failed as a whole, answered: out of memory, a replica, a script error.
     #[error("redis failed: {0}")]
     Redis(Arc<str>),
     /// Redis answered, but could not count this one key.
@@ -37,11 +40,23 @@ impl CheckError {
     pub fn is_key_error(&self) -> bool {
         matches!(self, CheckError::Key { .. })
     }
+
+    /// How the call failed, for its connection; `None` when only the key is at fault.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            CheckError::Timeout(_) | CheckError::Unanswered(_) => Some(Failure::Unanswered),
+            CheckError::Redis(_) => Some(Failure::Refused),
+            CheckError::Key { .. } => None,
+        }
+    }
 }
 
 impl From<redis::RedisError> for CheckError {
     fn from(e: redis::RedisError) -> Self {
-        CheckError::Redis(e.to_string().into())
+        match Failure::of(&e) {
+            Failure::Unanswered => CheckError::Unanswered(e.to_string().into()),
+            Failure::Refused => CheckError::Redis(e.to_string().into()),
+        }
     }
 }
 
@@ -106,25 +121,36 @@ impl Limiter {
         self.metrics.redis_check_seconds.record(started.elapsed());
         // Back into the order of `checks`: every index is in exactly one group.
         let mut out: Vec<Option<Result<Answer, CheckError>>> = vec![None; checks.len()];
-        let mut failed = false;
+        // The worst failure of the batch: an unanswered call outweighs a refused one.
+        let mut failed: Option<Failure> = None;
+        let mut note = |e: &CheckError| {
+            failed = match (failed, e.failure()) {
+                (Some(Failure::Unanswered), _) | (_, Some(Failure::Unanswered)) => {
+                    Some(Failure::Unanswered)
+                }
+                (was, now) => was.or(now),
+            };
+        };
         for (indices, answers) in groups.iter().zip(answers) {
             match answers {
                 Ok(answers) => {
                     for (&i, answer) in indices.iter().zip(answers) {
-                        failed |= matches!(&answer, Err(e) if !e.is_key_error());
+                        if let Err(e) = &answer {
+                            note(e);
+                        }
                         out[i] = Some(answer);
                     }
                 }
                 Err(e) => {
-                    failed = true;
+                    note(&e);
                     for &i in indices {
                         out[i] = Some(Err(e.clone()));
                     }
                 }
             }
         }
-        if failed {
-            self.store.call_failed();
+        if let Some(failure) = failed {
+            self.store.call_failed(failure);
         }
         out.into_iter()
             .map(|a| a.expect("every check is in one group"))
@@ -300,23 +326,32 @@ impl Limiter {
             redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
         };
         match tokio::time::timeout(self.timeout, read).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(LimitError::Timeout(self.timeout)),
+            Ok(Ok(hash)) => Ok(hash),
+            Ok(Err(e)) => {
+                self.store.call_failed(Failure::of(&e));
+                Err(e.into())
+            }
+            Err(_) => {
+                self.store.call_failed(Failure::Unanswered);
+                Err(LimitError::Timeout(self.timeout))
+            }
         }
     }
 
     /// Ok when Redis answers a PING within the check timeout, else why not.
     pub async fn ping(&self) -> Result<(), String> {
         let ping = self.store.ping();
-        let outcome = match tokio::time::timeout(self.timeout, ping).await {
+        let (failure, outcome) = match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => match self.store.diagnose().await {
-                Some(why) => why,
-                None => format!("no answer within {:?}", self.timeout),
-            },
+            Ok(Err(e)) => (Failure::of(&e), e.to_string()),
+            Err(_) => {
+                // Replaced before the diagnosis, which may take seconds.
+                self.store.call_failed(Failure::Unanswered);
+                let why = self.store.diagnose().await;
+                return Err(why.unwrap_or_else(|| format!("no answer within {:?}", self.timeout)));
+            }
         };
-        self.store.call_failed();
+        self.store.call_failed(failure);
         Err(outcome)
     }
 }

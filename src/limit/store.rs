@@ -7,16 +7,25 @@
 //! - Sentinel: a standalone connection to the primary the sentinels name. The redis crate
 //!   does not follow a failover by itself, so every failed call asks the sentinels again
 //!   (at most twice a second), and a new primary gets a new connection.
+//!
+//! A connection can die silently (a NAT entry expires, a node behind a virtual IP goes
+//! away): nothing errors, calls just time out, and the redis crate keeps the connection
+//! forever. So a call that goes unanswered (a timeout, a broken connection) has the
+//! connection replaced by a fresh one, at most once per `REPLACE_PAUSE`, in every mode;
+//! an error that Redis answers (OOM, TRYAGAIN, READONLY) says the connection works, and
+//! keeps it. Every socket has TCP keepalive and no Nagle delay.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+pub use redis::io::tcp::socket2::SockRef;
+use redis::io::tcp::{TcpSettings, socket2};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     Client, ClientTlsConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
@@ -29,8 +38,50 @@ use crate::config::{ConfigError, RedisConfig, RedisMode, TlsPem};
 const RESOLVE_PAUSE: Duration = Duration::from_millis(500);
 /// How long the reason Redis cannot be reached is reused before it is asked again.
 const DIAGNOSE_PAUSE: Duration = Duration::from_secs(10);
-/// How long a cluster connection is kept after it was replaced for failing.
-const REPLACE_PAUSE: Duration = Duration::from_secs(2);
+/// How long a connection is kept after it was replaced for going unanswered.
+const REPLACE_PAUSE: Duration = Duration::from_secs(1);
+
+/// How a call failed, which decides what the store does about its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer in time, or the connection broke: it may be dead while a fresh one would
+    /// answer, so it is replaced.
+    Unanswered,
+    /// Redis answered with an error: the connection works.
+    Refused,
+}
+
+impl Failure {
+    pub fn of(error: &RedisError) -> Self {
+        if error.is_timeout()
+            || error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_unrecoverable_error()
+        {
+            Failure::Unanswered
+        } else {
+            Failure::Refused
+        }
+    }
+}
+
+/// Keepalive probes for every socket to Redis and to the broker: a peer that vanished
+/// without a word is noticed by the kernel within about 25 s even while nothing is sent.
+pub fn tcp_keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3)
+}
+
+/// TCP settings of every connection to Redis: no Nagle delay (Redis answers each request
+/// at once), and keepalive.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(tcp_keepalive())
+}
 
 /// A connection to whichever node a command belongs to. Cheap to clone.
 #[derive(Clone)]
@@ -71,6 +122,9 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Set while an unanswered connection is being replaced, and for `REPLACE_PAUSE`
+    /// after, so a burst of timeouts replaces it once.
+    replacing: Arc<AtomicBool>,
     /// When Redis was last asked why it cannot be reached, and its answer.
     last_diagnosis: Arc<std::sync::Mutex<Option<Diagnosis>>>,
 }
@@ -79,11 +133,17 @@ pub struct Store {
 type Diagnosis = (std::time::Instant, Option<String>);
 
 enum Inner {
-    /// The client too, to learn why connecting fails (the manager only times out).
-    Standalone(ConnectionManager, Client),
+    Standalone(Standalone),
     /// Connected on first use, so the gate starts while the cluster is down.
     Cluster(Cluster),
     Sentinel(Sentinel),
+}
+
+struct Standalone {
+    /// To connect afresh, and to learn why connecting fails (the manager only times out).
+    client: Client,
+    manager: ArcSwap<ConnectionManager>,
+    config: ConnectionManagerConfig,
 }
 
 struct Cluster {
@@ -91,8 +151,6 @@ struct Cluster {
     conn: ArcSwapOption<ClusterConnection>,
     /// Serializes connecting, so a burst of calls makes one connection.
     connecting: tokio::sync::Mutex<()>,
-    /// Set while a failing connection is being replaced.
-    replacing: AtomicBool,
 }
 
 struct Sentinel {
@@ -127,22 +185,31 @@ impl Store {
         };
         let inner = match config.mode {
             RedisMode::Standalone => {
+                let info = config
+                    .url
+                    .expose()
+                    .into_connection_info()
+                    .map_err(bad)?
+                    .set_tcp_settings(tcp_settings());
                 let client = match tls {
-                    Some(certs) => Client::build_with_tls(config.url.expose(), certs),
-                    None => Client::open(config.url.expose()),
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
                 }
                 .map_err(bad)?;
-                Inner::Standalone(
-                    ConnectionManager::new_lazy_with_config(client.clone(), manager)
-                        .map_err(bad)?,
+                let lazy = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
+                    .map_err(bad)?;
+                Inner::Standalone(Standalone {
                     client,
-                )
+                    manager: ArcSwap::from_pointee(lazy),
+                    config: manager,
+                })
             }
             RedisMode::Cluster => {
                 let nodes: Vec<&str> = config.nodes.iter().map(|u| u.expose()).collect();
                 // TRYAGAIN (a multi-key call during a slot migration) is retried a few
                 // times soon after, within the check's own timeout.
                 let mut builder = ClusterClientBuilder::new(nodes)
+                    .tcp_settings(tcp_settings())
                     .connection_timeout(connect_timeout)
                     .response_timeout(timeout)
                     .retries(6)
@@ -156,7 +223,6 @@ impl Store {
                     client: builder.build().map_err(bad)?,
                     conn: ArcSwapOption::empty(),
                     connecting: tokio::sync::Mutex::new(()),
-                    replacing: AtomicBool::new(false),
                 })
             }
             RedisMode::Sentinel => {
@@ -184,7 +250,9 @@ impl Store {
                 let mut builder =
                     SentinelClientBuilder::new(addresses, name, SentinelServerType::Master)
                         .map_err(bad)?
-                        .set_client_to_redis_db(settings.db());
+                        .set_client_to_redis_db(settings.db())
+                        .set_client_to_redis_tcp_settings(tcp_settings())
+                        .set_client_to_sentinel_tcp_settings(tcp_settings());
                 if let Some(user) = settings.username() {
                     builder = builder.set_client_to_redis_username(user);
                 }
@@ -216,6 +284,7 @@ impl Store {
         };
         Ok(Self {
             inner: Arc::new(inner),
+            replacing: Arc::default(),
             last_diagnosis: Arc::default(),
         })
     }
@@ -228,7 +297,9 @@ impl Store {
     /// A connection for the next call.
     pub async fn conn(&self) -> RedisResult<Conn> {
         match &*self.inner {
-            Inner::Standalone(manager, _) => Ok(Conn::Single(manager.clone())),
+            Inner::Standalone(standalone) => {
+                Ok(Conn::Single((**standalone.manager.load()).clone()))
+            }
             Inner::Cluster(cluster) => Ok(Conn::Cluster(cluster.conn().await?)),
             Inner::Sentinel(sentinel) => {
                 if let Some(primary) = sentinel.primary.load_full() {
@@ -246,41 +317,72 @@ impl Store {
         }
     }
 
-    /// A call failed as a whole. With Sentinel, the primary may have changed (a refused
-    /// connection, or READONLY from a primary that became a replica), so the sentinels
-    /// are asked again in the background, at most once per `RESOLVE_PAUSE`. In a cluster,
-    /// a killed primary can stay in the connection's map after its replica took over (the
-    /// calls for its slots time out instead of being redirected), so a new connection
-    /// learns the slots afresh from the seeds, at most once per `REPLACE_PAUSE`.
-    pub fn call_failed(&self) {
-        match &*self.inner {
-            Inner::Standalone(..) => {}
-            Inner::Cluster(cluster) => {
-                if !cluster.replacing.swap(true, Ordering::AcqRel) {
-                    let store = self.clone();
-                    tokio::spawn(async move {
-                        if let Inner::Cluster(cluster) = &*store.inner {
-                            cluster.replace().await;
-                        }
-                    });
-                }
-            }
-            Inner::Sentinel(sentinel) => {
-                if sentinel.resolving.swap(true, Ordering::AcqRel) {
+    /// A call failed as a whole. An unanswered call has its connection replaced by a
+    /// fresh one in the background, at most once per `REPLACE_PAUSE` (a silently dead
+    /// connection only ever times out). With Sentinel, any failure may also mean the
+    /// primary changed (a refused connection, or READONLY from a primary that became a
+    /// replica), so the sentinels are asked again, at most once per `RESOLVE_PAUSE`.
+    pub fn call_failed(&self, failure: Failure) {
+        if failure == Failure::Unanswered && !self.replacing.swap(true, Ordering::AcqRel) {
+            let store = self.clone();
+            tokio::spawn(async move {
+                let _clear = ClearOnDrop(&store.replacing);
+                store.replace().await;
+                tokio::time::sleep(REPLACE_PAUSE).await;
+            });
+        }
+        if let Inner::Sentinel(sentinel) = &*self.inner
+            && !sentinel.resolving.swap(true, Ordering::AcqRel)
+        {
+            let store = self.clone();
+            tokio::spawn(async move {
+                let Inner::Sentinel(sentinel) = &*store.inner else {
                     return;
+                };
+                let _clear = ClearOnDrop(&sentinel.resolving);
+                if let Err(e) = sentinel.resolve().await {
+                    tracing::debug!(error = %e, "the sentinels could not name the primary");
                 }
-                let store = self.clone();
-                tokio::spawn(async move {
-                    let Inner::Sentinel(sentinel) = &*store.inner else {
-                        return;
-                    };
-                    let _clear = ClearOnDrop(&sentinel.resolving);
-                    if let Err(e) = sentinel.resolve().await {
-                        tracing::debug!(error = %e, "the sentinels could not name the primary");
-                    }
-                    tokio::time::sleep(RESOLVE_PAUSE).await;
-                });
+                tokio::time::sleep(RESOLVE_PAUSE).await;
+            });
+        }
+    }
+
+    /// Connects afresh and swaps the new connection in; the old one closes once the calls
+    /// that hold it are done. A connection that cannot be made leaves the old one in place
+    /// (it reconnects by itself after a refusal).
+    async fn replace(&self) {
+        let fresh = async {
+            match &*self.inner {
+                Inner::Standalone(standalone) => {
+                    let manager = ConnectionManager::new_with_config(
+                        standalone.client.clone(),
+                        standalone.config.clone(),
+                    )
+                    .await?;
+                    standalone.manager.store(Arc::new(manager));
+                }
+                Inner::Cluster(cluster) => {
+                    let conn = cluster.client.get_async_connection().await?;
+                    cluster.conn.store(Some(Arc::new(conn)));
+                }
+                Inner::Sentinel(sentinel) => {
+                    let client = sentinel.client.lock().await.async_get_client().await?;
+                    let address = client.get_connection_info().addr().to_string();
+                    let manager =
+                        ConnectionManager::new_with_config(client, sentinel.manager.clone())
+                            .await?;
+                    sentinel.primary.store(Some(Arc::new((address, manager))));
+                }
             }
+            RedisResult::Ok(())
+        };
+        match tokio::time::timeout(REPLACE_PAUSE, fresh).await {
+            Ok(Ok(())) => tracing::info!(
+                "a call to Redis went unanswered: replaced its connection with a fresh one"
+            ),
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not open a fresh Redis connection"),
+            Err(_) => tracing::debug!("opening a fresh Redis connection timed out"),
         }
     }
 
@@ -311,7 +413,7 @@ impl Store {
     async fn diagnose_now(&self) -> Option<String> {
         let attempt = async {
             match &*self.inner {
-                Inner::Standalone(_, client) => {
+                Inner::Standalone(Standalone { client, .. }) => {
                     let mut conn = client.get_multiplexed_async_connection().await?;
                     redis::cmd("PING").query_async::<()>(&mut conn).await
                 }
@@ -372,22 +474,6 @@ impl Cluster {
         let conn = self.client.get_async_connection().await?;
         self.conn.store(Some(Arc::new(conn.clone())));
         Ok(conn)
-    }
-
-    /// Connects afresh and swaps the new connection in; the old one closes once the calls
-    /// that hold it are done.
-    async fn replace(&self) {
-        let _clear = ClearOnDrop(&self.replacing);
-        let fresh = tokio::time::timeout(REPLACE_PAUSE, self.client.get_async_connection()).await;
-        match fresh {
-            Ok(Ok(conn)) => {
-                tracing::debug!("reconnected to the Redis Cluster after failed calls");
-                self.conn.store(Some(Arc::new(conn)));
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "could not reconnect to the Redis Cluster"),
-            Err(_) => tracing::debug!("reconnecting to the Redis Cluster timed out"),
-        }
-        tokio::time::sleep(REPLACE_PAUSE).await;
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod engines;
+pub mod proxy;
 
 pub fn amqp_url() -> String {
     std::env::var("KONSTRUCT_TEST_AMQP_URL")
