@@ -18,6 +18,9 @@ use crate::telemetry::Metrics;
 /// Bounds how long opening a connection may take, so an unreachable broker is retried
 /// instead of hanging start-up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one address of a broker's name may take to accept a connection, unless the
+/// URL's `connection_timeout` (ms) says otherwise.
+const CONNECT_PER_ADDRESS: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -153,35 +156,72 @@ impl Brokers {
         let name = format!("konstruct-gate {role} {}", instance_name());
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
-        let mut uri: AMQPUri = self.addresses[index]
-            .expose()
-            .parse()
-            .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+        let url = self.addresses[index].expose();
+        let invalid = |e: String| lapin::Error::from(std::io::Error::other(e));
+        let mut uri: AMQPUri = url.parse().map_err(invalid)?;
         uri.query.heartbeat.get_or_insert(self.heartbeat);
+        // The host as written: lapin's URI parser knows only domain names, and would take
+        // an IP address (`amqp://10.0.0.5`, `amqps://[2001:db8::1]`) for localhost.
+        let host = match url::Url::parse(url)
+            .map_err(|e| invalid(e.to_string()))?
+            .host()
+        {
+            Some(url::Host::Domain(name)) => name.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => uri.authority.host.clone(),
+        };
+        let per_address = uri
+            .query
+            .connection_timeout
+            .map_or(CONNECT_PER_ADDRESS, Duration::from_millis);
         let tls = self.tls.clone();
         let connect = async {
             let runtime = lapin::runtime::default_runtime()?;
-            // As lapin connects, plus TCP keepalive on the socket before any TLS.
+            // As lapin connects, plus TCP keepalive and a user timeout on the socket before
+            // any TLS, and each address of the name tried in turn, each within its time.
             let open = async move |uri: AMQPUri, runtime| {
-                let host = uri.authority.host.clone();
                 let addresses = tokio::net::lookup_host((host.as_str(), uri.authority.port))
                     .await
-                    .map_err(lapin::Error::from)?
-                    .collect::<Vec<_>>();
-                let stream: AsyncTcpStream<async_compat::Compat<tokio::net::TcpStream>> =
-                    AsyncTcpStream::connect(&runtime, addresses.as_slice())
-                        .await
-                        .map_err(lapin::Error::from)?;
-                if let AsyncTcpStream::Plain(plain) = &stream {
-                    keep_alive(plain.get_ref());
+                    .map_err(lapin::Error::from)?;
+                let mut last_error = None;
+                for address in addresses {
+                    let attempt = tokio::time::timeout(
+                        per_address,
+                        AsyncTcpStream::connect(&runtime, address),
+                    );
+                    let stream: AsyncTcpStream<async_compat::Compat<tokio::net::TcpStream>> =
+                        match attempt.await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                last_error = Some(e);
+                                continue;
+                            }
+                            Err(_) => {
+                                last_error = Some(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!("connecting to {address} timed out"),
+                                ));
+                                continue;
+                            }
+                        };
+                    if let AsyncTcpStream::Plain(plain) = &stream {
+                        tune_socket(plain.get_ref());
+                    }
+                    return match uri.scheme {
+                        AMQPScheme::AMQP => Ok(stream),
+                        AMQPScheme::AMQPS => stream
+                            .into_tls(&host, tls.as_ref())
+                            .await
+                            .map_err(lapin::Error::from),
+                    };
                 }
-                match uri.scheme {
-                    AMQPScheme::AMQP => Ok(stream),
-                    AMQPScheme::AMQPS => stream
-                        .into_tls(&host, tls.as_ref())
-                        .await
-                        .map_err(lapin::Error::from),
-                }
+                Err(lapin::Error::from(last_error.unwrap_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{host} has no address"),
+                    )
+                })))
             };
             Connection::connector(uri, runtime, open, properties).await
         };
@@ -195,11 +235,15 @@ impl Brokers {
     }
 }
 
-/// TCP keepalive on a broker connection's socket, as on Redis's.
-fn keep_alive(socket: &tokio::net::TcpStream) {
-    let keepalive = crate::limit::store::tcp_keepalive();
-    if let Err(e) = crate::limit::store::SockRef::from(socket).set_tcp_keepalive(&keepalive) {
-        tracing::debug!(error = %e, "could not turn on TCP keepalive");
+/// TCP keepalive and the user timeout on a broker connection's socket, as on Redis's.
+fn tune_socket(socket: &tokio::net::TcpStream) {
+    use crate::limit::store::{SockRef, TCP_USER_TIMEOUT, tcp_keepalive};
+    let socket = SockRef::from(socket);
+    let tuned = socket
+        .set_tcp_keepalive(&tcp_keepalive())
+        .and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)));
+    if let Err(e) = tuned {
+        tracing::debug!(error = %e, "could not set TCP keepalive and user timeout");
     }
 }
 

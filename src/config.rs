@@ -122,7 +122,8 @@ pub struct AmqpConfig {
     pub confirm_timeout_ms: u64,
     /// The AMQP heartbeat offered to the broker (it may negotiate lower). A connection
     /// silent for two intervals is given up and the session starts over, so a silently
-    /// dead connection (a half-open TCP path) costs about twice this. 0 turns it off.
+    /// dead connection (a half-open TCP path) costs about twice this. 0 takes the
+    /// broker's value.
     pub heartbeat_seconds: u16,
 }
 

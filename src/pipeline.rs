@@ -7,12 +7,13 @@
 //! them alone.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use futures::future::join_all;
 use lapin::message::Delivery;
 use lapin::types::ShortString;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
 use crate::config::{Config, Notify, OnRedisError};
@@ -58,6 +59,8 @@ pub struct Pipeline {
     health: Arc<Health>,
     /// The defer ladder's queues, by their seconds.
     ladder: Vec<(u64, String)>,
+    /// Set while Redis fails every check, so the outage is logged once, not per batch.
+    redis_failing: AtomicBool,
 }
 
 impl Pipeline {
@@ -83,6 +86,7 @@ impl Pipeline {
             limiter,
             metrics,
             health,
+            redis_failing: AtomicBool::new(false),
         }
     }
 
@@ -335,19 +339,27 @@ impl Pipeline {
                 }
             });
         }
+        let redis_failed = first_error.as_ref().is_some_and(|e| !e.is_key_error());
         if let Some(error) = first_error {
             self.metrics.redis_errors.increment(failed);
-            let error = self.config.scrub(&error.to_string());
-            match policy {
-                OnRedisError::Allow => {
-                    self.metrics.degraded.increment(failed);
-                    warn!(%error, count = failed, "rate limit unchecked: forwarding (on_redis_error = allow)");
-                }
-                OnRedisError::Hold if !retry => {
-                    warn!(%error, count = failed, "rate limit unchecked: holding the messages (on_redis_error = hold)");
-                }
-                OnRedisError::Hold => {}
+            if policy == OnRedisError::Allow {
+                self.metrics.degraded.increment(failed);
             }
+            let error = self.config.scrub(&error.to_string());
+            let action = match policy {
+                OnRedisError::Allow => "forwarding (on_redis_error = allow)",
+                OnRedisError::Hold => "holding the messages (on_redis_error = hold)",
+            };
+            // Redis failing is told once, when it starts (and /readyz says why meanwhile);
+            // a key Redis cannot count is told with each batch that meets it.
+            if redis_failed && self.redis_failing.swap(true, Ordering::Relaxed) {
+                debug!(%error, count = failed, "rate limit unchecked: {action}");
+            } else if !retry || redis_failed {
+                warn!(%error, count = failed, "rate limit unchecked: {action}");
+            }
+        }
+        if !redis_failed && self.redis_failing.swap(false, Ordering::Relaxed) {
+            info!("redis answers again: rate limit checks resumed");
         }
         decided
             .into_iter()

@@ -161,13 +161,13 @@ async fn redis_half_open(policy: OnRedisError) -> (HashMap<String, Seen>, Instan
     let freezing = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         proxy.freeze();
-        Instant::now()
+        (Instant::now(), proxy.connections())
     };
-    let ((), frozen_at) = tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
+    let ((), (frozen_at, frozen)) =
+        tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
     let seen = watching.await.unwrap();
-    // A fresh connection was opened past the frozen ones.
     assert!(
-        proxy.connections() >= 2,
+        proxy.connections() > frozen,
         "the gate never opened a new Redis connection"
     );
     gate.stop().await;
@@ -256,9 +256,10 @@ async fn broker_half_open_resumes_deliveries_within_fifteen_seconds() {
     let freezing = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         proxy.freeze();
-        Instant::now()
+        (Instant::now(), proxy.connections())
     };
-    let ((), frozen_at) = tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
+    let ((), (frozen_at, frozen)) =
+        tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
     let seen = watching.await.unwrap();
     let missing = total - seen.len();
     let resumed_after = seen
@@ -280,9 +281,83 @@ async fn broker_half_open_resumes_deliveries_within_fifteen_seconds() {
         "deliveries resumed only after {resumed_after:?}"
     );
     assert!(
-        proxy.connections() >= 4,
+        proxy.connections() >= frozen + 2,
         "the gate never opened new broker connections"
     );
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stuck_redis_is_ridden_through_per_policy_and_readyz_says_why() {
+    let _serial = serial().await;
+    let redis = PrivateRedis::start().await;
+    let names = Names::new("stuck-redis");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1_000_000, 60);
+    config.redis.url = SecretUrl::new(redis.url());
+    let gate = TestGate::start(config).await;
+
+    // The server answers nobody for 5 s, on every connection, new ones too.
+    let sleeping = tokio::task::spawn_blocking({
+        let port = redis.port.to_string();
+        move || {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port, "DEBUG", "SLEEP", "5"])
+                .output()
+                .expect("redis-cli is on PATH")
+        }
+    });
+    // The readiness probe asks every second, and gives up on an answer after 250 ms.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let body = loop {
+        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready while Redis answers nobody: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        body.contains("redis_error"),
+        "/readyz does not say why: {body}"
+    );
+    broker
+        .publish(
+            &message("during", "acme", "slack"),
+            BasicProperties::default(),
+        )
+        .await;
+    let during = broker
+        .collect(&names.orchestrator, 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(text_header(&during[0], "x-ratelimit-degraded"), "true");
+
+    let slept = sleeping.await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&slept.stdout).trim(),
+        "OK",
+        "DEBUG SLEEP was refused"
+    );
+    gate.wait_ready(Duration::from_secs(10)).await;
+    broker
+        .publish(
+            &message("after", "acme", "slack"),
+            BasicProperties::default(),
+        )
+        .await;
+    let after = broker
+        .collect(&names.orchestrator, 1, Duration::from_secs(10))
+        .await;
+    assert!(
+        konstruct_gate::route::header(after[0].properties.headers(), "x-ratelimit-degraded")
+            .is_none(),
+        "still unchecked after Redis woke up"
+    );
+    assert_eq!(int_header(&after[0], "x-ratelimit-limit"), 1_000_000);
     gate.stop().await;
     broker.cleanup().await;
 }

@@ -21,6 +21,9 @@ use serde::Serialize;
 
 use crate::support::*;
 
+/// `limits.max_defer_seconds` of the deferral scenario.
+const DEFER_SECONDS: u64 = 30;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
@@ -108,8 +111,9 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
     let http_port = free_port()?;
     let requests = match args.scenario {
         Scenario::Rejected => 1,
-        // A third of the rate fits the limit; the rest parks and comes back.
-        Scenario::Deferred => (args.rate * 60 / (args.tenants * 2) / 3).max(1),
+        // A sixth of the messages is over the limit: it parks and comes back, and what
+        // cannot fit within max_defer_seconds is rejected.
+        Scenario::Deferred => (args.rate * 60 * 5 / (args.tenants * 2) / 6).max(1),
         _ => 1_000_000,
     };
     let settings = GateSettings {
@@ -133,7 +137,10 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
     match args.scenario {
         Scenario::Deferred => {
             extra.push(("KONSTRUCT_GATE__LIMITS__ON_LIMIT", "defer".into()));
-            extra.push(("KONSTRUCT_GATE__LIMITS__MAX_DEFER_SECONDS", "30".into()));
+            extra.push((
+                "KONSTRUCT_GATE__LIMITS__MAX_DEFER_SECONDS",
+                DEFER_SECONDS.to_string(),
+            ));
         }
         Scenario::RedisOutage => {
             extra.push(("KONSTRUCT_GATE__LIMITS__ON_REDIS_ERROR", "hold".into()));
@@ -269,8 +276,9 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
     }
     let publisher_conn = publishing.await.context("the publisher panicked")??;
     let total = published.load(Ordering::Relaxed);
-    // Whatever is still on its way gets a bounded moment.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Whatever is still on its way gets a bounded moment (parked messages: their longest
+    // wait more).
+    let deadline = Instant::now() + Duration::from_secs(120 + DEFER_SECONDS);
     while outputs.load(Ordering::Relaxed) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

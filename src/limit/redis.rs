@@ -150,7 +150,7 @@ impl Limiter {
             }
         }
         if let Some(failure) = failed {
-            self.store.call_failed(failure);
+            self.store.call_failed(failure, started);
         }
         out.into_iter()
             .map(|a| a.expect("every check is in one group"))
@@ -321,6 +321,7 @@ impl Limiter {
         &self,
         key: &str,
     ) -> Result<std::collections::HashMap<String, String>, LimitError> {
+        let started = Instant::now();
         let read = async {
             let mut conn = self.store.conn().await?;
             redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
@@ -328,11 +329,11 @@ impl Limiter {
         match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(hash)) => Ok(hash),
             Ok(Err(e)) => {
-                self.store.call_failed(Failure::of(&e));
+                self.store.call_failed(Failure::of(&e), started);
                 Err(e.into())
             }
             Err(_) => {
-                self.store.call_failed(Failure::Unanswered);
+                self.store.call_failed(Failure::Unanswered, started);
                 Err(LimitError::Timeout(self.timeout))
             }
         }
@@ -340,18 +341,18 @@ impl Limiter {
 
     /// Ok when Redis answers a PING within the check timeout, else why not.
     pub async fn ping(&self) -> Result<(), String> {
+        let started = Instant::now();
         let ping = self.store.ping();
         let (failure, outcome) = match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => (Failure::of(&e), e.to_string()),
             Err(_) => {
-                // Replaced before the diagnosis, which may take seconds.
-                self.store.call_failed(Failure::Unanswered);
-                let why = self.store.diagnose().await;
+                self.store.call_failed(Failure::Unanswered, started);
+                let why = self.store.diagnosis();
                 return Err(why.unwrap_or_else(|| format!("no answer within {:?}", self.timeout)));
             }
         };
-        self.store.call_failed(failure);
+        self.store.call_failed(failure, started);
         Err(outcome)
     }
 }

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -53,11 +53,12 @@ pub enum Failure {
 
 impl Failure {
     pub fn of(error: &RedisError) -> Self {
+        // Not `is_unrecoverable_error`: a refused password is an answer, and a new
+        // connection would be refused the same way.
         if error.is_timeout()
             || error.is_io_error()
             || error.is_connection_dropped()
             || error.is_connection_refusal()
-            || error.is_unrecoverable_error()
         {
             Failure::Unanswered
         } else {
@@ -66,8 +67,8 @@ impl Failure {
     }
 }
 
-/// Keepalive probes for every socket to Redis and to the broker: a peer that vanished
-/// without a word is noticed by the kernel within about 25 s even while nothing is sent.
+/// Keepalive probes for every socket to Redis and to the broker: an idle connection whose
+/// peer vanished without a word is noticed by the kernel within about 25 s.
 pub fn tcp_keepalive() -> socket2::TcpKeepalive {
     socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
@@ -75,12 +76,19 @@ pub fn tcp_keepalive() -> socket2::TcpKeepalive {
         .with_retries(3)
 }
 
+/// How long sent data may stay unacknowledged before the kernel gives the connection up
+/// (`TCP_USER_TIMEOUT`): keepalive covers an idle connection, this one a busy one, so a
+/// replaced connection still waiting for its answers is closed rather than kept for the
+/// ~15 minutes of TCP's retransmissions.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// TCP settings of every connection to Redis: no Nagle delay (Redis answers each request
-/// at once), and keepalive.
+/// at once), keepalive and the user timeout.
 fn tcp_settings() -> TcpSettings {
     TcpSettings::default()
         .set_nodelay(true)
         .set_keepalive(tcp_keepalive())
+        .set_user_timeout(TCP_USER_TIMEOUT)
 }
 
 /// A connection to whichever node a command belongs to. Cheap to clone.
@@ -125,12 +133,18 @@ pub struct Store {
     /// Set while an unanswered connection is being replaced, and for `REPLACE_PAUSE`
     /// after, so a burst of timeouts replaces it once.
     replacing: Arc<AtomicBool>,
+    /// When a connection was last replaced: a call sent before then failed on the old
+    /// one, and says nothing about the new.
+    replaced_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Longest a fresh connection may take: a connect per node (two in a cluster, seeds
+    /// then the slot map) and a margin.
+    replace_budget: Duration,
     /// When Redis was last asked why it cannot be reached, and its answer.
     last_diagnosis: Arc<std::sync::Mutex<Option<Diagnosis>>>,
 }
 
 /// When Redis was asked why it cannot be reached, and what it said (`None`: it can).
-type Diagnosis = (std::time::Instant, Option<String>);
+type Diagnosis = (Instant, Option<String>);
 
 enum Inner {
     Standalone(Standalone),
@@ -285,6 +299,8 @@ impl Store {
         Ok(Self {
             inner: Arc::new(inner),
             replacing: Arc::default(),
+            replaced_at: Arc::default(),
+            replace_budget: connect_timeout * 2 + REPLACE_PAUSE,
             last_diagnosis: Arc::default(),
         })
     }
@@ -305,7 +321,7 @@ impl Store {
                 if let Some(primary) = sentinel.primary.load_full() {
                     return Ok(Conn::Single(primary.1.clone()));
                 }
-                sentinel.resolve().await?;
+                sentinel.resolve(false).await?;
                 match sentinel.primary.load_full() {
                     Some(primary) => Ok(Conn::Single(primary.1.clone())),
                     None => Err(RedisError::from((
@@ -322,7 +338,39 @@ impl Store {
     /// connection only ever times out). With Sentinel, any failure may also mean the
     /// primary changed (a refused connection, or READONLY from a primary that became a
     /// replica), so the sentinels are asked again, at most once per `RESOLVE_PAUSE`.
-    pub fn call_failed(&self, failure: Failure) {
+    pub fn call_failed(&self, failure: Failure, sent_at: Instant) {
+        let replaced_at = *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner());
+        if replaced_at.is_some_and(|replaced| sent_at < replaced) {
+            return;
+        }
+        if let Inner::Sentinel(sentinel) = &*self.inner {
+            // One task both asks the sentinels and reconnects, so a failover's new primary
+            // is never overwritten by a reconnect to the old one.
+            if !sentinel.resolving.swap(true, Ordering::AcqRel) {
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let Inner::Sentinel(sentinel) = &*store.inner else {
+                        return;
+                    };
+                    let _clear = ClearOnDrop(&sentinel.resolving);
+                    let fresh = failure == Failure::Unanswered;
+                    match sentinel.resolve(fresh).await {
+                        Ok(()) if fresh => store.note_replaced(),
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "the sentinels could not name the primary")
+                        }
+                    }
+                    tokio::time::sleep(RESOLVE_PAUSE.max(if fresh {
+                        REPLACE_PAUSE
+                    } else {
+                        Duration::ZERO
+                    }))
+                    .await;
+                });
+            }
+            return;
+        }
         if failure == Failure::Unanswered && !self.replacing.swap(true, Ordering::AcqRel) {
             let store = self.clone();
             tokio::spawn(async move {
@@ -331,21 +379,11 @@ impl Store {
                 tokio::time::sleep(REPLACE_PAUSE).await;
             });
         }
-        if let Inner::Sentinel(sentinel) = &*self.inner
-            && !sentinel.resolving.swap(true, Ordering::AcqRel)
-        {
-            let store = self.clone();
-            tokio::spawn(async move {
-                let Inner::Sentinel(sentinel) = &*store.inner else {
-                    return;
-                };
-                let _clear = ClearOnDrop(&sentinel.resolving);
-                if let Err(e) = sentinel.resolve().await {
-                    tracing::debug!(error = %e, "the sentinels could not name the primary");
-                }
-                tokio::time::sleep(RESOLVE_PAUSE).await;
-            });
-        }
+    }
+
+    fn note_replaced(&self) {
+        *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        tracing::info!("a call to Redis went unanswered: replaced its connection with a fresh one");
     }
 
     /// Connects afresh and swaps the new connection in; the old one closes once the calls
@@ -366,48 +404,43 @@ impl Store {
                     let conn = cluster.client.get_async_connection().await?;
                     cluster.conn.store(Some(Arc::new(conn)));
                 }
-                Inner::Sentinel(sentinel) => {
-                    let client = sentinel.client.lock().await.async_get_client().await?;
-                    let address = client.get_connection_info().addr().to_string();
-                    let manager =
-                        ConnectionManager::new_with_config(client, sentinel.manager.clone())
-                            .await?;
-                    sentinel.primary.store(Some(Arc::new((address, manager))));
-                }
+                // Replaced where the sentinels are asked (`Sentinel::resolve`).
+                Inner::Sentinel(_) => {}
             }
             RedisResult::Ok(())
         };
-        match tokio::time::timeout(REPLACE_PAUSE, fresh).await {
-            Ok(Ok(())) => tracing::info!(
-                "a call to Redis went unanswered: replaced its connection with a fresh one"
-            ),
+        match tokio::time::timeout(self.replace_budget, fresh).await {
+            Ok(Ok(())) => self.note_replaced(),
             Ok(Err(e)) => tracing::debug!(error = %e, "could not open a fresh Redis connection"),
             Err(_) => tracing::debug!("opening a fresh Redis connection timed out"),
         }
     }
 
-    /// Why Redis cannot be reached, from one fresh connection attempt (a refused TLS
-    /// certificate, a wrong password), or `None` when it can. The shared connection only
-    /// says that it timed out.
-    pub async fn diagnose(&self) -> Option<String> {
-        // One fresh connection per `DIAGNOSE_PAUSE` at most, however often it is asked.
-        {
-            let last = self
-                .last_diagnosis
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some((at, why)) = &*last
-                && at.elapsed() < DIAGNOSE_PAUSE
-            {
-                return why.clone();
-            }
-        }
-        let why = self.diagnose_now().await;
-        *self
+    /// Why Redis cannot be reached, as one fresh connection attempt found (a refused TLS
+    /// certificate, a wrong password), or `None` when it could or nobody knows yet: the
+    /// shared connection only says that it timed out. Never waits: an attempt (at most one
+    /// per `DIAGNOSE_PAUSE`) runs in the background, and the next call has its answer.
+    pub fn diagnosis(&self) -> Option<String> {
+        let mut last = self
             .last_diagnosis
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), why.clone()));
-        why
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((at, why)) = &*last
+            && at.elapsed() < DIAGNOSE_PAUSE
+        {
+            return why.clone();
+        }
+        let known = last.as_ref().and_then(|(_, why)| why.clone());
+        *last = Some((Instant::now(), known.clone()));
+        let store = self.clone();
+        tokio::spawn(async move {
+            let why = store.diagnose_now().await;
+            *store
+                .last_diagnosis
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), why));
+        });
+        known
     }
 
     async fn diagnose_now(&self) -> Option<String> {
@@ -478,14 +511,17 @@ impl Cluster {
 }
 
 impl Sentinel {
-    /// Asks the sentinels for the primary, and connects to it when it moved.
-    async fn resolve(&self) -> RedisResult<()> {
-        let client = self.client.lock().await.async_get_client().await?;
+    /// Asks the sentinels for the primary, and connects to it when it moved, or afresh
+    /// anyway when `fresh` (the connection went unanswered). The sentinels' lock is held
+    /// throughout, so two answers never cross.
+    async fn resolve(&self, fresh: bool) -> RedisResult<()> {
+        let mut sentinels = self.client.lock().await;
+        let client = sentinels.async_get_client().await?;
         let address = client.get_connection_info().addr().to_string();
         let current = self.primary.load_full();
-        if current.as_ref().is_none_or(|c| c.0 != address) {
+        if fresh || current.as_ref().is_none_or(|c| c.0 != address) {
             let manager = ConnectionManager::new_lazy_with_config(client, self.manager.clone())?;
-            if let Some(previous) = &current {
+            if let Some(previous) = current.as_ref().filter(|c| c.0 != address) {
                 tracing::warn!(from = %previous.0, to = %address, "the sentinels name a new Redis primary; switching to it");
             }
             self.primary.store(Some(Arc::new((address, manager))));
