@@ -361,3 +361,31 @@ async fn a_stuck_redis_is_ridden_through_per_policy_and_readyz_says_why() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_broker_addressed_by_ip_is_reached_at_that_address() {
+    // Only 127.0.0.2 listens on the proxy's port: taken for `localhost`, the address
+    // would be refused.
+    let proxy = FreezingProxy::start_at("127.0.0.2", socket_of(&amqp_url())).await;
+    let names = Names::new("broker-ip");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(10, 60);
+    config.amqp.url = SecretUrl::new(through(&amqp_url(), proxy.addr));
+    let gate = TestGate::start(config).await;
+    broker
+        .publish(
+            &message("by-ip", "acme", "slack"),
+            BasicProperties::default(),
+        )
+        .await;
+    let out = broker
+        .collect(&names.orchestrator, 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(output_id(OutputKind::Allowed, &out[0]), "by-ip");
+    assert!(
+        proxy.connections() >= 2,
+        "the gate did not connect through 127.0.0.2"
+    );
+    gate.stop().await;
+    broker.cleanup().await;
+}

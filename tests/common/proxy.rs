@@ -23,7 +23,12 @@ pub struct FreezingProxy {
 impl FreezingProxy {
     /// Listens on a free port of 127.0.0.1 and forwards every connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1", upstream).await
+    }
+
+    /// Listens on a free port of `ip` (any of 127.0.0.0/8 on Linux) instead.
+    pub async fn start_at(ip: &str, upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frozen_below, _) = watch::channel(0u64);
         let accepted = Arc::new(AtomicU64::new(0));
