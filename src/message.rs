@@ -220,19 +220,17 @@ impl<'de> Visitor<'de> for TopLevel {
                 "channel_metadata" => once!(fields.channel_metadata, "channel_metadata"),
                 "sender" => once!(fields.sender, "sender"),
                 "thread_id" => once!(fields.thread_id, "thread_id"),
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
+                // Opaque: taken raw, so it need only be grammatical. A decoded string
+                // would refuse an escaped lone surrogate (`"\udc00"`), which Python's
+                // `json` writes and reads.
+                _ => deep_enough(map.next_value::<&RawValue>()?)?,
             }
         }
-        // Raw members are captured without the parser's depth check: apply it here.
         for raw in [fields.channel_metadata, fields.sender, fields.thread_id]
             .into_iter()
             .flatten()
         {
-            if nesting_depth(raw.get()) >= MAX_DEPTH {
-                return Err(de::Error::custom("recursion limit exceeded"));
-            }
+            deep_enough(raw)?;
         }
         Ok(Some(fields))
     }
@@ -264,6 +262,14 @@ impl<'de> Visitor<'de> for TopLevel {
 
 /// serde_json's nesting limit, applied to every part of the body.
 const MAX_DEPTH: usize = 128;
+
+/// Raw members are captured without the parser's depth check: it is applied here.
+fn deep_enough<E: de::Error>(raw: &RawValue) -> Result<(), E> {
+    if nesting_depth(raw.get()) >= MAX_DEPTH {
+        return Err(E::custom("recursion limit exceeded"));
+    }
+    Ok(())
+}
 
 /// The deepest nesting of arrays and objects in valid JSON text.
 fn nesting_depth(json: &str) -> usize {
@@ -583,6 +589,19 @@ mod tests {
         assert!(invalid.detail.contains("tenant_id"), "{}", invalid.detail);
         // Opaque members may repeat: the gate never reads them.
         assert!(parse(br#"{"tenant_id":"a","channel":"b","x":1,"x":2}"#, MAX).is_ok());
+    }
+
+    #[test]
+    fn an_escaped_lone_surrogate_in_an_opaque_member_is_grammatical() {
+        // What Python's json.dumps writes for a lone surrogate, in content and in a
+        // member the gate reads raw.
+        let body = br#"{"tenant_id":"a","channel":"b","content":{"text":"\udc00 \ud800x"},"sender":{"display_name":"\udfff"}}"#;
+        assert!(parse(body, MAX).is_ok());
+        // Not grammatical is still refused.
+        assert_eq!(
+            code(br#"{"tenant_id":"a","channel":"b","content":"\uZZZZ"}"#),
+            ErrorCode::InvalidJson
+        );
     }
 
     #[test]

@@ -85,6 +85,36 @@ async fn allowed_messages_are_forwarded_byte_for_byte_with_their_properties() {
 }
 
 #[tokio::test]
+async fn an_escaped_lone_surrogate_is_grammatical_and_passes_through_both_routes() {
+    let names = Names::new("surrogate");
+    let broker = Broker::new(&names).await;
+    let gate = TestGate::start(names.config(1, 60)).await;
+
+    // What Python's json.dumps("\udc00") writes: allowed, then rejected with the message
+    // embedded as it came.
+    let body = |id: &str| {
+        format!(
+            r#"{{"tenant_id":"acme","channel":"slack","id":"{id}","sender":{{"user_id":"U1","display_name":"\udc00"}},"content":{{"text":"a \ud800 b"}}}}"#
+        )
+        .into_bytes()
+    };
+    broker
+        .publish(&body("s-1"), BasicProperties::default())
+        .await;
+    broker
+        .publish(&body("s-2"), BasicProperties::default())
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(allowed[0].data, body("s-1"), "forwarded byte for byte");
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    let notice = String::from_utf8(rejected[0].data.clone()).unwrap();
+    assert!(notice.contains(r#""text":"a \ud800 b""#), "{notice}");
+    broker.assert_empty(&names.dead_letter).await;
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn over_the_limit_a_rate_limited_notification_is_published() {
     let names = Names::new("rejected");
     let broker = Broker::new(&names).await;
