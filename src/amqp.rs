@@ -174,7 +174,8 @@ impl Brokers {
         let per_address = uri
             .query
             .connection_timeout
-            .map_or(CONNECT_PER_ADDRESS, Duration::from_millis);
+            .map_or(CONNECT_PER_ADDRESS, Duration::from_millis)
+            .min(CONNECT_TIMEOUT);
         let tls = self.tls.clone();
         let connect = async {
             let runtime = lapin::runtime::default_runtime()?;
@@ -235,15 +236,13 @@ impl Brokers {
     }
 }
 
-/// TCP keepalive and the user timeout on a broker connection's socket, as on Redis's.
+/// TCP keepalive on a broker connection's socket, as on Redis's. No user timeout: the
+/// broker stops reading a publishing connection during a memory alarm (a zero window for as
+/// long as it lasts), which the gate must wait out; the heartbeat covers a dead peer.
 fn tune_socket(socket: &tokio::net::TcpStream) {
-    use crate::limit::store::{SockRef, TCP_USER_TIMEOUT, tcp_keepalive};
-    let socket = SockRef::from(socket);
-    let tuned = socket
-        .set_tcp_keepalive(&tcp_keepalive())
-        .and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)));
-    if let Err(e) = tuned {
-        tracing::debug!(error = %e, "could not set TCP keepalive and user timeout");
+    let keepalive = crate::limit::store::tcp_keepalive();
+    if let Err(e) = crate::limit::store::SockRef::from(socket).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not turn on TCP keepalive");
     }
 }
 

@@ -263,9 +263,11 @@ impl<'de> Visitor<'de> for TopLevel {
 /// serde_json's nesting limit, applied to every part of the body.
 const MAX_DEPTH: usize = 128;
 
-/// Raw members are captured without the parser's depth check: it is applied here.
+/// Raw members are captured without the parser's depth check: it is applied here, counting
+/// the top-level object around them, as the parser would. Only arrays and objects nest.
 fn deep_enough<E: de::Error>(raw: &RawValue) -> Result<(), E> {
-    if nesting_depth(raw.get()) >= MAX_DEPTH {
+    let text = raw.get();
+    if text.starts_with(['[', '{']) && nesting_depth(text) + 1 >= MAX_DEPTH {
         return Err(E::custom("recursion limit exceeded"));
     }
     Ok(())
@@ -629,6 +631,23 @@ mod tests {
         fine.push_str(&"]".repeat(100));
         fine.push('}');
         assert!(parse(fine.as_bytes(), MAX).is_ok());
+        // The parser's own limit, to the level, in opaque and read members alike: 127
+        // levels in all pass, 128 do not.
+        for member in ["deep", "sender"] {
+            let nested = |levels: usize| {
+                let mut body = format!(r#"{{"tenant_id":"a","channel":"b","{member}":"#);
+                body.push_str(&"[".repeat(levels));
+                body.push_str(&"]".repeat(levels));
+                body.push('}');
+                body
+            };
+            assert!(parse(nested(126).as_bytes(), MAX).is_ok(), "{member}");
+            assert_eq!(
+                code(nested(127).as_bytes()),
+                ErrorCode::InvalidJson,
+                "{member}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //! limit, stay within the cache's documented bound in entries and in memory. In a test
 //! binary of its own, so the process's resident memory is the cache's alone.
 
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::rss_mib;
 
 use konstruct_gate::config::Algorithm;
 use konstruct_gate::limit::cache::{MAX_ENTRIES, MAX_TOLD};
@@ -10,17 +14,6 @@ use konstruct_gate::limit::{Answer, Check, Decision, RejectionCache, Rule};
 
 /// What the README promises for the cache at its bound.
 const DOCUMENTED_BOUND_MIB: f64 = 64.0;
-
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
 
 #[test]
 fn a_million_flooding_keys_stay_within_the_bound() {
@@ -40,7 +33,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         notify_user: true,
         queued: 0,
     });
-    let before = rss_mib();
+    let before = rss_mib(std::process::id());
     let t0 = Instant::now();
     for i in 0..1_000_000u32 {
         // Realistic key lengths, and a few told senders per key (up to the bound).
@@ -67,7 +60,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
             }
         }
     }
-    let grown = rss_mib() - before;
+    let grown = rss_mib(std::process::id()) - before;
     println!(
         "rejection cache: {} entries after 1,000,000 keys, RSS grew {grown:.1} MiB",
         cache.len()

@@ -21,17 +21,6 @@ const TOTAL: u64 = 400_000;
 /// (about 23 bytes per message) would add 6.6 MiB.
 const MAX_GROWTH_MIB: f64 = 3.0;
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
 #[tokio::test]
 async fn resident_memory_stays_flat_over_hundreds_of_thousands_of_messages() {
     let names = Names::new("memory");

@@ -113,6 +113,45 @@ async fn watch_orchestrator(
     seen
 }
 
+/// What came out of a run with a freeze in it.
+struct Run {
+    seen: HashMap<String, Seen>,
+    frozen_at: Instant,
+    /// Connections the proxy had made when it froze them.
+    frozen_connections: u64,
+    total: usize,
+}
+
+/// Publishes `seconds` of steady traffic, freezing `proxy` 3 s in, and returns what the
+/// orchestrator saw of it within `within`.
+async fn through_a_freeze(
+    broker: &Broker,
+    proxy: &FreezingProxy,
+    seconds: u64,
+    within: Duration,
+) -> Run {
+    let total = (RATE * seconds) as usize;
+    let sent = Arc::new(Mutex::new(HashMap::new()));
+    let watching = {
+        let watcher = Broker::new_without_declaring(&broker.names).await;
+        let sent = sent.clone();
+        tokio::spawn(async move { watch_orchestrator(&watcher, total, within, sent).await })
+    };
+    let freezing = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        proxy.freeze();
+        (Instant::now(), proxy.connections())
+    };
+    let ((), (frozen_at, frozen_connections)) =
+        tokio::join!(publish_steadily(broker, seconds, &sent), freezing);
+    Run {
+        seen: watching.await.unwrap(),
+        frozen_at,
+        frozen_connections,
+        total,
+    }
+}
+
 /// What a half-open fault cost: how long after the freeze the first message published
 /// after it came out checked, and how many came out unchecked.
 struct Cost {
@@ -146,33 +185,14 @@ async fn redis_half_open(policy: OnRedisError) -> (HashMap<String, Seen>, Instan
     config.limits.on_redis_error = policy;
     let gate = TestGate::start(config).await;
 
-    let seconds = 8;
-    let total = (RATE * seconds) as usize;
-    let sent = Arc::new(Mutex::new(HashMap::new()));
-    let watching = {
-        let broker = Broker::new_without_declaring(&names).await;
-        let sent = sent.clone();
-        tokio::spawn(async move {
-            let seen = watch_orchestrator(&broker, total, Duration::from_secs(60), sent).await;
-            broker.cleanup().await;
-            seen
-        })
-    };
-    let freezing = async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        proxy.freeze();
-        (Instant::now(), proxy.connections())
-    };
-    let ((), (frozen_at, frozen)) =
-        tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
-    let seen = watching.await.unwrap();
+    let run = through_a_freeze(&broker, &proxy, 8, Duration::from_secs(60)).await;
     assert!(
-        proxy.connections() > frozen,
+        proxy.connections() > run.frozen_connections,
         "the gate never opened a new Redis connection"
     );
     gate.stop().await;
     broker.cleanup().await;
-    (seen, frozen_at, total)
+    (run.seen, run.frozen_at, run.total)
 }
 
 #[tokio::test]
@@ -241,26 +261,12 @@ async fn broker_half_open_resumes_deliveries_within_fifteen_seconds() {
     config.amqp.url = SecretUrl::new(through(&amqp_url(), proxy.addr));
     let gate = TestGate::start(config).await;
 
-    let seconds = 25;
-    let total = (RATE * seconds) as usize;
-    let sent = Arc::new(Mutex::new(HashMap::new()));
-    let watching = {
-        let broker = Broker::new_without_declaring(&names).await;
-        let sent = sent.clone();
-        tokio::spawn(async move {
-            let seen = watch_orchestrator(&broker, total, Duration::from_secs(90), sent).await;
-            broker.cleanup().await;
-            seen
-        })
-    };
-    let freezing = async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        proxy.freeze();
-        (Instant::now(), proxy.connections())
-    };
-    let ((), (frozen_at, frozen)) =
-        tokio::join!(publish_steadily(&broker, seconds, &sent), freezing);
-    let seen = watching.await.unwrap();
+    let Run {
+        seen,
+        frozen_at,
+        frozen_connections,
+        total,
+    } = through_a_freeze(&broker, &proxy, 25, Duration::from_secs(90)).await;
     let missing = total - seen.len();
     let resumed_after = seen
         .values()
@@ -281,7 +287,7 @@ async fn broker_half_open_resumes_deliveries_within_fifteen_seconds() {
         "deliveries resumed only after {resumed_after:?}"
     );
     assert!(
-        proxy.connections() >= frozen + 2,
+        proxy.connections() >= frozen_connections + 2,
         "the gate never opened new broker connections"
     );
     gate.stop().await;

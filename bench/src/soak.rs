@@ -92,6 +92,8 @@ struct Report {
     slope_bytes_per_message: f64,
     open_fds_min: usize,
     open_fds_max: usize,
+    /// Connections closed, Redis outages or reloads made, per the scenario.
+    faults: usize,
     samples: Vec<Sample>,
 }
 
@@ -217,6 +219,8 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
     let mut next_fault = Duration::from_secs(20);
     let mut redis_down = false;
     let mut reloads = 0u64;
+    // Broker connections of the gate closed (reconnects), Redis kills (outage).
+    let mut closed = 0usize;
     let mut next_reload = Duration::from_secs(1);
     while started.elapsed() < Duration::from_secs(args.seconds) {
         let now = started.elapsed();
@@ -254,12 +258,13 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
                     redis.restart(0)?;
                 } else {
                     redis.kill(0);
+                    closed += 1;
                 }
                 redis_down = !redis_down;
                 next_fault += Duration::from_secs(20);
             }
             Scenario::Reconnects if now >= next_fault => {
-                close_connections_of(gate.pid()).await;
+                closed += close_connections_of(gate.pid()).await;
                 next_fault += Duration::from_secs(5);
             }
             Scenario::Reload if now >= next_reload => {
@@ -282,7 +287,11 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
     while outputs.load(Ordering::Relaxed) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let report = report(&args, total, outputs.load(Ordering::Relaxed), samples);
+    let mut report = report(&args, total, outputs.load(Ordering::Relaxed), samples);
+    report.faults = match args.scenario {
+        Scenario::Reload => reloads as usize,
+        _ => closed,
+    };
     gate.stop()?;
     for c in consumers {
         c.abort();
@@ -306,10 +315,11 @@ pub async fn run(args: SoakArgs, amqp_url: String, redis_url: String, json: bool
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:?}: {} published, {} outputs; RSS {:.1} MiB after the first minute, {:.1} MiB at the end (max {:.1}), {:+.1} MiB, slope {:.2} bytes/message; open fds {}..{}",
+            "{:?}: {} published, {} outputs, {} faults; RSS {:.1} MiB after the first minute, {:.1} MiB at the end (max {:.1}), {:+.1} MiB, slope {:.2} bytes/message; open fds {}..{}",
             report.scenario,
             report.published,
             report.outputs,
+            report.faults,
             report.rss_after_first_minute_mib,
             report.rss_at_end_mib,
             report.rss_max_mib,
@@ -358,6 +368,7 @@ fn report(args: &SoakArgs, published: u64, outputs: u64, samples: Vec<Sample>) -
         slope_bytes_per_message: if sxx > 0.0 { sxy / sxx } else { 0.0 },
         open_fds_min: samples.iter().map(|s| s.open_fds).min().unwrap_or(0),
         open_fds_max: samples.iter().map(|s| s.open_fds).max().unwrap_or(0),
+        faults: 0,
         samples,
     }
 }
@@ -375,31 +386,31 @@ fn write_limits(path: &std::path::Path, requests: u64) -> Result<()> {
     Ok(())
 }
 
-/// Closes the broker connections of the gate process `pid` (named `… <host>-<pid>`).
-async fn close_connections_of(pid: u32) {
-    let suffix = format!("-{pid}");
+/// Closes the broker connections of the gate process `pid` (the name each gives in its
+/// client properties ends with `<host>-<pid>`); returns how many.
+async fn close_connections_of(pid: u32) -> usize {
+    let named = format!("-{pid}\"");
     let listed = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "name",
-        ])
+        .args(["list_connections", "-q", "--no-table-headers"])
+        .args(["pid", "client_properties"])
         .output()
         .await;
-    let Ok(listed) = listed else { return };
+    let Ok(listed) = listed else { return 0 };
+    let mut closed = 0;
     for line in String::from_utf8_lossy(&listed.stdout).lines() {
-        let Some((conn_pid, name)) = line.split_once('\t') else {
+        if !(line.contains("konstruct-gate") && line.contains(&named)) {
+            continue;
+        }
+        let Some((conn_pid, _)) = line.split_once('\t') else {
             continue;
         };
-        if name.starts_with("konstruct-gate") && name.ends_with(&suffix) {
-            let _ = tokio::process::Command::new("rabbitmqctl")
-                .args(["close_connection", conn_pid, "soak: reconnect"])
-                .output()
-                .await;
-        }
+        let done = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", conn_pid, "soak: reconnect"])
+            .output()
+            .await;
+        closed += usize::from(done.is_ok_and(|out| out.status.success()));
     }
+    closed
 }
 
 /// A panel's title, its unit, and the figure it shows.

@@ -149,8 +149,9 @@ impl Limiter {
                 }
             }
         }
-        if let Some(failure) = failed {
-            self.store.call_failed(failure, started);
+        match failed {
+            Some(failure) => self.store.call_failed(failure, started),
+            None => self.store.call_answered(),
         }
         out.into_iter()
             .map(|a| a.expect("every check is in one group"))
@@ -344,7 +345,11 @@ impl Limiter {
         let started = Instant::now();
         let ping = self.store.ping();
         let (failure, outcome) = match tokio::time::timeout(self.timeout, ping).await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => {
+                self.store.call_answered();
+                self.store.forget_diagnosis();
+                return Ok(());
+            }
             Ok(Err(e)) => (Failure::of(&e), e.to_string()),
             Err(_) => {
                 self.store.call_failed(Failure::Unanswered, started);

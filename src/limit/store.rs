@@ -136,6 +136,8 @@ pub struct Store {
     /// When a connection was last replaced: a call sent before then failed on the old
     /// one, and says nothing about the new.
     replaced_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Replacements since a call was last answered: spaces out the next one.
+    unanswered_replacements: Arc<std::sync::atomic::AtomicU32>,
     /// Longest a fresh connection may take: a connect per node (two in a cluster, seeds
     /// then the slot map) and a margin.
     replace_budget: Duration,
@@ -300,6 +302,7 @@ impl Store {
             inner: Arc::new(inner),
             replacing: Arc::default(),
             replaced_at: Arc::default(),
+            unanswered_replacements: Arc::default(),
             replace_budget: connect_timeout * 2 + REPLACE_PAUSE,
             last_diagnosis: Arc::default(),
         })
@@ -376,14 +379,39 @@ impl Store {
             tokio::spawn(async move {
                 let _clear = ClearOnDrop(&store.replacing);
                 store.replace().await;
-                tokio::time::sleep(REPLACE_PAUSE).await;
+                // A fresh connection that goes unanswered too (a stalled server, a dead
+                // primary's slots) is replaced ever less often: 1, 2, 4, then every 8 s.
+                let unanswered = store.unanswered_replacements.load(Ordering::Relaxed);
+                tokio::time::sleep(REPLACE_PAUSE * (1 << unanswered.min(4).saturating_sub(1)))
+                    .await;
             });
         }
     }
 
+    /// A call was answered: the connection works, and the next unanswered one is replaced
+    /// at once again.
+    pub fn call_answered(&self) {
+        self.unanswered_replacements.store(0, Ordering::Relaxed);
+    }
+
     fn note_replaced(&self) {
         *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        tracing::info!("a call to Redis went unanswered: replaced its connection with a fresh one");
+        // Told once per outage; the replacements that follow are the same story.
+        if self.unanswered_replacements.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!(
+                "a call to Redis went unanswered: replaced its connection with a fresh one"
+            );
+        } else {
+            tracing::debug!("replaced the Redis connection again");
+        }
+    }
+
+    /// Forgets why Redis could not be reached: it can.
+    pub fn forget_diagnosis(&self) {
+        *self
+            .last_diagnosis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Connects afresh and swaps the new connection in; the old one closes once the calls

@@ -759,3 +759,15 @@ pub fn realistic_message(id: &str, tenant: &str, channel: &str) -> Vec<u8> {
     }))
     .unwrap()
 }
+
+/// Resident memory of process `pid` now, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
