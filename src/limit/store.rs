@@ -40,6 +40,8 @@ const RESOLVE_PAUSE: Duration = Duration::from_millis(500);
 const DIAGNOSE_PAUSE: Duration = Duration::from_secs(10);
 /// How long a connection is kept after it was replaced for going unanswered.
 const REPLACE_PAUSE: Duration = Duration::from_secs(1);
+/// The same for a cluster connection.
+const CLUSTER_REPLACE_PAUSE: Duration = Duration::from_secs(2);
 
 /// How a call failed, which decides what the store does about its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,16 +376,25 @@ impl Store {
             }
             return;
         }
-        if failure == Failure::Unanswered && !self.replacing.swap(true, Ordering::AcqRel) {
+        // In a cluster an answered error replaces the connection too: TRYAGAIN and ASK
+        // that outlast the client's retries during a reshard are ridden out best on a
+        // connection that learns the slots afresh (measured: fewer checks unanswered).
+        let replace = failure == Failure::Unanswered || self.is_cluster();
+        if replace && !self.replacing.swap(true, Ordering::AcqRel) {
             let store = self.clone();
             tokio::spawn(async move {
                 let _clear = ClearOnDrop(&store.replacing);
                 store.replace().await;
                 // A fresh connection that goes unanswered too (a stalled server, a dead
-                // primary's slots) is replaced ever less often: 1, 2, 4, then every 8 s.
+                // primary's slots) is replaced ever less often: 1, 2, 4, then every 8 s
+                // (twice that in a cluster, where a replacement reconnects to every node).
                 let unanswered = store.unanswered_replacements.load(Ordering::Relaxed);
-                tokio::time::sleep(REPLACE_PAUSE * (1 << unanswered.min(4).saturating_sub(1)))
-                    .await;
+                let base = if store.is_cluster() {
+                    CLUSTER_REPLACE_PAUSE
+                } else {
+                    REPLACE_PAUSE
+                };
+                tokio::time::sleep(base * (1 << unanswered.min(4).saturating_sub(1))).await;
             });
         }
     }
