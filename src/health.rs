@@ -108,10 +108,25 @@ impl Health {
         out
     }
 
-    /// A check failed because Redis did not answer or failed as a whole.
-    pub fn check_failed(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_check_failure.store(ms + 1, Ordering::Relaxed);
+    /// A check failed because Redis did not answer or failed as a whole. True when this
+    /// begins an outage: no check had failed within [`CHECK_FAILURE_HOLD`].
+    pub fn check_failed(&self) -> bool {
+        let now = self.now_ms() + 1;
+        let previous = self.last_check_failure.swap(now, Ordering::Relaxed);
+        previous == 0 || now - previous.min(now) >= CHECK_FAILURE_HOLD.as_millis() as u64
+    }
+
+    /// Redis answered a batch of checks. True once per outage, when no check has failed
+    /// for [`CHECK_FAILURE_HOLD`]: the outage is over. (Batches run side by side, so some
+    /// get through while an outage begins or ends.)
+    pub fn checks_answered(&self) -> bool {
+        let failed = self.last_check_failure.load(Ordering::Relaxed);
+        failed > 0
+            && self.now_ms().saturating_sub(failed - 1) >= CHECK_FAILURE_HOLD.as_millis() as u64
+            && self
+                .last_check_failure
+                .compare_exchange(failed, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -203,6 +218,15 @@ mod tests {
             !health.stalled_at(t + 600_000, stall),
             "a broker alarm is not a stuck gate"
         );
+    }
+
+    #[test]
+    fn an_outage_begins_with_its_first_failed_check_and_is_not_over_at_once() {
+        let health = Health::default();
+        assert!(!health.checks_answered(), "no outage yet");
+        assert!(health.check_failed(), "the first failure begins it");
+        assert!(!health.check_failed(), "the next is the same outage");
+        assert!(!health.checks_answered(), "not over within the hold");
     }
 
     #[test]

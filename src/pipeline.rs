@@ -6,8 +6,7 @@
 //! Redis cannot count fails only its own messages, and `limits.on_redis_error` applies to
 //! them alone.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::join_all;
@@ -24,9 +23,6 @@ use crate::limit::{
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
 use crate::telemetry::Metrics;
-
-/// How long checks must go without a Redis failure before an outage is told over.
-const OUTAGE_OVER_AFTER: Duration = Duration::from_secs(3);
 
 /// What became of one delivery after a pass through the pipeline.
 #[derive(Debug)]
@@ -62,9 +58,6 @@ pub struct Pipeline {
     health: Arc<Health>,
     /// The defer ladder's queues, by their seconds.
     ladder: Vec<(u64, String)>,
-    /// When a check last failed for Redis itself, while an outage lasts: it is logged
-    /// once, not per batch.
-    redis_failing_since: Mutex<Option<Instant>>,
 }
 
 impl Pipeline {
@@ -90,7 +83,6 @@ impl Pipeline {
             limiter,
             metrics,
             health,
-            redis_failing_since: Mutex::new(None),
         }
     }
 
@@ -322,6 +314,7 @@ impl Pipeline {
         let mut first_error = None;
         // Redis itself failing outweighs a key it cannot count, in what is told.
         let mut redis_error = None;
+        let mut outage_begins = false;
         for (&i, answer) in asked.iter().zip(answers) {
             decided[i] = Some(match answer {
                 Ok(answer) => {
@@ -332,7 +325,7 @@ impl Pipeline {
                 Err(error) => {
                     failed += 1;
                     if !error.is_key_error() {
-                        self.health.check_failed();
+                        outage_begins |= self.health.check_failed();
                         redis_error.get_or_insert_with(|| error.clone());
                     }
                     let held = match policy {
@@ -362,27 +355,14 @@ impl Pipeline {
             };
             // Redis failing is told once, when it starts (and /readyz says why meanwhile);
             // a key Redis cannot count is told with each batch that meets it.
-            let already = redis_failed
-                && self
-                    .redis_failing_since
-                    .lock()
-                    .expect("never poisoned")
-                    .replace(Instant::now())
-                    .is_some();
-            if already {
+            if redis_failed && !outage_begins {
                 debug!(%error, count = failed, "rate limit unchecked: {action}");
             } else if !retry || redis_failed {
                 warn!(%error, count = failed, "rate limit unchecked: {action}");
             }
         }
-        if !redis_failed {
-            // Over once no batch failed for a while: batches run side by side, and some
-            // get through while an outage begins or ends.
-            let mut since = self.redis_failing_since.lock().expect("never poisoned");
-            if since.is_some_and(|last| last.elapsed() >= OUTAGE_OVER_AFTER) {
-                *since = None;
-                info!("redis answers again: rate limit checks resumed");
-            }
+        if !redis_failed && self.health.checks_answered() {
+            info!("redis answers again: rate limit checks resumed");
         }
         decided
             .into_iter()

@@ -366,12 +366,12 @@ impl Store {
                             tracing::debug!(error = %e, "the sentinels could not name the primary")
                         }
                     }
-                    tokio::time::sleep(RESOLVE_PAUSE.max(if fresh {
-                        REPLACE_PAUSE
+                    let pause = if fresh {
+                        RESOLVE_PAUSE.max(REPLACE_PAUSE)
                     } else {
-                        Duration::ZERO
-                    }))
-                    .await;
+                        RESOLVE_PAUSE
+                    };
+                    tokio::time::sleep(pause).await;
                 });
             }
             return;
