@@ -1,8 +1,8 @@
 //! RabbitMQ: connections, queue declaration, and a publisher that reports a message as
 //! delivered only when the broker confirmed it and routed it to a queue.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -32,10 +32,15 @@ pub enum PublishError {
     Channel(#[from] lapin::Error),
     #[error("the broker did not confirm the message within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error(
+        "the message ({size} bytes) is larger than the broker's max_message_size ({max} bytes)"
+    )]
+    TooLarge { size: usize, max: u64 },
 }
 
 impl PublishError {
-    /// True when the channel itself is gone, so the whole session must be rebuilt.
+    /// True when the channel itself is gone: it must be opened again (or the session
+    /// rebuilt) before the next publish.
     pub fn is_channel_lost(&self) -> bool {
         // A confirm that never comes means the channel is no longer trustworthy either.
         matches!(
@@ -43,6 +48,25 @@ impl PublishError {
             PublishError::Channel(_) | PublishError::ConfirmTimeout(_)
         )
     }
+}
+
+/// The broker's `max_message_size` when `error` is its refusal of a message for its size
+/// (RabbitMQ closes the channel: "PRECONDITION_FAILED - message size N is larger than
+/// configured max size M").
+fn size_refusal(error: &lapin::Error) -> Option<u64> {
+    let lapin::ErrorKind::ProtocolError(e) = error.kind() else {
+        return None;
+    };
+    let text = e.get_message().as_str();
+    let (_, max) = text.split_once("larger than configured max size ")?;
+    max.trim().parse().ok()
+}
+
+/// True when `error` closed one channel, not its connection (a soft AMQP error such as
+/// PRECONDITION_FAILED, NOT_FOUND or ACCESS_REFUSED).
+pub fn is_channel_error(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
 }
 
 /// This instance in connection names and consumer tags: the host name (a pod's name in
@@ -402,6 +426,14 @@ fn is_precondition_failed(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
 }
 
+async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
 async fn declare_on_own_channel(
     conn: &Connection,
     queue: &str,
@@ -419,10 +451,17 @@ async fn declare_on_own_channel(
 }
 
 /// Publishes on one confirm-mode channel. Many messages may be awaiting their confirms at
-/// once; each caller awaits only its own.
+/// once; each caller awaits only its own. A channel the broker closes for one message
+/// (too large) is opened again on the same connection: one refusal never ends the session.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    connection: Arc<Connection>,
+    channel: Arc<Mutex<Channel>>,
+    /// Held while a closed channel is replaced, so that it is replaced once.
+    renewing: Arc<tokio::sync::Mutex<()>>,
+    /// The broker's `max_message_size` once a refusal told it (`u64::MAX` before), shared
+    /// by every session of the gate.
+    max_body: Arc<AtomicU64>,
     metrics: Metrics,
     /// `amqp.confirm_timeout_ms`.
     confirm_timeout: Duration,
@@ -433,24 +472,61 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn new(
-        channel: Channel,
+        connection: Arc<Connection>,
+        max_body: Arc<AtomicU64>,
         metrics: Metrics,
         confirm_timeout: Duration,
         flow: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, lapin::Error> {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = confirming_channel(&connection).await?;
         Ok(Self {
-            channel,
+            connection,
+            channel: Arc::new(Mutex::new(channel)),
+            renewing: Arc::default(),
+            max_body,
             metrics,
             confirm_timeout,
             flow,
         })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The channel publishes go out on now.
+    pub fn channel(&self) -> Channel {
+        self.channel
+            .lock()
+            .expect("the channel lock is never poisoned")
+            .clone()
+    }
+
+    /// The largest body the broker is known to accept.
+    pub fn max_body(&self) -> u64 {
+        self.max_body.load(Ordering::Relaxed)
+    }
+
+    /// Opens the publishing channel again when the broker closed it but not the
+    /// connection. False when the connection is gone too (the session must end).
+    pub async fn renew(&self) -> bool {
+        let _renewing = self.renewing.lock().await;
+        if self.channel().status().connected() {
+            return true;
+        }
+        if !self.connection.status().connected() {
+            return false;
+        }
+        match confirming_channel(&self.connection).await {
+            Ok(channel) => {
+                tracing::info!("the broker closed the publishing channel; publishing on a new one");
+                *self
+                    .channel
+                    .lock()
+                    .expect("the channel lock is never poisoned") = channel;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open a new publishing channel");
+                false
+            }
+        }
     }
 
     /// Publishes to `queue` through the default exchange and waits for the broker's
@@ -461,9 +537,17 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        let max = self.max_body();
+        if body.len() as u64 > max {
+            return Err(PublishError::TooLarge {
+                size: body.len(),
+                max,
+            });
+        }
         let started = Instant::now();
+        let channel = self.channel();
         let publish = async {
-            self.channel
+            channel
                 .basic_publish(
                     ShortString::from(""),
                     ShortString::from(queue),
@@ -482,7 +566,19 @@ impl Publisher {
         tokio::pin!(timer);
         let confirm = loop {
             tokio::select! {
-                confirm = &mut publish => break confirm?,
+                confirm = &mut publish => match confirm {
+                    Ok(confirm) => break confirm,
+                    Err(e) => {
+                        // Refused for its size: the gate knows the broker's limit from now on.
+                        if let Some(max) = size_refusal(&e) {
+                            self.max_body.fetch_min(max, Ordering::Relaxed);
+                            if body.len() as u64 > max {
+                                return Err(PublishError::TooLarge { size: body.len(), max });
+                            }
+                        }
+                        return Err(e.into());
+                    }
+                },
                 _ = &mut timer => {
                     if *self.flow.borrow() {
                         return Err(PublishError::ConfirmTimeout(self.confirm_timeout));

@@ -33,10 +33,12 @@ pub enum ErrorCode {
     MissingChannel,
     InvalidChannel,
     InvalidId,
+    /// Valid, but the broker refused its one output (larger than its `max_message_size`).
+    OutputRefused,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::TooLarge,
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
@@ -45,6 +47,7 @@ impl ErrorCode {
         ErrorCode::MissingChannel,
         ErrorCode::InvalidChannel,
         ErrorCode::InvalidId,
+        ErrorCode::OutputRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl ErrorCode {
             ErrorCode::MissingChannel => "missing_channel",
             ErrorCode::InvalidChannel => "invalid_channel",
             ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::OutputRefused => "output_refused",
         }
     }
 }

@@ -150,35 +150,54 @@ impl Pipeline {
                     ),
                 },
             };
-            let output =
-                route::output(&delivery.data, &delivery.properties, parsed, verdict, clock);
+            let output = route::output(
+                &delivery.data,
+                &delivery.properties,
+                parsed,
+                verdict,
+                clock,
+                publisher.max_body(),
+            );
             self.observe(delivery, parsed, verdict, output.outcome);
             fates.push(None);
-            outputs.push((i, output, check));
+            outputs.push((i, output, check, verdict));
         }
         // Every publish is sent before any confirm is awaited.
-        let amqp = &self.config.amqp;
-        let published = join_all(outputs.into_iter().map(|(i, output, check)| async move {
-            if output.to == Destination::Done {
-                return (i, Ok(output.outcome), None);
-            }
-            let queue = match output.to {
-                Destination::Orchestrator => &amqp.orchestrator_queue,
-                Destination::Notifications => &amqp.notification_queue,
-                Destination::DeadLetter => &amqp.dead_letter_queue,
-                Destination::Defer(seconds) => self
-                    .ladder
-                    .iter()
-                    .find(|(step, _)| *step == seconds)
-                    .map(|(_, queue)| queue)
-                    .expect("every step of the ladder has a queue"),
-                Destination::Done => unreachable!("acknowledged without an output above"),
-            };
-            let result = publisher
-                .publish(queue, &output.body, output.properties)
-                .await;
-            (i, result.map(|()| output.outcome), check)
-        }))
+        let parsed = &parsed;
+        let published = join_all(outputs.into_iter().map(
+            |(i, mut output, check, verdict)| async move {
+                let delivery = &batch[i];
+                let mut renewed = false;
+                loop {
+                    let outcome = output.outcome;
+                    let Some(queue) = self.queue(output.to) else {
+                        return (i, Ok(outcome), None);
+                    };
+                    match publisher
+                        .publish(queue, &output.body, output.properties)
+                        .await
+                    {
+                        // The broker closed the channel (this message too large for it, or
+                        // another one in flight on it): once on a new channel, routed again
+                        // with what the refusal taught.
+                        Err(PublishError::Channel(_) | PublishError::TooLarge { .. })
+                            if !renewed && publisher.renew().await =>
+                        {
+                            renewed = true;
+                            output = route::output(
+                                &delivery.data,
+                                &delivery.properties,
+                                &parsed[i],
+                                verdict,
+                                clock,
+                                publisher.max_body(),
+                            );
+                        }
+                        result => return (i, result.map(|()| outcome), check),
+                    }
+                }
+            },
+        ))
         .await;
         let mut confirmed = Vec::new();
         for (i, result, check) in published {
@@ -197,6 +216,23 @@ impl Pipeline {
             .into_iter()
             .map(|f| f.expect("every delivery has a fate"))
             .collect()
+    }
+
+    /// The queue an output goes to; `None` when it is only acknowledged.
+    fn queue(&self, to: Destination) -> Option<&str> {
+        let amqp = &self.config.amqp;
+        Some(match to {
+            Destination::Orchestrator => &amqp.orchestrator_queue,
+            Destination::Notifications => &amqp.notification_queue,
+            Destination::DeadLetter => &amqp.dead_letter_queue,
+            Destination::Defer(seconds) => self
+                .ladder
+                .iter()
+                .find(|(step, _)| *step == seconds)
+                .map(|(_, queue)| queue)
+                .expect("every step of the ladder has a queue"),
+            Destination::Done => return None,
+        })
     }
 
     /// The check for one valid message under `rules`.

@@ -61,6 +61,10 @@ pub struct DeferClock {
     pub max_defer_seconds: u64,
 }
 
+/// The largest body the broker accepts (its `max_message_size`, once the gate has learned
+/// it; `u64::MAX` until then). An output larger than that would close the publishing channel.
+pub type MaxBody = u64;
+
 /// The one message published for an inbound one.
 #[derive(Debug)]
 pub struct Output<'a> {
@@ -71,13 +75,44 @@ pub struct Output<'a> {
 }
 
 /// The output for one message: its body and properties, its parse, and (for a valid
-/// message) the limit's verdict under `rule`.
+/// message) the limit's verdict under `rule`. An output the broker would refuse for its
+/// size ends with this one message: a notice drops its copy of the message
+/// (`"message_omitted": true`); anything else still too large is dead-lettered as
+/// `output_refused`.
 pub fn output<'a>(
     body: &'a [u8],
     properties: &BasicProperties,
     parsed: &Result<Envelope<'_>, Invalid>,
     verdict: Option<(Verdict, Rule)>,
     clock: DeferClock,
+    max_body: MaxBody,
+) -> Output<'a> {
+    let output = routed(body, properties, parsed, verdict, clock, max_body);
+    if output.body.len() as u64 <= max_body {
+        return output;
+    }
+    let refused = Invalid {
+        code: crate::message::ErrorCode::OutputRefused,
+        detail: format!(
+            "its output ({} bytes) is larger than the broker's max_message_size ({max_body} bytes)",
+            output.body.len()
+        ),
+    };
+    Output {
+        outcome: Outcome::Invalid,
+        to: Destination::DeadLetter,
+        body: Cow::Borrowed(body),
+        properties: dead_letter_properties(properties, &refused),
+    }
+}
+
+fn routed<'a>(
+    body: &'a [u8],
+    properties: &BasicProperties,
+    parsed: &Result<Envelope<'_>, Invalid>,
+    verdict: Option<(Verdict, Rule)>,
+    clock: DeferClock,
+    max_body: MaxBody,
 ) -> Output<'a> {
     let forward = |outcome, properties| Output {
         outcome,
@@ -156,14 +191,21 @@ pub fn output<'a>(
             notify_user,
             ..
         } => {
-            let (body, properties) = rejection(
-                envelope,
-                message_id(envelope, properties),
-                limit,
-                window_seconds,
-                retry_after,
-                notify_user,
-            );
+            let notice = |omit| {
+                rejection(
+                    envelope,
+                    message_id(envelope, properties),
+                    limit,
+                    window_seconds,
+                    retry_after,
+                    notify_user,
+                    omit,
+                )
+            };
+            let (mut body, mut properties) = notice(false);
+            if body.len() as u64 > max_body {
+                (body, properties) = notice(true);
+            }
             Output {
                 outcome: Outcome::Rejected,
                 to: Destination::Notifications,
@@ -414,10 +456,14 @@ struct Rejection<'a> {
     channel_metadata: Option<&'a RawValue>,
     sender: Option<&'a RawValue>,
     thread_id: Option<&'a RawValue>,
-    message: &'a RawValue,
+    /// `None` (JSON null) when the whole notice would be too large for the broker.
+    message: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    message_omitted: bool,
 }
 
-/// The body and properties of a `rate_limited` notification.
+/// The body and properties of a `rate_limited` notification; `omit`: without its copy of
+/// the message (`"message": null, "message_omitted": true`).
 pub fn rejection(
     envelope: &Envelope<'_>,
     message_id: Option<&str>,
@@ -425,6 +471,7 @@ pub fn rejection(
     window_seconds: u64,
     retry_after: u64,
     notify_user: bool,
+    omit: bool,
 ) -> (Vec<u8>, BasicProperties) {
     let message: &RawValue =
         serde_json::from_slice(envelope.raw).expect("the envelope's body was parsed as JSON");
@@ -440,7 +487,8 @@ pub fn rejection(
         channel_metadata: envelope.channel_metadata,
         sender: envelope.sender,
         thread_id: envelope.thread_id,
-        message,
+        message: (!omit).then_some(message),
+        message_omitted: omit,
     };
     let bytes = serde_json::to_vec(&body).expect("a struct of strings and numbers serializes");
     let mut properties = BasicProperties::default()
@@ -557,7 +605,7 @@ mod tests {
         let props = full_properties();
         let id = message_id(&envelope, &props);
         assert_eq!(id, Some("amqp-id"));
-        let (bytes, p) = rejection(&envelope, id, 30, 60, 42, true);
+        let (bytes, p) = rejection(&envelope, id, 30, 60, 42, true, false);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,
@@ -695,6 +743,7 @@ mod tests {
             &parsed,
             Some((replayed, deferring)),
             CLOCK,
+            u64::MAX,
         );
         assert_eq!((o.outcome, o.to), (Outcome::Deferred, Destination::Done));
     }
@@ -748,13 +797,27 @@ mod tests {
             defer: true,
             ..rule(false)
         };
-        let o = output(body, &props, &parsed, Some((rejected, deferring)), CLOCK);
+        let o = output(
+            body,
+            &props,
+            &parsed,
+            Some((rejected, deferring)),
+            CLOCK,
+            u64::MAX,
+        );
         assert_eq!(
             (o.outcome, o.to),
             (Outcome::Deferred, Destination::Defer(5))
         );
         assert_eq!(&*o.body, body.as_slice(), "byte for byte");
-        let o = output(body, &props, &parsed, Some((rejected, rule(false))), CLOCK);
+        let o = output(
+            body,
+            &props,
+            &parsed,
+            Some((rejected, rule(false))),
+            CLOCK,
+            u64::MAX,
+        );
         assert_eq!(o.outcome, Outcome::Rejected);
         let impatient = DeferClock {
             max_defer_seconds: 1,
@@ -766,6 +829,7 @@ mod tests {
             &parsed,
             Some((rejected, deferring)),
             impatient,
+            u64::MAX,
         );
         assert_eq!(
             o.outcome,
@@ -800,8 +864,16 @@ mod tests {
             remaining: 29,
             reset_after: 60,
         };
-        let route =
-            |verdict, shadow| output(body, &props, &parsed, Some((verdict, rule(shadow))), CLOCK);
+        let route = |verdict, shadow| {
+            output(
+                body,
+                &props,
+                &parsed,
+                Some((verdict, rule(shadow))),
+                CLOCK,
+                u64::MAX,
+            )
+        };
 
         let o = route(checked(allowed, false), false);
         assert_eq!(
@@ -856,7 +928,7 @@ mod tests {
         );
 
         let bad = parse(b"{}", 1 << 20);
-        let o = output(b"{}", &props, &bad, None, CLOCK);
+        let o = output(b"{}", &props, &bad, None, CLOCK, u64::MAX);
         assert_eq!(
             (o.outcome, o.to),
             (Outcome::Invalid, Destination::DeadLetter)
@@ -865,5 +937,63 @@ mod tests {
             header(o.properties.headers(), "x-gate-error"),
             Some(&text("missing_tenant_id"))
         );
+    }
+
+    #[test]
+    fn an_output_too_large_for_the_broker_ends_with_its_own_message() {
+        let pad = "x".repeat(1000);
+        let body = format!(r#"{{"tenant_id":"acme","channel":"slack","id":"m1","text":"{pad}"}}"#);
+        let body = body.as_bytes();
+        let props = full_properties();
+        let parsed = parse(body, 1 << 20);
+        let route = |verdict, max| {
+            output(
+                body,
+                &props,
+                &parsed,
+                Some((verdict, rule(false))),
+                CLOCK,
+                max,
+            )
+        };
+
+        // A notice embeds the message: at a limit between the two, the copy is left out.
+        let max = body.len() as u64 + 10;
+        let o = route(checked(REJECTED, false), max);
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Rejected, Destination::Notifications)
+        );
+        let note: serde_json::Value = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(note["message"], serde_json::Value::Null);
+        assert_eq!(note["message_omitted"], true);
+        assert_eq!(note["retry_after_seconds"], 42);
+        assert_eq!(note["message_id"], "m1");
+        let whole = route(checked(REJECTED, false), u64::MAX);
+        let note: serde_json::Value = serde_json::from_slice(&whole.body).unwrap();
+        assert_eq!(note.get("message_omitted"), None, "only when left out");
+
+        // A forward larger than the limit, and a notice that does not fit even without
+        // the copy: dead-lettered once, as output_refused.
+        let allowed = Decision::Allowed {
+            limit: 30,
+            remaining: 29,
+            reset_after: 60,
+        };
+        for (verdict, max) in [
+            (checked(allowed, false), body.len() as u64 - 1),
+            (checked(REJECTED, false), 20),
+        ] {
+            let o = route(verdict, max);
+            assert_eq!(
+                (o.outcome, o.to),
+                (Outcome::Invalid, Destination::DeadLetter)
+            );
+            assert_eq!(&o.body[..], body, "byte for byte");
+            assert_eq!(
+                header(o.properties.headers(), "x-gate-error"),
+                Some(&text("output_refused"))
+            );
+        }
     }
 }

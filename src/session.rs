@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::acks::{AckTracker, Settlement, TagGap};
-use crate::amqp::{self, Brokers, Publisher};
+use crate::amqp::{self, Brokers, PublishError, Publisher};
 use crate::config::Config;
 use crate::health::Health;
 use crate::pipeline::{Fate, Pipeline};
@@ -98,6 +98,8 @@ pub struct Gate {
     brokers: Brokers,
     /// Numbers the sessions, so that delivery tags of different sessions never meet.
     sessions: AtomicU64,
+    /// The broker's `max_message_size`, once a refusal told it: outlives sessions.
+    max_body: Arc<AtomicU64>,
 }
 
 /// What every batch of one session shares.
@@ -137,6 +139,7 @@ impl Gate {
             health,
             brokers,
             sessions: AtomicU64::new(0),
+            max_body: Arc::new(AtomicU64::new(u64::MAX)),
         }
     }
 
@@ -188,7 +191,7 @@ impl Gate {
         // not half of it.
         let publish_conn =
             match until_stopped(shutdown, brokers.connect_to(broker, "publish")).await {
-                Some(Ok(conn)) => conn,
+                Some(Ok(conn)) => Arc::new(conn),
                 other => {
                     close(&consume_conn).await;
                     return match other {
@@ -222,7 +225,7 @@ impl Gate {
     async fn consume(
         &self,
         consume_conn: &Connection,
-        publish_conn: &Connection,
+        publish_conn: &Arc<Connection>,
         shutdown: &CancellationToken,
         watching: &CancellationToken,
         consumed: &mut bool,
@@ -258,7 +261,8 @@ impl Gate {
         let tag = ShortString::from(format!("konstruct-gate-{}", amqp::instance_name()));
         let setup = async {
             let publisher = Publisher::new(
-                publish_conn.create_channel().await?,
+                publish_conn.clone(),
+                self.max_body.clone(),
                 self.metrics.clone(),
                 Duration::from_millis(amqp.confirm_timeout_ms),
                 flow.clone(),
@@ -478,7 +482,16 @@ impl Gate {
             let tag = delivery.delivery_tag;
             match fate {
                 Fate::HandBack(e) => {
-                    if e.is_channel_lost() {
+                    // A channel the broker closed was opened again (and the publish tried
+                    // again) unless its connection is gone too.
+                    let lost = match &e {
+                        PublishError::ConfirmTimeout(_) => true,
+                        PublishError::Channel(_) => {
+                            !session.publisher.channel().status().connected()
+                        }
+                        _ => false,
+                    };
+                    if lost {
                         session.lost.cancel();
                     }
                     self.metrics.publish_failures.increment(1);
@@ -672,6 +685,11 @@ fn watch_connection(
             };
             let Some(event) = event else { break };
             match event {
+                // One channel closed, not the connection: its owner sees it (a consumer's
+                // stream ends, a publisher opens a new channel).
+                Event::Error(e) if amqp::is_channel_error(&e) => {
+                    debug!(error = %config.scrub(&e.to_string()), "the broker closed a channel");
+                }
                 Event::Error(e) => {
                     error!(error = %config.scrub(&e.to_string()), "broker connection error");
                     lost.cancel();

@@ -16,6 +16,8 @@ use common::*;
 use konstruct_gate::config::{OnRedisError, SecretUrl};
 use lapin::BasicProperties;
 
+const WAIT: Duration = Duration::from_secs(15);
+
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Held for a whole test: one fault at a time.
@@ -602,5 +604,133 @@ async fn after_the_broker_closes_every_connection_the_in_flight_gauge_returns_to
     let broker = Broker::new(&names).await;
     let (_, ids) = broker.drain_allowed_ids(Duration::from_secs(60)).await;
     assert_eq!(ids.len(), total, "every message came out");
+    broker.cleanup().await;
+}
+
+/// The broker's `max_message_size` lowered at runtime, and set back however the test ends.
+/// A channel reads the setting when it opens: channels opened before keep the old limit.
+struct MaxMessageSize {
+    original: Option<u64>,
+}
+
+impl MaxMessageSize {
+    fn lower_to(bytes: u64) -> Self {
+        let now = rabbitmqctl_output(&["eval", "application:get_env(rabbit, max_message_size)."]);
+        let original = now
+            .trim()
+            .strip_prefix("{ok,")
+            .and_then(|v| v.strip_suffix('}'))
+            .and_then(|v| v.parse().ok());
+        let set = format!("application:set_env(rabbit, max_message_size, {bytes}).");
+        assert!(
+            rabbitmqctl_status(&["eval", &set]).success(),
+            "rabbitmqctl eval failed"
+        );
+        Self { original }
+    }
+}
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        let restore = match self.original {
+            Some(bytes) => format!("application:set_env(rabbit, max_message_size, {bytes})."),
+            None => "application:unset_env(rabbit, max_message_size).".to_owned(),
+        };
+        let _ = rabbitmqctl_status(&["eval", &restore]);
+    }
+}
+
+#[tokio::test]
+async fn an_output_the_broker_refuses_for_its_size_ends_with_its_own_message() {
+    let _serial = serial().await;
+    const MAX: usize = 64 * 1024;
+    let names = Names::new("refused");
+    // Opened before the limit is lowered: this channel may still publish larger messages.
+    let broker = Broker::new(&names).await;
+    let _limit = MaxMessageSize::lower_to(MAX as u64);
+    let gate = TestGate::start(names.config(1, 600)).await;
+    let reconnects = metric_value(gate.http, "konstruct_gate_amqp_reconnects_total").await;
+    // A notice copies channel_metadata twice (its own field, and in the message).
+    let with_metadata = |id: &str, bytes: usize| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "tenant_id": "acme", "channel": "slack",
+            "channel_metadata": {"pad": "x".repeat(bytes)},
+        }))
+        .unwrap()
+    };
+    broker
+        .publish(&message("m1", "acme", "slack"), BasicProperties::default())
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+
+    // Rejected: its notice would be about twice the limit. The broker closes the channel
+    // for the first one; the gate learns the limit and sends the notice without the copy.
+    broker
+        .publish(
+            &with_metadata("m2", MAX * 2 / 3),
+            BasicProperties::default(),
+        )
+        .await;
+    let first = broker.collect(&names.notifications, 1, WAIT).await;
+    // The rest after that: one more too large a notice, an ordinary one, and one whose
+    // notice does not fit even without the copy (its channel_metadata alone is near the
+    // limit), which is dead-lettered as output_refused.
+    let near_limit = with_metadata("m5", MAX - 200);
+    assert!(near_limit.len() < MAX);
+    broker
+        .publish_many([
+            with_metadata("m3", MAX * 2 / 3),
+            message("m4", "acme", "slack"),
+            near_limit.clone(),
+        ])
+        .await;
+    let rest = broker.collect(&names.notifications, 2, WAIT).await;
+    let dead = broker.collect(&names.dead_letter, 1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let notices: Vec<serde_json::Value> = first
+        .iter()
+        .chain(&rest)
+        .map(|d| serde_json::from_slice(&d.data).unwrap())
+        .collect();
+    let by_id = |id: &str| {
+        notices
+            .iter()
+            .find(|n| n["message_id"] == id)
+            .unwrap_or_else(|| panic!("no notice for {id}"))
+    };
+    for id in ["m2", "m3"] {
+        assert!(by_id(id)["message"].is_null(), "{id}: no copy");
+        assert_eq!(by_id(id)["message_omitted"], true, "{id}");
+        assert_eq!(
+            by_id(id)["retry_after_seconds"].as_u64().map(|s| s > 0),
+            Some(true)
+        );
+    }
+    assert_eq!(
+        by_id("m4")["message"]["id"],
+        "m4",
+        "a notice that fits keeps its copy"
+    );
+    assert_eq!(by_id("m4").get("message_omitted"), None);
+    assert!(dead[0].data == near_limit, "dead-lettered byte for byte");
+    assert_eq!(text_header(&dead[0], "x-gate-error"), "output_refused");
+    // One output each, and the session never restarted for it.
+    for queue in [
+        &names.orchestrator,
+        &names.notifications,
+        &names.dead_letter,
+    ] {
+        broker.assert_empty(queue).await;
+    }
+    assert_eq!(
+        metric_value(gate.http, "konstruct_gate_amqp_reconnects_total").await,
+        reconnects,
+        "no reconnect"
+    );
+    broker.wait_empty(&names.inbound, WAIT).await;
+    assert_eq!(unacked(&names.inbound), 0);
+    gate.stop().await;
     broker.cleanup().await;
 }
