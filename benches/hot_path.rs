@@ -95,7 +95,7 @@ fn hot_path(c: &mut Criterion) {
         let env = parse(&body, MAX).unwrap();
         b.iter(|| {
             let id = route::message_id(&env, &props);
-            route::rejection(black_box(&env), id, 30, 60, 42, true)
+            route::rejection(black_box(&env), id, 30, 60, 42, true, false)
         })
     });
     group.bench_function("dead_letter_output", |b| {
