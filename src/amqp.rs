@@ -270,63 +270,17 @@ fn tune_socket(socket: &tokio::net::TcpStream) {
     }
 }
 
-/// The steps of the defer ladder, in seconds: a deferred message waits in the smallest
-/// step at least as long as its retry-after (the longest, and then again, beyond it).
-pub const DEFER_STEPS: [u64; 9] = [1, 2, 5, 10, 30, 60, 120, 300, 600];
+pub use crate::ladder::{DEFER_STEPS, defer_queue};
 
-/// The delay queue of one step of the ladder, named after the inbound queue.
-pub fn defer_queue(inbound: &str, seconds: u64) -> String {
-    format!("{inbound}.defer.{seconds}s")
-}
-
-/// How often the steps of the defer ladder are counted.
-const PARKED_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Sets the parked-messages gauge of each step of the defer ladder from a passive declare
-/// every few seconds, on a channel of its own, until `stop` (the session's end). Counting
-/// stops for the session when a step does not exist (the broker closes the channel).
-pub async fn count_parked(
-    channel: Channel,
-    inbound: String,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    loop {
-        for seconds in DEFER_STEPS {
-            let queue = defer_queue(&inbound, seconds);
-            let declared = channel
-                .queue_declare(
-                    ShortString::from(queue.as_str()),
-                    passive,
-                    FieldTable::default(),
-                )
-                .await;
-            let Ok(declared) = declared else { return };
-            metrics::gauge!(crate::telemetry::PARKED, "step" => format!("{seconds}s"))
-                .set(f64::from(declared.message_count()));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(PARKED_INTERVAL) => {}
-            _ = stop.cancelled() => {
-                let _ = channel.close(200, ShortString::from("done")).await;
-                return;
-            }
-        }
-    }
-}
-
-/// Declares the inbound and the three output queues, and the defer ladder's delay queues,
-/// as durable. With quorum queues the
+/// Declares the inbound and the three output queues as durable. With quorum queues the
 /// inbound queue also gets a delivery limit, past which the broker moves a message that
 /// keeps coming back to the dead-letter queue instead of redelivering it forever.
 ///
-/// A queue that already exists with other arguments (an operator added `x-max-length`,
-/// or changed the delivery limit) is used as it is, with one warning: the broker refuses
-/// the declaration (and closes its channel), so each queue is declared on a channel of its
-/// own and then checked passively.
+/// A queue the broker will not declare as asked is used as it is when it exists, with one
+/// warning: one that exists with other arguments (an operator added `x-max-length`, or
+/// changed the delivery limit), or one a user without `configure` permission on it may
+/// still use. Each queue is declared on a channel of its own (a refusal closes it) and
+/// then checked passively.
 pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<(), lapin::Error> {
     let mut outputs = FieldTable::default();
     let mut inbound = FieldTable::default();
@@ -350,74 +304,57 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
             AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
         );
     }
-    // The defer ladder: each step holds its messages for its own TTL (the same for every
-    // message of the queue, so they expire in order at its head), then dead-letters them
-    // back to the inbound queue.
-    let ladder: Vec<(String, FieldTable)> = DEFER_STEPS
-        .iter()
-        .map(|&seconds| {
-            let mut args = outputs.clone();
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(seconds as i64 * 1000),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(config.inbound_queue.as_str().into()),
-            );
-            if config.queue_type == QueueType::Quorum {
-                // Quorum queues dead-letter at most once by default: a message expiring
-                // while the inbound queue has no leader would be dropped.
-                args.insert(
-                    "x-dead-letter-strategy".into(),
-                    AMQPValue::LongString("at-least-once".into()),
-                );
-                args.insert(
-                    "x-overflow".into(),
-                    AMQPValue::LongString("reject-publish".into()),
-                );
-            }
-            (defer_queue(&config.inbound_queue, seconds), args)
-        })
-        .collect();
     let queues = [
         (&config.inbound_queue, &inbound),
         (&config.orchestrator_queue, &outputs),
         (&config.notification_queue, &outputs),
         (&config.dead_letter_queue, &outputs),
-    ]
-    .into_iter()
-    .chain(ladder.iter().map(|(queue, args)| (queue, args)));
+    ];
     for (queue, arguments) in queues {
-        let declared =
-            declare_on_own_channel(conn, queue, QueueDeclareOptions::durable(), arguments).await;
-        if let Err(refused) = declared {
-            // Only "exists with other arguments" (406) is worked around; any other refusal
-            // (access, an exclusive lock) is the broker's answer to report.
-            if !is_precondition_failed(&refused) {
-                return Err(refused);
-            }
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            // Exists? Then use it; else the first error is the one to report.
-            if declare_on_own_channel(conn, queue, passive, &FieldTable::default())
-                .await
-                .is_err()
-            {
-                return Err(refused);
-            }
-            tracing::warn!(
-                queue = %queue,
-                reason = %refused,
-                "the queue exists with other arguments than the gate would declare; using it as it is"
-            );
-        }
+        declare_or_use(conn, queue, arguments).await?;
+    }
+    Ok(())
+}
+
+/// Declares one durable queue; when the broker refuses (other arguments, or no
+/// `configure` permission) and the queue exists, uses it as it is, with a warning.
+pub(crate) async fn declare_or_use(
+    conn: &Connection,
+    queue: &str,
+    arguments: &FieldTable,
+) -> Result<(), lapin::Error> {
+    let declared =
+        declare_on_own_channel(conn, queue, QueueDeclareOptions::durable(), arguments).await;
+    let Err(refused) = declared else {
+        return Ok(());
+    };
+    // Only a refusal by the broker (a soft error on the channel) can be worked around.
+    if !is_channel_error(&refused) {
+        return Err(refused);
+    }
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    // Exists? Then use it; else the first error is the one to report.
+    if declare_on_own_channel(conn, queue, passive, &FieldTable::default())
+        .await
+        .is_err()
+    {
+        return Err(refused);
+    }
+    if is_precondition_failed(&refused) {
+        tracing::warn!(
+            queue = %queue,
+            reason = %refused,
+            "the queue exists with other arguments than the gate would declare; using it as it is (a classic queue of the defer ladder dead-letters at most once)"
+        );
+    } else {
+        tracing::warn!(
+            queue = %queue,
+            reason = %refused,
+            "the broker refused to declare the queue; it exists, so the gate uses it as it is"
+        );
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub struct Health {
     /// certificate, a wrong password): `/readyz` says it, not only the log.
     broker_error: Mutex<Option<String>>,
     redis_error: Mutex<Option<String>>,
+    /// Why the defer ladder cannot be used (the broker refused to declare it, or a step
+    /// is missing) while some rule defers: deferrals fall back to rejections meanwhile.
+    ladder_error: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -57,6 +60,7 @@ impl Default for Health {
             publish_blocked: AtomicBool::new(false),
             broker_error: Mutex::new(None),
             redis_error: Mutex::new(None),
+            ladder_error: Mutex::new(None),
         }
     }
 }
@@ -68,11 +72,13 @@ pub struct Readiness {
     pub redis_probe: bool,
     /// A check failed within the last [`CHECK_FAILURE_HOLD`].
     pub checks_failing: bool,
+    /// Some rule defers and the ladder cannot take its messages.
+    pub ladder_failing: bool,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.consuming && self.redis_probe && !self.checks_failing
+        self.consuming && self.redis_probe && !self.checks_failing && !self.ladder_failing
     }
 }
 
@@ -94,12 +100,19 @@ impl Health {
         replace(&self.broker_error, error);
     }
 
+    /// Why the defer ladder cannot be used, or `None` once it can (or nothing defers).
+    /// True when this begins a failure, so it is logged once.
+    pub fn set_ladder_error(&self, error: Option<String>) -> bool {
+        replace(&self.ladder_error, error)
+    }
+
     /// The last errors, one `name: error` line each, for `/readyz`.
     pub fn errors(&self) -> String {
         let mut out = String::new();
         for (name, error) in [
             ("broker_error", &self.broker_error),
             ("redis_error", &self.redis_error),
+            ("defer_ladder_error", &self.ladder_error),
         ] {
             if let Some(error) = error.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
                 out.push_str(&format!("{name}: {error}\n"));
@@ -142,6 +155,11 @@ impl Health {
             consuming: self.consuming.load(Ordering::Relaxed),
             redis_probe: self.redis_probe_ok.load(Ordering::Relaxed),
             checks_failing,
+            ladder_failing: self
+                .ladder_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some(),
         }
     }
 

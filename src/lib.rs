@@ -21,6 +21,7 @@
 //! - [`health`]: readiness from the consumer, the Redis probe and the checks themselves.
 //! - [`amqp`]: the brokers (one, or the nodes of a cluster, over TLS or not), queue
 //!   declaration, the confirming publisher.
+//! - [`ladder`]: the defer ladder's delay queues, declared only when a rule defers.
 //! - [`admin`]: `konstruct-gate limits …`, the operators' commands on the limits in Redis.
 //! - [`config`]: typed configuration, layered loading, validation, redaction.
 //! - [`app`]: the application the binary and the tests start.
@@ -35,6 +36,7 @@ pub mod app;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod ladder;
 pub mod limit;
 pub mod message;
 pub mod pipeline;

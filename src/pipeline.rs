@@ -7,6 +7,7 @@
 //! them alone.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use futures::future::join_all;
@@ -58,6 +59,8 @@ pub struct Pipeline {
     health: Arc<Health>,
     /// The defer ladder's queues, by their seconds.
     ladder: Vec<(u64, String)>,
+    /// The ladder can take parked messages now (see [`crate::ladder::LadderKeeper`]).
+    parking: Arc<AtomicBool>,
 }
 
 impl Pipeline {
@@ -77,6 +80,7 @@ impl Pipeline {
             .collect();
         Self {
             ladder,
+            parking: Arc::new(AtomicBool::new(false)),
             config,
             rules,
             cache: RejectionCache::default(),
@@ -84,6 +88,16 @@ impl Pipeline {
             metrics,
             health,
         }
+    }
+
+    /// The live rules, shared.
+    pub fn rules(&self) -> Arc<LiveRules> {
+        self.rules.clone()
+    }
+
+    /// Whether the ladder can take parked messages, shared with its keeper.
+    pub fn parking(&self) -> Arc<AtomicBool> {
+        self.parking.clone()
     }
 
     /// Runs one batch through; one fate per delivery, in order. `retry`: the batch was
@@ -119,6 +133,7 @@ impl Pipeline {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             max_defer_seconds: settings.max_defer_seconds,
+            can_park: self.parking.load(Ordering::Relaxed),
         };
 
         let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
@@ -133,7 +148,7 @@ impl Pipeline {
                         continue;
                     }
                     (Decided::Verdict(verdict, from_redis), (check, &token)) => (
-                        Some((verdict, check.rule)),
+                        Some((as_routed(verdict, delivery.redelivered, retry), check.rule)),
                         // Only a fresh decision Redis keeps by the message's own id can be
                         // marked forwarded: a token is never seen again once settled.
                         match verdict {
@@ -167,7 +182,7 @@ impl Pipeline {
         let published = join_all(outputs.into_iter().map(
             |(i, mut output, check, verdict)| async move {
                 let delivery = &batch[i];
-                let mut renewed = false;
+                let (mut renewed, mut clock) = (false, clock);
                 loop {
                     let outcome = output.outcome;
                     let Some(queue) = self.queue(output.to) else {
@@ -184,6 +199,28 @@ impl Pipeline {
                             if !renewed && publisher.renew().await =>
                         {
                             renewed = true;
+                            output = route::output(
+                                &delivery.data,
+                                &delivery.properties,
+                                &parsed[i],
+                                verdict,
+                                clock,
+                                publisher.max_body(),
+                            );
+                        }
+                        // A step of the ladder is missing: rejected instead, and no more
+                        // parking until the ladder is back.
+                        Err(PublishError::Returned { .. })
+                            if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
+                        {
+                            self.parking.store(false, Ordering::Relaxed);
+                            let reason = format!(
+                                "the defer ladder's queue {queue} is missing, so messages over a deferring limit are rejected"
+                            );
+                            if self.health.set_ladder_error(Some(reason.clone())) {
+                                warn!("{reason}");
+                            }
+                            clock.can_park = false;
                             output = route::output(
                                 &delivery.data,
                                 &delivery.properties,
@@ -407,6 +444,23 @@ impl Pipeline {
     }
 }
 
+/// A verdict as routing reads it. `replayed`: an output of this message's id may exist
+/// already, so a forward carries `x-ratelimit-replayed` (every replay but the gate's own
+/// retry of a check it held, whose first call may have counted the message but never
+/// published it). `forwarded_before`: this delivery is the broker's redelivery of a
+/// message whose output was confirmed, so a parked copy exists and it is only acked; a
+/// fresh publish that reuses the id is routed like any other.
+fn as_routed(verdict: Verdict, redelivered: bool, retry: bool) -> Verdict {
+    match verdict {
+        Verdict::Checked(a) => Verdict::Checked(Answer {
+            replayed: a.forwarded_before || (a.replayed && !retry),
+            forwarded_before: a.forwarded_before && redelivered,
+            ..a
+        }),
+        unchecked => unchecked,
+    }
+}
+
 /// One log line per message that did not simply pass: rejected, shadowed or invalid.
 fn log_output(
     delivery: &Delivery,
@@ -453,6 +507,10 @@ fn log_output(
                 Outcome::Deferred => (
                     "deferred",
                     "message deferred: rate limit exceeded, parked until its window frees",
+                ),
+                Outcome::Duplicate => (
+                    "duplicate",
+                    "message acked without a second output: its output was already confirmed",
                 ),
                 _ => ("rejected", "message rejected: rate limit exceeded"),
             };

@@ -31,6 +31,8 @@ pub enum Outcome {
     Rejected,
     /// Over its limit, parked in the defer ladder (`on_limit = "defer"`).
     Deferred,
+    /// A redelivery whose output was already confirmed: acked without a second one.
+    Duplicate,
     Invalid,
 }
 
@@ -59,6 +61,8 @@ pub const FIRST_ARRIVAL: &str = "x-gate-first-arrival";
 pub struct DeferClock {
     pub now_ms: u64,
     pub max_defer_seconds: u64,
+    /// The ladder can take a message now; else a deferral falls back to a rejection.
+    pub can_park: bool,
 }
 
 /// The largest body the broker accepts (its `max_message_size`, once the gate has learned
@@ -132,11 +136,12 @@ fn routed<'a>(
         (Ok(_), None) => unreachable!("every valid message has a verdict"),
         (Ok(envelope), Some((verdict, rule))) => (envelope, verdict, rule),
     };
-    // Marked only when the first output was confirmed: then downstream already has it.
+    // `replayed`: an earlier output of this id may exist (every such forward is marked);
+    // `forwarded_before`: a redelivery whose first output was confirmed.
     let Verdict::Checked(Answer {
         decision,
-        forwarded_before: replayed,
-        ..
+        replayed,
+        forwarded_before,
     }) = verdict
     else {
         return forward(Outcome::Unchecked, degraded_properties(properties));
@@ -158,8 +163,8 @@ fn routed<'a>(
         ),
         // Parked (or finally rejected) before its ack was lost: parking it again would
         // make a second copy.
-        Decision::Rejected { .. } if rule.defer && replayed => Output {
-            outcome: Outcome::Deferred,
+        Decision::Rejected { .. } if rule.defer && forwarded_before => Output {
+            outcome: Outcome::Duplicate,
             to: Destination::Done,
             body: Cow::Borrowed(body),
             properties: BasicProperties::default(),
@@ -171,6 +176,7 @@ fn routed<'a>(
             queued,
             ..
         } if rule.defer
+            && clock.can_park
             && let Some((step, properties)) = deferral(
                 properties,
                 turn_in(retry_after, queued, limit, window_seconds),
@@ -639,6 +645,7 @@ mod tests {
     const CLOCK: DeferClock = DeferClock {
         now_ms: 1_764_400_000_000,
         max_defer_seconds: 3600,
+        can_park: true,
     };
 
     #[test]
@@ -745,7 +752,7 @@ mod tests {
             CLOCK,
             u64::MAX,
         );
-        assert_eq!((o.outcome, o.to), (Outcome::Deferred, Destination::Done));
+        assert_eq!((o.outcome, o.to), (Outcome::Duplicate, Destination::Done));
     }
 
     #[test]
@@ -995,5 +1002,31 @@ mod tests {
                 Some(&text("output_refused"))
             );
         }
+    }
+
+    #[test]
+    fn a_deferral_the_ladder_cannot_take_is_a_rejection() {
+        let body = br#"{"id":"m1","tenant_id":"acme","channel":"whatsapp"}"#;
+        let parsed = parse(body, 1 << 20);
+        let deferring = Rule {
+            defer: true,
+            ..rule(false)
+        };
+        let no_ladder = DeferClock {
+            can_park: false,
+            ..CLOCK
+        };
+        let o = output(
+            body,
+            &full_properties(),
+            &parsed,
+            Some((checked(REJECTED, false), deferring)),
+            no_ladder,
+            u64::MAX,
+        );
+        assert_eq!(
+            (o.outcome, o.to),
+            (Outcome::Rejected, Destination::Notifications)
+        );
     }
 }

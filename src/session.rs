@@ -30,6 +30,7 @@ use crate::acks::{AckTracker, Settlement, TagGap};
 use crate::amqp::{self, Brokers, PublishError, Publisher};
 use crate::config::Config;
 use crate::health::Health;
+use crate::ladder::LadderKeeper;
 use crate::pipeline::{Fate, Pipeline};
 use crate::route::Outcome;
 use crate::telemetry::Metrics;
@@ -240,6 +241,18 @@ impl Gate {
                 None => return Ok(()),
             }
         }
+        // The defer ladder, when a rule defers, before the first message: a refusal makes
+        // the gate not ready (deferrals become rejections), never ends the session.
+        let mut keeper = LadderKeeper::new(
+            publish_conn.clone(),
+            self.config.clone(),
+            self.pipeline.rules(),
+            self.pipeline.parking(),
+            self.health.clone(),
+        );
+        if until_stopped(shutdown, keeper.look()).await.is_none() {
+            return Ok(());
+        }
         let lost = watching.child_token();
         let (flow_tx, mut flow) = watch::channel(true);
         watch_connection(
@@ -290,17 +303,7 @@ impl Gate {
         self.health.set_broker_error(None);
         *consumed = true;
         info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
-        // Only where the gate declared the ladder: a passive declare of a missing queue
-        // fails its channel, which the connection reports as an error.
-        if amqp.declare_queues
-            && let Ok(counting) = publish_conn.create_channel().await
-        {
-            tokio::spawn(amqp::count_parked(
-                counting,
-                amqp.inbound_queue.clone(),
-                lost.clone(),
-            ));
-        }
+        tokio::spawn(keeper.run(lost.clone()));
 
         let tracker = Mutex::new(AckTracker::default());
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -563,6 +566,7 @@ impl Gate {
                             }
                             Outcome::Rejected => self.metrics.rejected.increment(1),
                             Outcome::Deferred => self.metrics.deferred.increment(1),
+                            Outcome::Duplicate => self.metrics.duplicate.increment(1),
                             Outcome::Invalid => self.metrics.invalid.increment(1),
                         }
                     }

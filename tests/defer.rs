@@ -230,7 +230,7 @@ proptest! {
             let retry_after = (start + window_ms - now).div_ceil(1000).max(1);
             let queued = window.count - limit - 1;
             let turn = route::turn_in(retry_after, queued, limit, window_s);
-            let clock = DeferClock { now_ms: now, max_defer_seconds: 86_400 };
+            let clock = DeferClock { now_ms: now, max_defer_seconds: 86_400, can_park: true };
             let (step, parked) = route::deferral(&properties, turn, clock)
                 .expect("within a day");
             prop_assert!(step >= turn || step == *DEFER_STEPS.last().unwrap());
@@ -258,4 +258,46 @@ fn the_ladder_steps_grow_and_end_at_ten_minutes() {
     assert!(DEFER_STEPS.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(DEFER_STEPS[0], 1);
     assert_eq!(*DEFER_STEPS.last().unwrap(), 600);
+}
+
+#[tokio::test]
+async fn a_deferral_with_no_ladder_to_park_in_is_rejected_not_handed_back() {
+    let names = Names::new("defer-no-ladder");
+    // The four queues exist; nobody declared the ladder, and the gate may not.
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1, 60);
+    config.amqp.declare_queues = false;
+    config.limits.on_limit = OnLimit::Defer;
+    let gate = TestGate::start_without_waiting(config).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+        if body.contains("consuming: true") && body.contains("defer_ladder_error") {
+            assert_eq!(status, 503, "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never said why: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker
+        .publish_many([
+            message("m1", "acme", "slack"),
+            message("m2", "acme", "slack"),
+        ])
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    broker.wait_empty(&names.inbound, WAIT).await;
+    assert_eq!(
+        metric_value(gate.http, "konstruct_gate_publish_failures_total").await,
+        0.0,
+        "nothing handed back"
+    );
+    gate.stop().await;
+    broker.cleanup().await;
 }

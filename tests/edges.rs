@@ -379,3 +379,117 @@ async fn a_redis_that_refuses_every_write_is_not_ready_not_a_bad_key() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+/// A broker user allowed only what a gate without a deferring rule needs: `configure` on
+/// the four queues, `write` on the default exchange, `read` on the inbound queue. Deleted
+/// however the test ends.
+struct FourQueuesUser {
+    name: String,
+}
+
+impl FourQueuesUser {
+    fn create(names: &Names) -> Self {
+        let user = Self {
+            name: unique("four-queues"),
+        };
+        let name = user.name.as_str();
+        assert!(
+            rabbitmqctl_status(&["add_user", name, "secret"]).success(),
+            "rabbitmqctl add_user failed"
+        );
+        let queue = |q: &str| q.replace('.', r"\.");
+        let configure = format!(
+            "^({}|{}|{}|{})$",
+            queue(&names.inbound),
+            queue(&names.orchestrator),
+            queue(&names.notifications),
+            queue(&names.dead_letter)
+        );
+        let read = format!("^{}$", queue(&names.inbound));
+        let set = [
+            "set_permissions",
+            "-p",
+            "/",
+            name,
+            &configure,
+            r"^amq\.default$",
+            &read,
+        ];
+        assert!(
+            rabbitmqctl_status(&set).success(),
+            "rabbitmqctl set_permissions failed"
+        );
+        user
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}:secret@127.0.0.1:5672/%2f", self.name)
+    }
+}
+
+impl Drop for FourQueuesUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl_status(&["delete_user", &self.name]);
+    }
+}
+
+#[tokio::test]
+async fn a_user_allowed_only_the_four_queues_runs_a_gate_that_rejects() {
+    let names = Names::new("least-privilege");
+    let user = FourQueuesUser::create(&names);
+    let broker = Broker::new_without_declaring(&names).await;
+    let mut config = names.config(1, 60);
+    config.amqp.url = konstruct_gate::config::SecretUrl::new(user.url());
+    // The gate declares its four queues itself, as that user.
+    let gate = TestGate::start(config).await;
+    broker
+        .publish_many([
+            message("m1", "acme", "slack"),
+            message("m2", "acme", "slack"),
+        ])
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deferring_rule_the_broker_will_not_give_a_ladder_rejects_and_says_why() {
+    let names = Names::new("least-privilege-defer");
+    let user = FourQueuesUser::create(&names);
+    let broker = Broker::new_without_declaring(&names).await;
+    let mut config = names.config(1, 60);
+    config.amqp.url = konstruct_gate::config::SecretUrl::new(user.url());
+    config.limits.on_limit = konstruct_gate::config::OnLimit::Defer;
+    let gate = TestGate::start_without_waiting(config).await;
+    // Not ready, with the broker's reason, but consuming (no reconnect loop).
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+        if body.contains("consuming: true") && body.contains("defer_ladder_error") {
+            assert_eq!(status, 503, "{body}");
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never said why: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("ACCESS_REFUSED"), "{body}");
+    broker
+        .publish_many([
+            message("m1", "acme", "slack"),
+            message("m2", "acme", "slack"),
+        ])
+        .await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+    // Over the limit and nowhere to park: rejected, with a notification.
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    gate.stop().await;
+    broker.cleanup().await;
+}

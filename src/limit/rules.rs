@@ -57,6 +57,8 @@ pub struct Rules {
     /// Changes whenever the rules do, so caches of decisions know to forget.
     pub generation: u64,
     pub settings: Settings,
+    /// Some rule (the global one or an override) says `on_limit = "defer"`.
+    pub can_defer: bool,
     global: Rule,
     /// Keyed by tenant, so a lookup borrows the message's strings instead of building a key.
     tenants: HashMap<String, TenantRules>,
@@ -100,8 +102,13 @@ impl Rules {
             let (rule, _) = Rule::overridden(entry.tenant, entry.tenant_has_burst, o);
             entry.channels.insert(channel.clone(), rule);
         }
+        let can_defer = global.defer
+            || tenants
+                .values()
+                .any(|t| t.tenant.defer || t.channels.values().any(|r| r.defer));
         Rules {
             generation: 0,
+            can_defer,
             settings: Settings {
                 max_message_bytes: limits.max_message_bytes,
                 notify: limits.notify,

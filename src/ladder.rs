@@ -1,0 +1,227 @@
+//! The defer ladder: the delay queues a deferred message waits in, declared only when some
+//! rule can defer, and kept usable while the gate runs. Until it is usable (the broker
+//! refused to declare it, or a step went missing), a message over its limit is rejected
+//! instead of parked, and `/readyz` says why.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::declare_or_use;
+use crate::config::AmqpConfig;
+use crate::health::Health;
+use crate::limit::LiveRules;
+
+/// The steps of the defer ladder, in seconds: a deferred message waits in the smallest
+/// step at least as long as its turn (the longest, and then again, beyond it).
+pub const DEFER_STEPS: [u64; 9] = [1, 2, 5, 10, 30, 60, 120, 300, 600];
+
+/// The delay queue of one step of the ladder, named after the inbound queue.
+pub fn defer_queue(inbound: &str, seconds: u64) -> String {
+    format!("{inbound}.defer.{seconds}s")
+}
+
+/// How often the keeper looks whether a rule defers now (a `limits set --on-limit defer`).
+const LOOK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the steps are counted for the parked-messages gauge.
+const COUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after a refusal the ladder is tried again.
+const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(30);
+
+/// Declares the defer ladder: each step holds its messages for its own TTL (the same for
+/// every message of the queue, so they expire in order at its head), then dead-letters them
+/// back to the inbound queue.
+///
+/// The steps are quorum queues whatever `amqp.queue_type` says: only quorum queues
+/// dead-letter at least once (`x-dead-letter-strategy = "at-least-once"`, with
+/// `x-overflow = "reject-publish"`), so a parked message whose return the inbound queue
+/// refuses (full, or without a leader) stays parked and is retried instead of dropped.
+pub async fn declare_ladder(conn: &Connection, config: &AmqpConfig) -> Result<(), lapin::Error> {
+    for seconds in DEFER_STEPS {
+        let mut args = FieldTable::default();
+        for (name, value) in [
+            ("x-queue-type", AMQPValue::LongString("quorum".into())),
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(seconds as i64 * 1000),
+            ),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(config.inbound_queue.as_str().into()),
+            ),
+            (
+                "x-dead-letter-strategy",
+                AMQPValue::LongString("at-least-once".into()),
+            ),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+        ] {
+            args.insert(name.into(), value);
+        }
+        declare_or_use(conn, &defer_queue(&config.inbound_queue, seconds), &args).await?;
+    }
+    Ok(())
+}
+
+/// Keeps the ladder usable for one broker session: declares it (or, when the gate declares
+/// no queues, finds it) once some rule can defer, counts what waits in each step, and
+/// tells `parking` whether a deferral may park.
+pub struct LadderKeeper {
+    conn: Arc<Connection>,
+    config: Arc<crate::config::Config>,
+    rules: Arc<LiveRules>,
+    parking: Arc<AtomicBool>,
+    health: Arc<Health>,
+    /// The channel the steps are counted on (a passive declare of a missing step closes it).
+    counting: Option<Channel>,
+    next_try: Instant,
+    next_count: Instant,
+}
+
+impl LadderKeeper {
+    pub fn new(
+        conn: Arc<Connection>,
+        config: Arc<crate::config::Config>,
+        rules: Arc<LiveRules>,
+        parking: Arc<AtomicBool>,
+        health: Arc<Health>,
+    ) -> Self {
+        // A new session finds the ladder afresh.
+        parking.store(false, Ordering::Relaxed);
+        let now = Instant::now();
+        Self {
+            conn,
+            config,
+            rules,
+            parking,
+            health,
+            counting: None,
+            next_try: now,
+            next_count: now,
+        }
+    }
+
+    /// One look: declare or find the ladder when a rule defers and it is not usable, and
+    /// count the steps when it is due.
+    pub async fn look(&mut self) {
+        if !self.rules.snapshot().can_defer {
+            // Nothing defers: nothing to declare, poll or report.
+            if self.health.set_ladder_error(None) {
+                tracing::debug!("no rule defers any more");
+            }
+            return;
+        }
+        let now = Instant::now();
+        if !self.parking.load(Ordering::Relaxed) && now >= self.next_try {
+            self.make_usable().await;
+        }
+        if self.parking.load(Ordering::Relaxed) && now >= self.next_count {
+            self.next_count = now + COUNT_INTERVAL;
+            self.count().await;
+        }
+    }
+
+    async fn make_usable(&mut self) {
+        let amqp = &self.config.amqp;
+        let found = if amqp.declare_queues {
+            declare_ladder(&self.conn, amqp).await
+        } else {
+            self.find().await
+        };
+        match found {
+            Ok(()) => {
+                self.parking.store(true, Ordering::Relaxed);
+                self.health.set_ladder_error(None);
+                tracing::info!("the defer ladder is ready");
+            }
+            Err(e) => {
+                self.next_try = Instant::now() + RETRY_AFTER_REFUSAL;
+                let reason = format!(
+                    "the defer ladder cannot be used, so messages over a deferring limit are rejected: {}",
+                    self.config.scrub(&e.to_string())
+                );
+                if self.health.set_ladder_error(Some(reason.clone())) {
+                    tracing::warn!("{reason}");
+                }
+            }
+        }
+    }
+
+    /// Every step exists (the gate declares no queues: an operator did).
+    async fn find(&mut self) -> Result<(), lapin::Error> {
+        let channel = self.channel().await?;
+        for seconds in DEFER_STEPS {
+            passive(
+                &channel,
+                &defer_queue(&self.config.amqp.inbound_queue, seconds),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the parked-messages gauge of each step; a step gone missing makes the ladder
+    /// unusable until it is declared (or found) again.
+    async fn count(&mut self) {
+        let Ok(channel) = self.channel().await else {
+            return;
+        };
+        for seconds in DEFER_STEPS {
+            let queue = defer_queue(&self.config.amqp.inbound_queue, seconds);
+            match passive(&channel, &queue).await {
+                Ok(waiting) => {
+                    metrics::gauge!(crate::telemetry::PARKED, "step" => format!("{seconds}s"))
+                        .set(f64::from(waiting));
+                }
+                Err(_) => {
+                    self.parking.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn channel(&mut self) -> Result<Channel, lapin::Error> {
+        if let Some(channel) = &self.counting
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.conn.create_channel().await?;
+        self.counting = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Looks every second until `stop` (the session's end).
+    pub async fn run(mut self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(LOOK_INTERVAL) => self.look().await,
+                _ = stop.cancelled() => break,
+            }
+        }
+        if let Some(channel) = self.counting.take()
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, ShortString::from("done")).await;
+        }
+    }
+}
+
+/// The number of messages in `queue`; an error (which closes the channel) when it is missing.
+async fn passive(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(ShortString::from(queue), options, FieldTable::default())
+        .await?;
+    Ok(declared.message_count())
+}
