@@ -4,7 +4,6 @@
 //! instead of parked, and `/readyz` says why.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -28,7 +27,7 @@ pub fn defer_queue(inbound: &str, seconds: u64) -> String {
 }
 
 /// How often the keeper looks whether a rule defers now (a `limits set --on-limit defer`).
-const LOOK_INTERVAL: Duration = Duration::from_secs(1);
+const LOOK_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the steps are counted for the parked-messages gauge.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after a refusal the ladder is tried again.
@@ -69,6 +68,16 @@ pub async fn declare_ladder(conn: &Connection, config: &AmqpConfig) -> Result<()
     Ok(())
 }
 
+/// Whether a deferral may park now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    /// Not known yet in this session: a deferral waits (briefly) until it is.
+    Unknown,
+    Ready,
+    /// The broker refused the ladder or a step is missing: deferrals become rejections.
+    Unusable,
+}
+
 /// Keeps the ladder usable for one broker session: declares it (or, when the gate declares
 /// no queues, finds it) once some rule can defer, counts what waits in each step, and
 /// tells `parking` whether a deferral may park.
@@ -76,7 +85,7 @@ pub struct LadderKeeper {
     conn: Arc<Connection>,
     config: Arc<crate::config::Config>,
     rules: Arc<LiveRules>,
-    parking: Arc<AtomicBool>,
+    parking: Arc<tokio::sync::watch::Sender<Parking>>,
     health: Arc<Health>,
     /// The channel the steps are counted on (a passive declare of a missing step closes it).
     counting: Option<Channel>,
@@ -89,11 +98,11 @@ impl LadderKeeper {
         conn: Arc<Connection>,
         config: Arc<crate::config::Config>,
         rules: Arc<LiveRules>,
-        parking: Arc<AtomicBool>,
+        parking: Arc<tokio::sync::watch::Sender<Parking>>,
         health: Arc<Health>,
     ) -> Self {
         // A new session finds the ladder afresh.
-        parking.store(false, Ordering::Relaxed);
+        parking.send_replace(Parking::Unknown);
         let now = Instant::now();
         Self {
             conn,
@@ -118,10 +127,11 @@ impl LadderKeeper {
             return;
         }
         let now = Instant::now();
-        if !self.parking.load(Ordering::Relaxed) && now >= self.next_try {
+        let state = *self.parking.borrow();
+        if state == Parking::Unknown || (state == Parking::Unusable && now >= self.next_try) {
             self.make_usable().await;
         }
-        if self.parking.load(Ordering::Relaxed) && now >= self.next_count {
+        if *self.parking.borrow() == Parking::Ready && now >= self.next_count {
             self.next_count = now + COUNT_INTERVAL;
             self.count().await;
         }
@@ -136,11 +146,12 @@ impl LadderKeeper {
         };
         match found {
             Ok(()) => {
-                self.parking.store(true, Ordering::Relaxed);
+                self.parking.send_replace(Parking::Ready);
                 self.health.set_ladder_error(None);
                 tracing::info!("the defer ladder is ready");
             }
             Err(e) => {
+                self.parking.send_replace(Parking::Unusable);
                 self.next_try = Instant::now() + RETRY_AFTER_REFUSAL;
                 let reason = format!(
                     "the defer ladder cannot be used, so messages over a deferring limit are rejected: {}",
@@ -180,7 +191,8 @@ impl LadderKeeper {
                         .set(f64::from(waiting));
                 }
                 Err(_) => {
-                    self.parking.store(false, Ordering::Relaxed);
+                    // Declared (or found) again at the next look.
+                    self.parking.send_replace(Parking::Unknown);
                     return;
                 }
             }

@@ -7,23 +7,27 @@
 //! them alone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use lapin::message::Delivery;
 use lapin::types::ShortString;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
 use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
+use crate::ladder::Parking;
 use crate::limit::{
     Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, key_for, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
 use crate::telemetry::Metrics;
+
+/// Longest a batch with a deferral waits for the ladder to be known (declared, or refused).
+const LADDER_WAIT: Duration = Duration::from_secs(10);
 
 /// What became of one delivery after a pass through the pipeline.
 #[derive(Debug)]
@@ -60,7 +64,7 @@ pub struct Pipeline {
     /// The defer ladder's queues, by their seconds.
     ladder: Vec<(u64, String)>,
     /// The ladder can take parked messages now (see [`crate::ladder::LadderKeeper`]).
-    parking: Arc<AtomicBool>,
+    parking: Arc<watch::Sender<Parking>>,
 }
 
 impl Pipeline {
@@ -80,7 +84,7 @@ impl Pipeline {
             .collect();
         Self {
             ladder,
-            parking: Arc::new(AtomicBool::new(false)),
+            parking: Arc::new(watch::Sender::new(Parking::Unknown)),
             config,
             rules,
             cache: RejectionCache::default(),
@@ -96,7 +100,7 @@ impl Pipeline {
     }
 
     /// Whether the ladder can take parked messages, shared with its keeper.
-    pub fn parking(&self) -> Arc<AtomicBool> {
+    pub fn parking(&self) -> Arc<watch::Sender<Parking>> {
         self.parking.clone()
     }
 
@@ -133,7 +137,7 @@ impl Pipeline {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             max_defer_seconds: settings.max_defer_seconds,
-            can_park: self.parking.load(Ordering::Relaxed),
+            can_park: self.can_park(&checks, &decided).await,
         };
 
         let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
@@ -213,7 +217,7 @@ impl Pipeline {
                         Err(PublishError::Returned { .. })
                             if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
                         {
-                            self.parking.store(false, Ordering::Relaxed);
+                            self.parking.send_replace(Parking::Unusable);
                             let reason = format!(
                                 "the defer ladder's queue {queue} is missing, so messages over a deferring limit are rejected"
                             );
@@ -253,6 +257,33 @@ impl Pipeline {
             .into_iter()
             .map(|f| f.expect("every delivery has a fate"))
             .collect()
+    }
+
+    /// Whether this batch's deferrals may park. Only asked when one of its messages is over
+    /// a deferring limit; while the ladder is not known yet (a session just began, or a
+    /// rule was just switched to defer) the batch waits for its keeper, so that no
+    /// deferral becomes a rejection only because it came first.
+    async fn can_park(&self, checks: &[Check], decided: &[Decided]) -> bool {
+        let deferring = checks.iter().zip(decided).any(|(check, decided)| {
+            check.rule.defer
+                && matches!(
+                    decided,
+                    Decided::Verdict(
+                        Verdict::Checked(Answer {
+                            decision: Decision::Rejected { .. },
+                            ..
+                        }),
+                        _
+                    )
+                )
+        });
+        if !deferring {
+            return false;
+        }
+        let mut state = self.parking.subscribe();
+        let known =
+            tokio::time::timeout(LADDER_WAIT, state.wait_for(|s| *s != Parking::Unknown)).await;
+        matches!(known, Ok(Ok(s)) if *s == Parking::Ready)
     }
 
     /// The queue an output goes to; `None` when it is only acknowledged.
