@@ -20,7 +20,8 @@ use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
-    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, key_for, sender_tag,
+    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, companion_base, key_for,
+    notified_key, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
@@ -131,14 +132,17 @@ impl Pipeline {
                 Some(self.check(delivery, envelope, &rules, retry, session))
             })
             .unzip();
-        let decided = self.decide(&checks, &rules, retry).await;
+        let mut decided = self.decide(&checks, &rules, retry).await;
         let clock = DeferClock {
-            now_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            // Redis's clock: every gate writes the same first arrival for the same moment.
+            now_ms: self.limiter.now_ms(),
             max_defer_seconds: settings.max_defer_seconds,
             can_park: self.can_park(&checks, &decided).await,
         };
+        if settings.notify == Notify::OncePerWindow {
+            self.tell_final_rejections_once(batch, &parsed, &checks, &mut decided, clock)
+                .await;
+        }
 
         let mut decided = decided.into_iter().zip(checks.iter().zip(&tokens));
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
@@ -284,6 +288,76 @@ impl Pipeline {
         let known =
             tokio::time::timeout(LADDER_WAIT, state.wait_for(|s| *s != Parking::Unknown)).await;
         matches!(known, Ok(Ok(s)) if *s == Parking::Ready)
+    }
+
+    /// A deferring rule sets no quiet-rejection marker while it parks (the sender is told
+    /// nothing then), so its final rejection (past `max_defer_seconds`, or with no ladder)
+    /// claims the marker now: told once per window like any other rejection.
+    async fn tell_final_rejections_once(
+        &self,
+        batch: &[Delivery],
+        parsed: &[Result<Envelope<'_>, Invalid>],
+        checks: &[Check],
+        decided: &mut [Decided],
+        clock: DeferClock,
+    ) {
+        let valid = batch
+            .iter()
+            .zip(parsed)
+            .filter_map(|(delivery, parsed)| Some((delivery, parsed.as_ref().ok()?)));
+        let mut claims = Vec::new();
+        for (j, ((delivery, envelope), (check, decided))) in
+            valid.zip(checks.iter().zip(decided.iter())).enumerate()
+        {
+            let Decided::Verdict(
+                Verdict::Checked(Answer {
+                    decision:
+                        Decision::Rejected {
+                            limit,
+                            window_seconds,
+                            retry_after,
+                            notify_user: true,
+                            queued,
+                        },
+                    ..
+                }),
+                _,
+            ) = *decided
+            else {
+                continue;
+            };
+            if !check.rule.defer || check.rule.shadow {
+                continue;
+            }
+            let turn = route::turn_in(retry_after, queued, limit, window_seconds);
+            if clock.can_park && route::deferral(&delivery.properties, turn, clock).is_some() {
+                continue;
+            }
+            let algorithm = check.rule.algorithm;
+            let key = notified_key(
+                &companion_base(algorithm, &check.key),
+                &sender_tag(envelope.sender.map(|s| s.get())),
+            );
+            claims.push(async move {
+                let told = self
+                    .limiter
+                    .claim_notice(&key, retry_after.saturating_mul(1000))
+                    .await;
+                (j, told)
+            });
+        }
+        for (j, told) in join_all(claims).await {
+            if let Decided::Verdict(
+                Verdict::Checked(Answer {
+                    decision: Decision::Rejected { notify_user, .. },
+                    ..
+                }),
+                _,
+            ) = &mut decided[j]
+            {
+                *notify_user = told;
+            }
+        }
     }
 
     /// The queue an output goes to; `None` when it is only acknowledged.

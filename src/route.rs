@@ -55,6 +55,10 @@ pub const DEFERRED: &str = "x-gate-deferred";
 /// travels with the message, so `limits.max_defer_seconds` counts from there.
 pub const FIRST_ARRIVAL: &str = "x-gate-first-arrival";
 
+/// Header: a parked message's own `expiration`, kept aside while it waits (a per-message
+/// TTL would break the order of a delay queue) and restored when it moves on.
+pub const PARKED_EXPIRATION: &str = "x-gate-expiration";
+
 /// What deciding to defer needs besides the message: the time, and how long a message may
 /// wait from its first arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,11 +251,13 @@ pub fn deferral(
         return None;
     }
     let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
-    // No per-message TTL in a delay queue: the queue's own TTL keeps them in order.
-    let properties = copy_properties_except_expiration(
-        inbound,
-        &[(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))],
-    );
+    // No per-message TTL in a delay queue: the queue's own TTL keeps them in order. The
+    // message's own travels aside, and is restored when it moves on.
+    let mut extra = vec![(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))];
+    if let Some(expiration) = own_expiration(inbound) {
+        extra.push((PARKED_EXPIRATION, text(&expiration)));
+    }
+    let properties = copy_properties_except_expiration(inbound, &extra);
     Some((step, properties))
 }
 
@@ -310,9 +316,22 @@ const LADDER_HEADERS: [&str; 7] = [
 /// publishing user), with persistent delivery and `extra` headers added.
 pub fn copy_properties(inbound: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
     let out = copy_properties_except_expiration(inbound, extra);
-    match inbound.expiration() {
-        Some(v) => out.with_expiration(v.clone()),
+    match own_expiration(inbound) {
+        Some(v) => out.with_expiration(ShortString::from(v)),
         None => out,
+    }
+}
+
+/// The message's own `expiration`: its property, or, for a message back from the ladder,
+/// the one kept aside while it was parked.
+fn own_expiration(inbound: &BasicProperties) -> Option<String> {
+    if let Some(v) = inbound.expiration() {
+        return Some(v.as_str().to_owned());
+    }
+    match header(inbound.headers(), PARKED_EXPIRATION)? {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
+        _ => None,
     }
 }
 
@@ -356,7 +375,7 @@ fn copy_properties_except_expiration(
     if header(inbound.headers(), DEFERRED).is_some() {
         let mut kept = FieldTable::default();
         for (name, value) in headers.inner() {
-            if !LADDER_HEADERS.contains(&name.as_str()) {
+            if !LADDER_HEADERS.contains(&name.as_str()) && name.as_str() != PARKED_EXPIRATION {
                 kept.insert(name.clone(), value.clone());
             }
         }
@@ -721,6 +740,19 @@ mod tests {
         );
         let back = parked.clone().with_headers(headers);
         let forwarded = allowed_properties(&back, 5, 4, 6, false);
+        assert_eq!(
+            forwarded.expiration().as_ref().map(ShortString::as_str),
+            Some("60000"),
+            "its own expiration is back"
+        );
+        assert_eq!(header(forwarded.headers(), PARKED_EXPIRATION), None);
+        let (_, again) = deferral(&back, 4, CLOCK).unwrap();
+        assert_eq!(again.expiration(), &None);
+        assert_eq!(
+            header(again.headers(), PARKED_EXPIRATION),
+            Some(&text("60000")),
+            "kept aside while parked again"
+        );
         assert_eq!(header(forwarded.headers(), "x-death"), None);
         assert_eq!(header(forwarded.headers(), "x-first-death-queue"), None);
         assert_eq!(header(forwarded.headers(), DEFERRED), Some(&int(1)));

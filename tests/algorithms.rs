@@ -325,14 +325,15 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
     ] {
         let script = redis::Script::new(script);
         let key = format!("{{{}}}:{suffix}", unique("once"));
-        let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
+        let call_at = |con: &mut redis::Connection, id: &str, now: u64| -> Vec<i64> {
             let mut invocation = script.key(keys(&key, id, ""));
-            invocation.arg(clock_start());
+            invocation.arg(now);
             for a in &args {
                 invocation.arg(*a);
             }
             invocation.arg("").arg(id).invoke(con).unwrap()
         };
+        let call = |con: &mut redis::Connection, id: &str| call_at(con, id, clock_start());
         let first = call(&mut con, "m1");
         assert_eq!((first[0], first[5]), (1, 0), "allowed, fresh");
         let again = call(&mut con, "m1");
@@ -341,8 +342,23 @@ fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
             (&first[..5], 1),
             "the same decision again, nothing counted, marked replayed"
         );
-        assert_eq!(call(&mut con, "m2")[0], 0, "the limit of 1 was used once");
+        let rejected = call(&mut con, "m2");
+        assert_eq!(rejected[0], 0, "the limit of 1 was used once");
         assert_eq!(call(&mut con, "m1")[..5], first[..5]);
+        // Replayed 10 s later: the same decision, its waits told from now.
+        let later = call_at(&mut con, "m2", clock_start() + 10_000_000);
+        assert_eq!((later[0], later[5]), (0, 1), "{suffix}");
+        assert!(rejected[3] > 10_000, "{suffix}: {rejected:?}");
+        assert_eq!(
+            later[3],
+            rejected[3] - 10_000,
+            "{suffix}: retry-after from now"
+        );
+        assert_eq!(
+            later[2],
+            (rejected[2] - 10_000).max(0),
+            "{suffix}: reset from now"
+        );
     }
 }
 

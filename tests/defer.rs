@@ -301,3 +301,62 @@ async fn a_deferral_with_no_ladder_to_park_in_is_rejected_not_handed_back() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_deferred_message_keeps_its_expiration_and_its_final_rejections_tell_a_sender_once() {
+    let names = Names::new("defer-contract");
+    let broker = Broker::new(&names).await;
+    // 1 per 2 s, deferring; past 5 s of waiting a message is rejected.
+    let mut config = names.config(1, 2);
+    config.limits.on_limit = OnLimit::Defer;
+    config.limits.max_defer_seconds = 5;
+    let gate = TestGate::start(config).await;
+    let ttl = BasicProperties::default().with_expiration("600000".into());
+    broker
+        .publish(&message("e1", "acme", "whatsapp"), ttl.clone())
+        .await;
+    broker
+        .publish(&message("e2", "acme", "whatsapp"), ttl)
+        .await;
+    let out = broker.collect(&names.orchestrator, 2, WAIT).await;
+    let e2 = out
+        .iter()
+        .find(|d| output_id(OutputKind::Allowed, d) == "e2")
+        .expect("e2 forwarded after its wait");
+    assert_eq!(deferred_times(e2), 1);
+    assert_eq!(
+        e2.properties.expiration().as_ref().map(|e| e.as_str()),
+        Some("600000"),
+        "its own expiration, restored"
+    );
+    assert!(route::header(e2.properties.headers(), route::PARKED_EXPIRATION).is_none());
+    gate.stop().await;
+
+    // A window of 60 s cannot be waited out within 5 s: rejected at once, and one sender
+    // is told once, however many of its messages are rejected.
+    let mut config = names.config(1, 60);
+    config.limits.on_limit = OnLimit::Defer;
+    config.limits.max_defer_seconds = 5;
+    let gate = TestGate::start(config).await;
+    broker
+        .publish_many((1..=4).map(|i| {
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("f{i}"), "tenant_id": "beta", "channel": "whatsapp",
+                "sender": {"user_id": "U1"}, "text": "hello",
+            }))
+            .unwrap()
+        }))
+        .await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+    let notices = broker.collect(&names.notifications, 3, WAIT).await;
+    let told: Vec<bool> = notices
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            v["notify_user"].as_bool().unwrap()
+        })
+        .collect();
+    assert_eq!(told.iter().filter(|&&t| t).count(), 1, "{told:?}");
+    gate.stop().await;
+    broker.cleanup().await;
+}

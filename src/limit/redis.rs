@@ -5,6 +5,7 @@
 //! `SET` to text, a wrong type, a value out of range) fails only its own check.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use std::borrow::Cow;
@@ -84,6 +85,9 @@ pub struct Limiter {
     mark_forwarded: Lua,
     timeout: Duration,
     metrics: Metrics,
+    /// Redis's clock minus this machine's, in milliseconds, from the last probe: every gate
+    /// reads one clock for the times it writes into messages.
+    clock_offset: Arc<AtomicI64>,
 }
 
 impl Limiter {
@@ -98,7 +102,35 @@ impl Limiter {
             mark_forwarded: Lua::new(include_str!("mark_forwarded.lua")),
             timeout: Duration::from_millis(config.timeout_ms),
             metrics,
+            clock_offset: Arc::default(),
         })
+    }
+
+    /// Now by Redis's clock, in milliseconds since the Unix epoch (this machine's clock
+    /// until the first probe answered).
+    pub fn now_ms(&self) -> u64 {
+        unix_ms().saturating_add_signed(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Claims the right to tell a sender about a rejection (`notify = "once_per_window"`):
+    /// true when nobody told them within `ttl_ms` before. Fails open (true) when Redis
+    /// cannot answer: a second reply is better than none.
+    pub async fn claim_notice(&self, key: &str, ttl_ms: u64) -> bool {
+        let claim = async {
+            let mut conn = self.store.conn().await?;
+            redis::cmd("SET")
+                .arg(key)
+                .arg("1")
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.timeout, claim).await {
+            Ok(Ok(set)) => set.is_some(),
+            _ => true,
+        }
     }
 
     /// Counts each check and decides, in one round trip. One script call per algorithm
@@ -343,9 +375,14 @@ impl Limiter {
     /// Ok when Redis answers a PING within the check timeout, else why not.
     pub async fn ping(&self) -> Result<(), String> {
         let started = Instant::now();
-        let ping = self.store.ping();
+        let local_before = unix_ms();
+        let ping = self.store.time();
         let (failure, outcome) = match tokio::time::timeout(self.timeout, ping).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(redis_ms)) => {
+                // Redis's clock as seen from here: half the round trip after it answered.
+                let local = local_before + (unix_ms().saturating_sub(local_before)) / 2;
+                self.clock_offset
+                    .store(redis_ms as i64 - local as i64, Ordering::Relaxed);
                 self.store.call_answered();
                 self.store.forget_diagnosis();
                 return Ok(());
@@ -360,6 +397,12 @@ impl Limiter {
         self.store.call_failed(failure, started);
         Err(outcome)
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One key's values as a script returned them: `{"err", error text, …}` when the key

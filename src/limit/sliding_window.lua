@@ -12,7 +12,7 @@
 --               notification tag ("" to notify every rejection), and the message id
 --               ("" when it has none) for check i. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
---               back, marked as replayed (2 when the gate had confirmed the first output,
+--               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1), unless the counter is gone (then it is decided afresh).
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
 --               replayed (0/1/2)} for each key, or {"err", error text, 0, 0, 0, 0} when this
@@ -41,7 +41,9 @@ local function check(i, key, seen_key, notified_key)
       if #v >= 5 then
         local replayed = 1
         if string.sub(seen, -2) == ':f' then replayed = 2 end
-        return v[1], v[2], v[3], v[4], v[5], replayed
+        -- Kept as moments, so a replay tells the wait from now, not the first one's.
+        local now_ms = now
+        return v[1], v[2], math.max(0, math.ceil(v[3] - now_ms)), math.max(0, math.ceil(v[4] - now_ms)), v[5], replayed
       end
     end
   end
@@ -96,7 +98,7 @@ local function check(i, key, seen_key, notified_key)
   local retry_ms = math.ceil(retry)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, reset_ms, retry_ms, notify), 'PX', math.min(window, SEEN_MAX_MS))
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, math.floor(now + reset_ms), math.floor(now + retry_ms), notify), 'PX', math.min(window, SEEN_MAX_MS))
   end
   return allowed, remaining, reset_ms, retry_ms, notify, 0
 end

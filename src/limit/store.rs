@@ -510,10 +510,13 @@ impl Store {
     /// PING, to one node: in a cluster the primary of slot 0 (a PING without a key would go
     /// to every primary, and one primary down would make every gate not ready while the
     /// other slots work; failing checks of that primary's slots count on their own).
-    pub async fn ping(&self) -> RedisResult<()> {
-        self.query_at(Route::new(0, SlotAddr::Master), redis::cmd("PING"))
-            .await
-            .map(|_| ())
+    /// Redis's clock (`TIME`), in milliseconds since the Unix epoch: an answer is a ping.
+    pub async fn time(&self) -> RedisResult<u64> {
+        let value = self
+            .query_at(Route::new(0, SlotAddr::Master), redis::cmd("TIME"))
+            .await?;
+        let (seconds, micros): (u64, u64) = redis::from_redis_value(value)?;
+        Ok(seconds.saturating_mul(1000) + micros / 1000)
     }
 
     /// Sends `cmd` to the primary that owns `key`'s slot (any node outside a cluster).
