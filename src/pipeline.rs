@@ -38,8 +38,9 @@ pub enum Fate {
     /// Its output could not be delivered: hand it back to the broker.
     HandBack(PublishError),
     /// Redis could not decide its check and `on_redis_error = hold`: keep it unacked and
-    /// try again later. `key_fault`: Redis answered, but cannot count this message's key
-    /// (it stays so until an operator repairs the key); else Redis itself failed.
+    /// try again later. `key_fault`: the trouble is this message's alone (Redis answered, but
+    /// cannot count its key; or, in a cluster, only its node fails), so such messages are
+    /// capped; else Redis itself failed.
     Held { key_fault: bool },
 }
 
@@ -488,6 +489,10 @@ impl Pipeline {
         let subset: Vec<&Check> = asked.iter().map(|&i| &checks[i]).collect();
         let answers = self.limiter.check_batch(&subset).await;
         let policy = rules.settings.on_redis_error;
+        // In a cluster, calls that fail while others of the batch are answered are one
+        // node's trouble (a dead primary): its messages are held like a key fault, capped,
+        // so they never fill the window the healthy slots need.
+        let one_node = self.limiter.is_cluster() && answers.iter().any(Result::is_ok);
         let mut failed = 0u64;
         let mut first_error = None;
         // Redis itself failing outweighs a key it cannot count, in what is told.
@@ -509,7 +514,7 @@ impl Pipeline {
                     let held = match policy {
                         OnRedisError::Allow => Decided::Verdict(Verdict::Unchecked, false),
                         OnRedisError::Hold => Decided::Held {
-                            key_fault: error.is_key_error(),
+                            key_fault: error.is_key_error() || one_node,
                         },
                     };
                     first_error.get_or_insert(error);

@@ -19,6 +19,11 @@ use super::{Answer, Check, Decision, companion_base, notified_key, seen_key};
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
 
+/// How long a check waits for its cluster slot to settle during a reshard.
+const CLUSTER_BUSY_BUDGET: Duration = super::store::CLUSTER_CALL_BUDGET;
+const CLUSTER_BUSY_WAIT_MIN: Duration = Duration::from_millis(5);
+const CLUSTER_BUSY_WAIT_MAX: Duration = Duration::from_millis(200);
+
 /// Why Redis could not decide a check.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CheckError {
@@ -30,6 +35,14 @@ pub enum CheckError {
     /// The call failed as a whole, answered: out of memory, a replica, a script error.
     #[error("redis failed: {0}")]
     Redis(Arc<str>),
+    /// A Redis Cluster's client gave up on one try of a call (a node slow to answer, or the
+    /// call held back while the client learned a new slot map).
+    #[error("redis failed: {0}")]
+    Slow(Arc<str>),
+    /// A Redis Cluster answered that the call's slot is on the move (TRYAGAIN, ASK,
+    /// MOVED, CLUSTERDOWN) for longer than the limiter waits.
+    #[error("redis cluster busy: {0}")]
+    Busy(Arc<str>),
     /// Redis answered, but could not count this one key.
     #[error("key {key} cannot be counted: {reason}")]
     Key { key: String, reason: String },
@@ -45,8 +58,9 @@ impl CheckError {
     /// How the call failed, for its connection; `None` when only the key is at fault.
     pub fn failure(&self) -> Option<Failure> {
         match self {
-            CheckError::Timeout(_) | CheckError::Unanswered(_) => Some(Failure::Unanswered),
-            CheckError::Redis(_) => Some(Failure::Refused),
+            CheckError::Timeout(_) | CheckError::Slow(_) => Some(Failure::Unanswered),
+            CheckError::Unanswered(_) => Some(Failure::Broken),
+            CheckError::Redis(_) | CheckError::Busy(_) => Some(Failure::Refused),
             CheckError::Key { .. } => None,
         }
     }
@@ -54,8 +68,14 @@ impl CheckError {
 
 impl From<redis::RedisError> for CheckError {
     fn from(e: redis::RedisError) -> Self {
+        if e.is_cluster_error() {
+            return CheckError::Busy(e.to_string().into());
+        }
+        if e.is_timeout() {
+            return CheckError::Slow(e.to_string().into());
+        }
         match Failure::of(&e) {
-            Failure::Unanswered => CheckError::Unanswered(e.to_string().into()),
+            Failure::Unanswered | Failure::Broken => CheckError::Unanswered(e.to_string().into()),
             Failure::Refused => CheckError::Redis(e.to_string().into()),
         }
     }
@@ -127,7 +147,7 @@ impl Limiter {
                 .query_async::<Option<String>>(&mut conn)
                 .await
         };
-        match tokio::time::timeout(self.timeout, claim).await {
+        match tokio::time::timeout(self.budget(), claim).await {
             Ok(Ok(set)) => set.is_some(),
             _ => true,
         }
@@ -147,7 +167,7 @@ impl Limiter {
         let answers = futures::future::join_all(
             groups
                 .iter()
-                .map(|indices| self.timed(self.group(checks, indices))),
+                .map(|indices| self.timed(|| self.group(checks, indices))),
         )
         .await;
         self.metrics.redis_check_seconds.record(started.elapsed());
@@ -156,12 +176,17 @@ impl Limiter {
         // The worst failure of the batch: an unanswered call outweighs a refused one.
         let mut failed: Option<Failure> = None;
         let mut note = |e: &CheckError| {
-            failed = match (failed, e.failure()) {
-                (Some(Failure::Unanswered), _) | (_, Some(Failure::Unanswered)) => {
-                    Some(Failure::Unanswered)
-                }
-                (was, now) => was.or(now),
+            // The worst: broken, then unanswered, then refused.
+            let rank = |f: Option<Failure>| match f {
+                Some(Failure::Broken) => 3,
+                Some(Failure::Unanswered) => 2,
+                Some(Failure::Refused) => 1,
+                None => 0,
             };
+            let now = e.failure();
+            if rank(now) > rank(failed) {
+                failed = now;
+            }
         };
         for (indices, answers) in groups.iter().zip(answers) {
             match answers {
@@ -207,13 +232,54 @@ impl Limiter {
         groups
     }
 
-    async fn timed<F>(&self, call: F) -> Result<Checked, CheckError>
+    /// Runs `call` within the check timeout. A cluster that answers that the call's slot
+    /// is on the move (a reshard) is Redis answering, not failing: the call is made again
+    /// (it ran nowhere) until the slot has settled, within [`CLUSTER_BUSY_BUDGET`] and
+    /// each try within the timeout.
+    async fn timed<F, Fut>(&self, call: F) -> Result<Checked, CheckError>
     where
-        F: Future<Output = Result<Checked, CheckError>>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Checked, CheckError>>,
     {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| CheckError::Timeout(self.timeout))?
+        let started = Instant::now();
+        let mut wait = CLUSTER_BUSY_WAIT_MIN;
+        // A cluster's client bounds each node's answer by the timeout itself, and the
+        // whole call (redirects, a new slot map) by its budget.
+        let budget = self.budget();
+        loop {
+            let result = tokio::time::timeout(budget, call())
+                .await
+                .map_err(|_| CheckError::Timeout(budget))
+                .and_then(|answers| answers);
+            match result {
+                // A try of a cluster call that timed out may have been held back behind a
+                // new slot map: made again too. (If it ran after all, a message with an
+                // id gets its first decision back; one without may be counted twice.)
+                Err(CheckError::Busy(_) | CheckError::Slow(_))
+                    if self.store.is_cluster()
+                        && started.elapsed() + wait < CLUSTER_BUSY_BUDGET =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(CLUSTER_BUSY_WAIT_MAX);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// How long one call may take in all: the timeout, or in a cluster (whose client bounds
+    /// each node's answer by the timeout itself) the time to follow a moved slot.
+    fn budget(&self) -> Duration {
+        if self.store.is_cluster() {
+            CLUSTER_BUSY_BUDGET
+        } else {
+            self.timeout
+        }
+    }
+
+    /// True for a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.store.is_cluster()
     }
 
     /// One script call for the checks at `indices` (all of one algorithm, and one slot).
@@ -340,7 +406,7 @@ impl Limiter {
                 limiter.mark_forwarded.run::<i64>(&mut conn, fill).await
             });
             let marked =
-                tokio::time::timeout(limiter.timeout, futures::future::join_all(calls)).await;
+                tokio::time::timeout(limiter.budget(), futures::future::join_all(calls)).await;
             if let Ok(results) = marked
                 && let Some(Err(e)) = results.into_iter().find(Result::is_err)
             {
@@ -359,7 +425,7 @@ impl Limiter {
             let mut conn = self.store.conn().await?;
             redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
         };
-        match tokio::time::timeout(self.timeout, read).await {
+        match tokio::time::timeout(self.budget(), read).await {
             Ok(Ok(hash)) => Ok(hash),
             Ok(Err(e)) => {
                 self.store.call_failed(Failure::of(&e), started);
@@ -367,7 +433,7 @@ impl Limiter {
             }
             Err(_) => {
                 self.store.call_failed(Failure::Unanswered, started);
-                Err(LimitError::Timeout(self.timeout))
+                Err(LimitError::Timeout(self.budget()))
             }
         }
     }
@@ -377,7 +443,7 @@ impl Limiter {
         let started = Instant::now();
         let local_before = unix_ms();
         let ping = self.store.time();
-        let (failure, outcome) = match tokio::time::timeout(self.timeout, ping).await {
+        let (failure, outcome) = match tokio::time::timeout(self.budget(), ping).await {
             Ok(Ok(redis_ms)) => {
                 // Redis's clock as seen from here: half the round trip after it answered.
                 let local = local_before + (unix_ms().saturating_sub(local_before)) / 2;
@@ -391,7 +457,7 @@ impl Limiter {
             Err(_) => {
                 self.store.call_failed(Failure::Unanswered, started);
                 let why = self.store.diagnosis();
-                return Err(why.unwrap_or_else(|| format!("no answer within {:?}", self.timeout)));
+                return Err(why.unwrap_or_else(|| format!("no answer within {:?}", self.budget())));
             }
         };
         self.store.call_failed(failure, started);

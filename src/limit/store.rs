@@ -46,10 +46,14 @@ const CLUSTER_REPLACE_PAUSE: Duration = Duration::from_secs(2);
 /// How a call failed, which decides what the store does about its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// No answer in time, or the connection broke: it may be dead while a fresh one would
-    /// answer, so it is replaced.
+    /// No answer in time: the connection may be silently dead while a fresh one would
+    /// answer, so it is replaced (in a cluster, once calls have gone unanswered for
+    /// [`CLUSTER_UNANSWERED_GRACE`]: one slow node or a slot on the move is not a dead
+    /// connection).
     Unanswered,
-    /// Redis answered with an error: the connection works.
+    /// The connection broke or was refused: replaced.
+    Broken,
+    /// Redis answered with an error (OOM, READONLY, TRYAGAIN): the connection works.
     Refused,
 }
 
@@ -57,17 +61,28 @@ impl Failure {
     pub fn of(error: &RedisError) -> Self {
         // Not `is_unrecoverable_error`: a refused password is an answer, and a new
         // connection would be refused the same way.
-        if error.is_timeout()
-            || error.is_io_error()
+        if error.is_timeout() {
+            Failure::Unanswered
+        } else if error.is_io_error()
             || error.is_connection_dropped()
             || error.is_connection_refusal()
         {
-            Failure::Unanswered
+            Failure::Broken
         } else {
             Failure::Refused
         }
     }
 }
+
+/// How long one call to a cluster may take in all while its slot moves (redirects, a new
+/// slot map, TRYAGAIN): each node still answers within `redis.timeout_ms`.
+pub const CLUSTER_CALL_BUDGET: Duration = Duration::from_secs(5);
+/// How long one try of such a call may take (the client's own redirects and retries): a
+/// try caught behind a new slot map is made again, within the budget.
+pub const CLUSTER_CALL_TRY: Duration = Duration::from_secs(1);
+
+/// How long calls to a cluster go unanswered before its connection is replaced.
+const CLUSTER_UNANSWERED_GRACE: Duration = Duration::from_secs(1);
 
 /// Keepalive probes for every socket to Redis and to the broker: an idle connection whose
 /// peer vanished without a word is noticed by the kernel within about 25 s.
@@ -140,6 +155,10 @@ pub struct Store {
     replaced_at: Arc<std::sync::Mutex<Option<Instant>>>,
     /// Replacements since a call was last answered: spaces out the next one.
     unanswered_replacements: Arc<std::sync::atomic::AtomicU32>,
+    /// Milliseconds after `created` (plus one) of the first call unanswered since one was
+    /// last answered; 0 while calls are answered.
+    unanswered_since: Arc<std::sync::atomic::AtomicU64>,
+    created: Instant,
     /// Longest a fresh connection may take: a connect per node (two in a cluster, seeds
     /// then the slot map) and a margin.
     replace_budget: Duration,
@@ -224,16 +243,22 @@ impl Store {
             }
             RedisMode::Cluster => {
                 let nodes: Vec<&str> = config.nodes.iter().map(|u| u.expose()).collect();
-                // TRYAGAIN (a multi-key call during a slot migration) is retried a few
-                // times soon after, within the check's own timeout.
+                // Redirects (MOVED, ASK) are followed and TRYAGAIN (a multi-key call during
+                // a slot migration) retried a few times at once, well within the check's
+                // timeout; what is still moving after that comes back to the limiter,
+                // which waits it out within a budget of its own (`Limiter::timed`).
                 let mut builder = ClusterClientBuilder::new(nodes)
                     .tcp_settings(tcp_settings())
                     .connection_timeout(connect_timeout)
                     .response_timeout(timeout)
-                    .retries(6)
-                    .min_retry_wait(5)
-                    .max_retry_wait(200)
-                    .retry_wait_formula(10, 2);
+                    // Each node answers within the timeout; a call may take longer as a
+                    // whole while the client follows a moved slot and learns the new map
+                    // (which holds every call back meanwhile).
+                    .overall_response_timeout(Some(CLUSTER_CALL_TRY))
+                    .retries(3)
+                    .min_retry_wait(2)
+                    .max_retry_wait(20)
+                    .retry_wait_formula(4, 2);
                 if let Some(certs) = tls {
                     builder = builder.certs(certs);
                 }
@@ -305,6 +330,8 @@ impl Store {
             replacing: Arc::default(),
             replaced_at: Arc::default(),
             unanswered_replacements: Arc::default(),
+            unanswered_since: Arc::default(),
+            created: Instant::now(),
             replace_budget: connect_timeout * 2 + REPLACE_PAUSE,
             last_diagnosis: Arc::default(),
         })
@@ -376,10 +403,26 @@ impl Store {
             }
             return;
         }
-        // In a cluster an answered error replaces the connection too: TRYAGAIN and ASK
-        // that outlast the client's retries during a reshard are ridden out best on a
-        // connection that learns the slots afresh (measured: fewer checks unanswered).
-        let replace = failure == Failure::Unanswered || self.is_cluster();
+        let replace = match failure {
+            Failure::Broken => true,
+            Failure::Refused => false,
+            Failure::Unanswered if !self.is_cluster() => true,
+            // A cluster: only once calls have gone unanswered for a while (a half-open
+            // node), not for one slow call during a reshard.
+            Failure::Unanswered => {
+                let now = self.created.elapsed().as_millis() as u64 + 1;
+                let since = match self.unanswered_since.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => now,
+                    Err(since) => since,
+                };
+                now - since >= CLUSTER_UNANSWERED_GRACE.as_millis() as u64
+            }
+        };
         if replace && !self.replacing.swap(true, Ordering::AcqRel) {
             let store = self.clone();
             tokio::spawn(async move {
@@ -402,7 +445,13 @@ impl Store {
     /// A call was answered: the connection works, and the next unanswered one is replaced
     /// at once again.
     pub fn call_answered(&self) {
-        self.unanswered_replacements.store(0, Ordering::Relaxed);
+        // Read first: every batch lands here, and a store would dirty a shared cache line.
+        if self.unanswered_replacements.load(Ordering::Relaxed) != 0 {
+            self.unanswered_replacements.store(0, Ordering::Relaxed);
+        }
+        if self.unanswered_since.load(Ordering::Relaxed) != 0 {
+            self.unanswered_since.store(0, Ordering::Relaxed);
+        }
     }
 
     fn note_replaced(&self) {
