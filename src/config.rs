@@ -27,6 +27,8 @@ pub const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
 pub const MAX_OVERRIDES_REFRESH_MS: u64 = 3_600_000;
 pub const MAX_DELIVERY_LIMIT: u32 = 1_000_000;
 pub const MAX_DEFER_SECONDS: u64 = 24 * 60 * 60;
+/// The longest `limits.duplicate_window_seconds`: a week.
+pub const MAX_DUPLICATE_WINDOW_SECONDS: u64 = 7 * 24 * 60 * 60;
 pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 600_000;
 /// RabbitMQ's own upper bound for a negotiated heartbeat is far higher; past ten minutes a
 /// dead connection is found too late to matter.
@@ -361,7 +363,20 @@ pub struct LimitsConfig {
     /// With `on_limit = "defer"`: the longest a message may wait, from its first arrival,
     /// before it is rejected after all.
     pub max_defer_seconds: u64,
+    /// What happens to a message whose id already had a confirmed output.
+    pub duplicates: Duplicates,
+    /// With `duplicates = "drop"`: how long an id's confirmed output is remembered.
+    pub duplicate_window_seconds: u64,
     pub overrides: Vec<Override>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Duplicates {
+    /// Forwarded again, marked `x-ratelimit-replayed: true`.
+    Forward,
+    /// Acked with no second output (outcome `duplicate`).
+    Drop,
 }
 
 impl Default for LimitsConfig {
@@ -379,6 +394,8 @@ impl Default for LimitsConfig {
             on_redis_error: OnRedisError::Allow,
             on_limit: OnLimit::Reject,
             max_defer_seconds: 3600,
+            duplicates: Duplicates::Forward,
+            duplicate_window_seconds: 600,
             overrides: Vec::new(),
         }
     }
@@ -1098,6 +1115,12 @@ impl LimitsConfig {
             return fail(format!(
                 "limits.max_defer_seconds = {} is out of range (1 to {MAX_DEFER_SECONDS})",
                 limits.max_defer_seconds
+            ));
+        }
+        if !(1..=MAX_DUPLICATE_WINDOW_SECONDS).contains(&limits.duplicate_window_seconds) {
+            return fail(format!(
+                "limits.duplicate_window_seconds = {} is out of range (1 to {MAX_DUPLICATE_WINDOW_SECONDS})",
+                limits.duplicate_window_seconds
             ));
         }
         if limits.redis_overrides_refresh_ms > MAX_OVERRIDES_REFRESH_MS {

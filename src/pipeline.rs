@@ -20,8 +20,8 @@ use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
-    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, companion_base, key_for,
-    notified_key, sender_tag,
+    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, companion_base, done_key,
+    key_for, notified_key, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
@@ -149,8 +149,8 @@ impl Pipeline {
         let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
         let mut outputs = Vec::with_capacity(batch.len());
         for (i, (delivery, parsed)) in batch.iter().zip(&parsed).enumerate() {
-            let (verdict, check) = match parsed {
-                Err(_) => (None, None),
+            let (verdict, check, done) = match parsed {
+                Err(_) => (None, None, None),
                 Ok(_) => match decided.next().expect("one answer per valid message") {
                     (Decided::Held { key_fault }, _) => {
                         fates.push(Some(Fate::Held { key_fault }));
@@ -171,6 +171,7 @@ impl Pipeline {
                             }
                             _ => None,
                         },
+                        Some(check.done_key.as_str()).filter(|key| !key.is_empty()),
                     ),
                 },
             };
@@ -184,19 +185,21 @@ impl Pipeline {
             );
             self.observe(delivery, parsed, verdict, output.outcome);
             fates.push(None);
-            outputs.push((i, output, check, verdict));
+            outputs.push((i, output, check, verdict, done));
         }
         // Every publish is sent before any confirm is awaited.
         let parsed = &parsed;
         let published = join_all(outputs.into_iter().map(
-            |(i, mut output, check, verdict)| async move {
+            |(i, mut output, check, verdict, done)| async move {
                 let delivery = &batch[i];
                 let (mut renewed, mut clock) = (false, clock);
                 loop {
                     let outcome = output.outcome;
                     let Some(queue) = self.queue(output.to) else {
-                        return (i, Ok(outcome), None);
+                        return (i, Ok(outcome), None, None);
                     };
+                    // Only a final output marks the id done: a parked message comes back.
+                    let done = done.filter(|_| !matches!(output.to, Destination::Defer(_)));
                     match publisher
                         .publish(queue, &output.body, output.properties)
                         .await
@@ -239,18 +242,24 @@ impl Pipeline {
                                 publisher.max_body(),
                             );
                         }
-                        result => return (i, result.map(|()| outcome), check),
+                        result => return (i, result.map(|()| outcome), check, done),
                     }
                 }
             },
         ))
         .await;
         let mut confirmed = Vec::new();
-        for (i, result, check) in published {
+        let mut done_keys = Vec::new();
+        for (i, result, check, done) in published {
             if result.is_ok()
                 && let Some(check) = check
             {
                 confirmed.push(check);
+            }
+            if result.is_ok()
+                && let Some(done) = done
+            {
+                done_keys.push(done.to_owned());
             }
             fates[i] = Some(match result {
                 Ok(outcome) => Fate::Done(outcome),
@@ -258,6 +267,12 @@ impl Pipeline {
             });
         }
         self.limiter.mark_forwarded(&confirmed);
+        // `duplicates = "drop"`: the marks land before the acks.
+        if let Some(window) = settings.drop_duplicates {
+            self.limiter
+                .mark_done(&done_keys, window.saturating_mul(1000))
+                .await;
+        }
         fates
             .into_iter()
             .map(|f| f.expect("every delivery has a fate"))
@@ -423,12 +438,26 @@ impl Pipeline {
             ),
             (None, OnRedisError::Allow) => (String::new(), false),
         };
+        // `duplicates = "drop"`: by the message's own id (a message back from the ladder too).
+        let done_key = match (
+            settings.drop_duplicates,
+            route::message_id(envelope, &delivery.properties),
+        ) {
+            (Some(_), Some(id)) => done_key(
+                &self.config.redis.key_prefix,
+                &envelope.tenant_id,
+                &envelope.channel,
+                id,
+            ),
+            _ => String::new(),
+        };
         let check = Check {
             key,
             rule,
             notify_tag,
             message_id,
             redelivered: delivery.redelivered || retry,
+            done_key,
         };
         (check, token)
     }

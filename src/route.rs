@@ -146,10 +146,20 @@ fn routed<'a>(
         decision,
         replayed,
         forwarded_before,
+        duplicate,
     }) = verdict
     else {
         return forward(Outcome::Unchecked, degraded_properties(properties));
     };
+    // `duplicates = "drop"`: this id's output was confirmed already.
+    if duplicate {
+        return Output {
+            outcome: Outcome::Duplicate,
+            to: Destination::Done,
+            body: Cow::Borrowed(body),
+            properties: BasicProperties::default(),
+        };
+    }
     match decision {
         Decision::Allowed {
             limit,
@@ -882,6 +892,7 @@ mod tests {
             decision,
             replayed: forwarded_before,
             forwarded_before,
+            duplicate: false,
         })
     }
 

@@ -99,9 +99,10 @@ impl BucketModel {
     }
 }
 
-/// The three keys a script takes for one check: the state key (`{counter}:sliding`,
-/// `{counter}:bucket`, or the counter itself), its decision for `id`, and `tag`'s
-/// notification marker, named as the gate names them.
+/// The four keys a script takes for one check: the state key (`{counter}:sliding`,
+/// `{counter}:bucket`, or the counter itself), its decision for `id`, `tag`'s
+/// notification marker, and the id's confirmed-output marker (unused here: the state key
+/// again), named as the gate names them.
 fn keys(state: &str, id: &str, tag: &str) -> Vec<String> {
     let algorithm = if state.ends_with(":sliding") {
         Algorithm::SlidingWindow
@@ -115,6 +116,8 @@ fn keys(state: &str, id: &str, tag: &str) -> Vec<String> {
         state.to_owned(),
         limit::seen_key(algorithm, &base, id),
         limit::notified_key(&base, tag),
+        // Duplicates forwarded: no confirmed-output marker to look at.
+        state.to_owned(),
     ]
 }
 

@@ -493,3 +493,41 @@ async fn a_deferring_rule_the_broker_will_not_give_a_ladder_rejects_and_says_why
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn with_duplicates_dropped_an_id_gets_one_output() {
+    let names = Names::new("duplicates-drop");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1, 60);
+    config.limits.duplicates = konstruct_gate::config::Duplicates::Drop;
+    let gate = TestGate::start(config).await;
+    let (first, second) = (
+        message("d1", "acme", "slack"),
+        message("d2", "acme", "slack"),
+    );
+    broker.publish_many([first.clone(), second.clone()]).await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "d1");
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "d2");
+    broker.wait_empty(&names.inbound, WAIT).await;
+    // The gateway publishes both again: acked, no second output of either.
+    broker.publish_many([first, second]).await;
+    broker.wait_empty(&names.inbound, WAIT).await;
+    let deadline = Instant::now() + WAIT;
+    while unacked(&names.inbound) > 0 {
+        assert!(Instant::now() < deadline, "never acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.assert_empty(&names.orchestrator).await;
+    broker.assert_empty(&names.notifications).await;
+    // A new id still gets its output.
+    broker
+        .publish(&message("d3", "acme", "slack"), BasicProperties::default())
+        .await;
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "d3");
+    gate.stop().await;
+    broker.cleanup().await;
+}

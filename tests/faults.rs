@@ -115,6 +115,19 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_three_instances_lose_nothing() {
+    chaos("forward").await;
+}
+
+/// The same chaos with `limits.duplicates = "drop"`: nothing lost, and a redelivered message
+/// whose output was confirmed (and marked) gets no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_duplicates_dropped_loses_nothing() {
+    chaos("drop").await;
+}
+
+/// Three gate processes drain a prefilled backlog while instances are killed, every broker
+/// connection is closed twice and Redis restarts; returns the duplicates on the outputs.
+async fn chaos(duplicates: &str) -> usize {
     let _serial = serial().await;
     let mut redis = PrivateRedis::start().await;
     let names = Names::new("chaos");
@@ -139,6 +152,10 @@ async fn chaos_three_instances_lose_nothing() {
     let mut env = gate_env(&names, &redis.url(), limit);
     // A modest prefetch keeps the drain long enough for every fault to land mid-drain.
     env.push(("KONSTRUCT_GATE__AMQP__PREFETCH".into(), "64".into()));
+    env.push((
+        "KONSTRUCT_GATE__LIMITS__DUPLICATES".into(),
+        duplicates.into(),
+    ));
     let mut gates: Vec<_> = (0..3).map(|_| spawn_gate(&env)).collect();
     let addrs: Vec<_> = gates.iter().map(|(_, a)| *a).collect();
     all_ready(&addrs, Duration::from_secs(30)).await;
@@ -227,7 +244,7 @@ async fn chaos_three_instances_lose_nothing() {
         .take(10)
         .collect();
     println!(
-        "chaos: {total} messages, {} faults, drained in {drain_time:?}; outputs {} ({allowed_n} allowed, {rejected_n} rejected, {degraded} degraded); lost {}; duplicates {}",
+        "chaos (duplicates = {duplicates}): {total} messages, {} faults, drained in {drain_time:?}; outputs {} ({allowed_n} allowed, {rejected_n} rejected, {degraded} degraded); lost {}; duplicates {}",
         schedule.len(),
         ids.len(),
         expected.len() - seen.len(),
@@ -240,6 +257,7 @@ async fn chaos_three_instances_lose_nothing() {
     assert_eq!(seen.len(), total);
     broker.assert_empty(&names.dead_letter).await;
     broker.cleanup().await;
+    ids.len() - seen.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,7 +93,9 @@ fn sender_id(tag: &str) -> u64 {
 impl RejectionCache {
     /// The answer for `check` without Redis, when the cache has one.
     pub fn answer(&self, check: &Check, generation: u64, now: Instant) -> Option<Decision> {
-        if check.redelivered {
+        // A redelivery may have been allowed the first time; with `duplicates = "drop"`,
+        // only Redis knows whether the id had its output already.
+        if check.redelivered || !check.done_key.is_empty() {
             return None;
         }
         let mut inner = self.inner.lock().expect("never poisoned");
@@ -208,6 +210,7 @@ mod tests {
             notify_tag: tag.into(),
             message_id: String::new(),
             redelivered: false,
+            done_key: String::new(),
         }
     }
 

@@ -24,23 +24,32 @@
 -- slot (the companions are hash-tagged with the whole counter key), so a Redis Cluster
 -- can run the script on the node that owns them.
 --
--- KEYS[3i-2]    a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
--- KEYS[3i-1]    its decisions by message id: {counter}:seen
--- KEYS[3i]      its sender's notification marker: {counter}:notified:{tag}
+-- With `duplicates = "drop"`, a message whose id already had a confirmed output (the marker
+-- {counter}:done:{id}, set by mark_forwarded.lua for the duplicate window) is answered
+-- "duplicate" (replayed = 3) at once: nothing counted, nothing replayed.
+--
+-- KEYS[4i-3]    a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
+-- KEYS[4i-2]    its decisions by message id: {counter}:seen
+-- KEYS[4i-1]    its sender's notification marker: {counter}:notified:{tag}
+-- KEYS[4i]      the id's confirmed-output marker {counter}:done:{id}, or the counter
+--               again when duplicates are forwarded
 -- ARGV[4i-3]    its window length in seconds
 -- ARGV[4i-2]    its limit
 -- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
 -- ARGV[4i]      the message id, or "" when it has none
--- Returns       {count, pttl_ms, notify (1/0), replayed (0/1/2)} for each key: the count
+-- Returns       {count, pttl_ms, notify (1/0), replayed (0/1/2/3)} for each key: the count
 --               after this message and the milliseconds until the window resets; or
 --               {"err", error text, 0, 0} when this key could not be checked. A key may
 --               appear more than once; each appearance is one message.
 local SEEN_MAX_MS = 3600000
-local function check(i, key, seen_key, notified_key)
+local function check(i, key, seen_key, notified_key, done_key)
   local window = tonumber(ARGV[4 * i - 3])
   local limit = tonumber(ARGV[4 * i - 2])
   local tag = ARGV[4 * i - 1]
   local id = ARGV[4 * i]
+  if done_key ~= key and redis.call('EXISTS', done_key) == 1 then
+    return 0, 0, 0, 3
+  end
   if id ~= '' then
     local seen = redis.call('HGET', seen_key, id)
     if seen then
@@ -78,8 +87,8 @@ local function check(i, key, seen_key, notified_key)
 end
 
 local out = {}
-for i = 1, #KEYS / 3 do
-  local ok, a, b, c, d = pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])
+for i = 1, #KEYS / 4 do
+  local ok, a, b, c, d = pcall(check, i, KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i])
   if not ok then
     a, b, c, d = 'err', type(a) == 'table' and tostring(a.err) or tostring(a), 0, 0
   end

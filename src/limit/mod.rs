@@ -54,6 +54,9 @@ pub struct Check {
     /// The broker delivered this message before: its first decision may have been
     /// "allowed", so only Redis may answer it.
     pub redelivered: bool,
+    /// `duplicates = "drop"`: the marker of a confirmed output of this message's id
+    /// ([`done_key`]); empty otherwise.
+    pub done_key: String,
 }
 
 /// A decision and whether Redis replayed it: the message's id was already decided in this
@@ -65,6 +68,9 @@ pub struct Answer {
     /// Replayed, and the output of the first decision was confirmed: downstream already
     /// has this message (or the user was already told).
     pub forwarded_before: bool,
+    /// `duplicates = "drop"`: an output of this id was confirmed within the duplicate
+    /// window; the message gets no second one.
+    pub duplicate: bool,
 }
 
 impl Answer {
@@ -73,6 +79,7 @@ impl Answer {
             decision,
             replayed: false,
             forwarded_before: false,
+            duplicate: false,
         }
     }
 }
@@ -206,6 +213,12 @@ pub fn seen_key(algorithm: Algorithm, base: &str, message_id: &str) -> String {
         Algorithm::FixedWindow => format!("{base}:seen"),
         Algorithm::SlidingWindow | Algorithm::TokenBucket => format!("{base}:seen:{message_id}"),
     }
+}
+
+/// The marker that an output of message `id` was confirmed (`duplicates = "drop"`), one
+/// per (tenant, channel) and id, in the counter's slot, whatever the algorithm.
+pub fn done_key(prefix: &str, tenant_id: &str, channel: &str, id: &str) -> String {
+    format!("{{{}}}:done:{id}", counter_key(prefix, tenant_id, channel))
 }
 
 /// The marker that a sender was told about a rejection in this window.

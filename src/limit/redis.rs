@@ -295,7 +295,7 @@ impl Limiter {
         };
         // Every key a check touches, declared: its state, its decisions by id, and its
         // sender's notification marker.
-        let keys: Vec<[Cow<'_, str>; 3]> = indices
+        let keys: Vec<[Cow<'_, str>; 4]> = indices
             .iter()
             .map(|&i| {
                 // A companion the script will not touch (no id, no sender tag) is declared
@@ -312,11 +312,15 @@ impl Limiter {
                     "" => key.clone(),
                     tag => Cow::Owned(notified_key(&base, tag)),
                 };
-                [key, seen, notified]
+                let done = match check.done_key.as_str() {
+                    "" => key.clone(),
+                    done => Cow::Borrowed(done),
+                };
+                [key, seen, notified, done]
             })
             .collect();
         let fill = |cmd: &mut Cmd| {
-            cmd.arg(keys.len() * 3);
+            cmd.arg(keys.len() * 4);
             for key in keys.iter().flatten() {
                 cmd.arg(key.as_ref());
             }
@@ -413,6 +417,36 @@ impl Limiter {
                 tracing::debug!(error = %e, "could not mark forwarded decisions");
             }
         });
+    }
+
+    /// Marks confirmed outputs by message id (`duplicates = "drop"`), for `ttl_ms`: a later
+    /// message with one of these ids gets no second output. Awaited before the acks, so a
+    /// crash cannot forward a duplicate; a mark that fails is logged and the message acked
+    /// (its duplicate would be forwarded, marked replayed).
+    pub async fn mark_done(&self, keys: &[String], ttl_ms: u64) {
+        if keys.is_empty() {
+            return;
+        }
+        let marks = keys.iter().map(|key| async move {
+            let mut conn = self.store.conn().await?;
+            redis::cmd("SET")
+                .arg(key)
+                .arg("1")
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .query_async::<()>(&mut conn)
+                .await
+        });
+        match tokio::time::timeout(self.budget(), futures::future::join_all(marks)).await {
+            Ok(results) => {
+                if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                    tracing::warn!(error = %e, "could not mark confirmed outputs: a duplicate of one may be forwarded");
+                }
+            }
+            Err(_) => tracing::warn!(
+                "marking confirmed outputs timed out: a duplicate of one may be forwarded"
+            ),
+        }
     }
 
     /// Every field of a hash (the live overrides), within the check timeout.
@@ -514,6 +548,15 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
             (Decision::from_script(&v[..5], rule), v[5])
         }
     };
+    if replayed == 3 {
+        // A duplicate: nothing was decided, and nothing will be output.
+        return Ok(Answer {
+            replayed: true,
+            forwarded_before: true,
+            duplicate: true,
+            ..Answer::fresh(decision)
+        });
+    }
     let forwarded_before = replayed == 2;
     let mut decision = decision;
     // The user was told when the first rejection went out: no second reply.
@@ -524,6 +567,7 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
         decision,
         replayed: replayed != 0,
         forwarded_before,
+        duplicate: false,
     })
 }
 

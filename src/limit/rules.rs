@@ -50,6 +50,9 @@ pub struct Settings {
     pub on_redis_error: OnRedisError,
     /// `on_limit = "defer"`: how long after its first arrival a message may still be parked.
     pub max_defer_seconds: u64,
+    /// `duplicates = "drop"`: how long a confirmed output is remembered by message id, in
+    /// seconds; `None` forwards duplicates again (marked).
+    pub drop_duplicates: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +118,8 @@ impl Rules {
                 count_once: limits.count_once,
                 on_redis_error: limits.on_redis_error,
                 max_defer_seconds: limits.max_defer_seconds,
+                drop_duplicates: (limits.duplicates == crate::config::Duplicates::Drop)
+                    .then_some(limits.duplicate_window_seconds),
             },
             global,
             tenants,

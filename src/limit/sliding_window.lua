@@ -4,9 +4,11 @@
 -- hash per key with the current window's index and the two counts.
 --
 -- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
--- KEYS[3i-2]    the counter hash ({counter}:sliding, where {counter} is the counter key in braces)
--- KEYS[3i-1]    its decision for this message id ({counter}:sliding:seen:{id})
--- KEYS[3i]      its sender's notification marker ({counter}:sliding:notified:{tag})
+-- KEYS[4i-3]    the counter hash ({counter}:sliding, where {counter} is the counter key in braces)
+-- KEYS[4i-2]    its decision for this message id ({counter}:sliding:seen:{id})
+-- KEYS[4i-1]    its sender's notification marker ({counter}:sliding:notified:{tag})
+-- KEYS[4i]      the id's confirmed-output marker ({counter}:done:{id}, see fixed_window.lua),
+--               or the state key again when duplicates are forwarded
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
 --               notification tag ("" to notify every rejection), and the message id
@@ -15,7 +17,7 @@
 --               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1), unless the counter is gone (then it is decided afresh).
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
---               replayed (0/1/2)} for each key, or {"err", error text, 0, 0, 0, 0} when this
+--               replayed (0/1/2, 3: a duplicate whose output was confirmed)} for each key, or {"err", error text, 0, 0, 0, 0} when this
 --               key could not be checked (the others are decided as usual).
 local SEEN_MAX_MS = 3600000
 local now_us
@@ -27,11 +29,14 @@ else
 end
 local now = now_us / 1000
 
-local function check(i, key, seen_key, notified_key)
+local function check(i, key, seen_key, notified_key, done_key)
   local limit = tonumber(ARGV[4 * i - 2])
   local window = tonumber(ARGV[4 * i - 1])
   local tag = ARGV[4 * i]
   local id = ARGV[4 * i + 1]
+  if done_key ~= key and redis.call('EXISTS', done_key) == 1 then
+    return 0, 0, 0, 0, 0, 3
+  end
   if id ~= '' then
     local seen = redis.call('GET', seen_key)
     if seen and redis.call('EXISTS', key) == 1 then
@@ -104,8 +109,8 @@ local function check(i, key, seen_key, notified_key)
 end
 
 local out = {}
-for i = 1, #KEYS / 3 do
-  local r = {pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])}
+for i = 1, #KEYS / 4 do
+  local r = {pcall(check, i, KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i])}
   if not r[1] then
     local e = r[2]
     r = {true, 'err', type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}

@@ -4,9 +4,11 @@
 -- and smooth: `requests` per window on average, up to `burst` at once.
 --
 -- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
--- KEYS[3i-2]    the TAT key ({counter}:bucket, where {counter} is the counter key in braces)
--- KEYS[3i-1]    its decision for this message id ({counter}:bucket:seen:{id})
--- KEYS[3i]      its sender's notification marker ({counter}:bucket:notified:{tag})
+-- KEYS[4i-3]    the TAT key ({counter}:bucket, where {counter} is the counter key in braces)
+-- KEYS[4i-2]    its decision for this message id ({counter}:bucket:seen:{id})
+-- KEYS[4i-1]    its sender's notification marker ({counter}:bucket:notified:{tag})
+-- KEYS[4i]      the id's confirmed-output marker ({counter}:done:{id}, see fixed_window.lua),
+--               or the state key again when duplicates are forwarded
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[5i-3] .. ARGV[5i+1]  requests, window in milliseconds, burst, the sender's
 --               notification tag ("" to notify every rejection), and the message id
@@ -15,7 +17,7 @@
 --               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1); the bucket key expiring when full does not matter.
 -- Returns       {allowed (1/0), remaining, reset_ms, retry_after_ms, notify (1/0),
---               replayed (0/1/2)} for each key, or {"err", error text, 0, 0, 0, 0} when this
+--               replayed (0/1/2, 3: a duplicate whose output was confirmed)} for each key, or {"err", error text, 0, 0, 0, 0} when this
 --               key could not be checked (the others are decided as usual).
 local SEEN_MAX_MS = 3600000
 local now_us
@@ -26,7 +28,7 @@ else
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local function check(i, key, seen_key, notified_key)
+local function check(i, key, seen_key, notified_key, done_key)
   local requests = tonumber(ARGV[5 * i - 3])
   local window_us = tonumber(ARGV[5 * i - 2]) * 1000
   local burst = tonumber(ARGV[5 * i - 1])
@@ -34,6 +36,9 @@ local function check(i, key, seen_key, notified_key)
   local id = ARGV[5 * i + 1]
   -- The bucket's key expires whenever the bucket is full again, so a replay does not
   -- depend on it: the kept decision alone (for the window) is replayed.
+  if done_key ~= key and redis.call('EXISTS', done_key) == 1 then
+    return 0, 0, 0, 0, 0, 3
+  end
   if id ~= '' then
     local seen = redis.call('GET', seen_key)
     if seen then
@@ -97,8 +102,8 @@ local function check(i, key, seen_key, notified_key)
 end
 
 local out = {}
-for i = 1, #KEYS / 3 do
-  local r = {pcall(check, i, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i])}
+for i = 1, #KEYS / 4 do
+  local r = {pcall(check, i, KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i])}
   if not r[1] then
     local e = r[2]
     r = {true, 'err', type(e) == 'table' and tostring(e.err) or tostring(e), 0, 0, 0, 0}
