@@ -43,6 +43,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
             notify_tag: format!("{:016x}", u64::from(i) * 2_654_435_761),
             message_id: String::new(),
             redelivered: false,
+            done_key: String::new(),
         };
         cache.learn(
             &check,
