@@ -269,7 +269,9 @@ impl Admin {
 
     /// Writes the fields of `change` into the Redis override of `target` (other fields of
     /// an existing entry stay). Validated exactly as the gates validate the hash; nothing is
-    /// written when invalid.
+    /// written when invalid. Read, merge and write are one compare-and-set: an operator
+    /// who changed the entry meanwhile is never overwritten, the change is merged into
+    /// theirs and written again.
     pub async fn set(
         &mut self,
         target: &Target,
@@ -277,10 +279,42 @@ impl Admin {
     ) -> Result<RedisOverride, AdminError> {
         Self::check_change(target, &change)?;
         let field = target.field();
-        let cmd = redis::cmd("HGET").arg(&self.hash).arg(&field).to_owned();
-        let existing: Option<String> = self.query(&cmd).await?;
-        // A Redis entry replaces the file's override for the same target whole: a first
-        // entry starts from the file's, so the fields not given here keep their values.
+        for _ in 0..SET_ATTEMPTS {
+            let cmd = redis::cmd("HGET").arg(&self.hash).arg(&field).to_owned();
+            let existing: Option<String> = self.query(&cmd).await?;
+            let value = self.merged(target, existing.as_deref(), &change)?;
+            let json = serde_json::to_string(&value).expect("an override serializes");
+            let (_, errors) = parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
+            if let Some(error) = errors.into_iter().next() {
+                return Err(AdminError::Invalid(error));
+            }
+            // Written only if the entry is still what was read (absent: "").
+            let cas = redis::cmd("EVAL")
+                .arg(COMPARE_AND_SET)
+                .arg(1)
+                .arg(&self.hash)
+                .arg(&field)
+                .arg(existing.as_deref().unwrap_or(""))
+                .arg(&json)
+                .to_owned();
+            let written: i64 = self.query(&cas).await?;
+            if written == 1 {
+                return Ok(value);
+            }
+        }
+        Err(AdminError::Redis(format!(
+            "the override of {field} kept changing while it was being set; try again"
+        )))
+    }
+
+    /// `change` merged into the entry read from Redis (or, for a first entry, the file's
+    /// override for the same target, so the fields not given keep their values).
+    fn merged(
+        &self,
+        target: &Target,
+        existing: Option<&str>,
+        change: &RedisOverride,
+    ) -> Result<RedisOverride, AdminError> {
         let from_file = self
             .config
             .limits
@@ -289,38 +323,21 @@ impl Admin {
             .find(|o| o.tenant == target.tenant && o.channel == target.channel)
             .map(values_of);
         let mut value: RedisOverride = match existing {
-            Some(json) => serde_json::from_str(&json).map_err(|e| {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
                 AdminError::Invalid(format!(
-                    "the Redis override of {field} is not valid ({e}); `limits unset {field}` first"
+                    "the Redis override of {} is not valid ({e}); `limits unset {}` first",
+                    target.field(),
+                    target.field()
                 ))
             })?,
             None => from_file.unwrap_or_default(),
         };
-        let RedisOverride {
-            requests,
-            window_seconds,
-            algorithm,
-            burst,
-            shadow,
-            on_limit,
-        } = change;
-        value.requests = requests.or(value.requests);
-        value.window_seconds = window_seconds.or(value.window_seconds);
-        value.algorithm = algorithm.or(value.algorithm);
-        value.burst = burst.or(value.burst);
-        value.shadow = shadow.or(value.shadow);
-        value.on_limit = on_limit.or(value.on_limit);
-        let json = serde_json::to_string(&value).expect("an override serializes");
-        let (_, errors) = parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
-        if let Some(error) = errors.into_iter().next() {
-            return Err(AdminError::Invalid(error));
-        }
-        let cmd = redis::cmd("HSET")
-            .arg(&self.hash)
-            .arg(&field)
-            .arg(&json)
-            .to_owned();
-        let _: i64 = self.query(&cmd).await?;
+        value.requests = change.requests.or(value.requests);
+        value.window_seconds = change.window_seconds.or(value.window_seconds);
+        value.algorithm = change.algorithm.or(value.algorithm);
+        value.burst = change.burst.or(value.burst);
+        value.shadow = change.shadow.or(value.shadow);
+        value.on_limit = change.on_limit.or(value.on_limit);
         Ok(value)
     }
 
@@ -447,6 +464,15 @@ impl Admin {
         Ok(deleted)
     }
 }
+
+/// How often `set` reads and merges again when another operator's write came between.
+const SET_ATTEMPTS: usize = 10;
+
+/// HSET only if the field still holds ARGV[2] ("" for absent): 1 when written, else 0.
+const COMPARE_AND_SET: &str = "local now = redis.call('HGET', KEYS[1], ARGV[1]) or ''\n\
+if now ~= ARGV[2] then return 0 end\n\
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])\n\
+return 1";
 
 fn values_of(o: &Override) -> RedisOverride {
     RedisOverride {
