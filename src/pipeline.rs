@@ -16,12 +16,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
-use crate::config::{Config, Notify, OnRedisError};
+use crate::config::{Algorithm, Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
-    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, companion_base, done_key,
-    key_for, notified_key, sender_tag,
+    Answer, Check, Decision, LINE_TAG, Limiter, LiveRules, RejectionCache, Rules, companion_base,
+    done_key, key_for, notified_key, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
@@ -119,6 +119,7 @@ impl Pipeline {
     ) -> Vec<Fate> {
         // One snapshot per batch: a reload never changes the rules halfway through.
         let rules = self.rules.snapshot();
+        let now_ms = self.limiter.now_ms();
         let settings = rules.settings;
         let parsed: Vec<Result<Envelope<'_>, Invalid>> = batch
             .iter()
@@ -130,13 +131,13 @@ impl Pipeline {
             .zip(&parsed)
             .filter_map(|(delivery, parsed)| {
                 let envelope = parsed.as_ref().ok()?;
-                Some(self.check(delivery, envelope, &rules, retry, session))
+                Some(self.check(delivery, envelope, &rules, retry, session, now_ms))
             })
             .unzip();
         let mut decided = self.decide(&checks, &rules, retry).await;
         let clock = DeferClock {
             // Redis's clock: every gate writes the same first arrival for the same moment.
-            now_ms: self.limiter.now_ms(),
+            now_ms,
             max_defer_seconds: settings.max_defer_seconds,
             can_park: self.can_park(&checks, &decided).await,
         };
@@ -190,7 +191,7 @@ impl Pipeline {
         // Every publish is sent before any confirm is awaited.
         let parsed = &parsed;
         let published = join_all(outputs.into_iter().map(
-            |(i, mut output, check, verdict, done)| async move {
+            |(i, mut output, check, mut verdict, done)| async move {
                 let delivery = &batch[i];
                 let (mut renewed, mut clock) = (false, clock);
                 loop {
@@ -207,10 +208,15 @@ impl Pipeline {
                         // The broker closed the channel (this message too large for it, or
                         // another one in flight on it): once on a new channel, routed again
                         // with what the refusal taught.
-                        Err(PublishError::Channel(_) | PublishError::TooLarge { .. })
+                        Err(ref e @ (PublishError::Channel(_) | PublishError::TooLarge { .. }))
                             if !renewed && publisher.renew().await =>
                         {
                             renewed = true;
+                            // Closed by another message's refusal: the broker may have
+                            // routed this one before, so a second forward is marked.
+                            if matches!(e, PublishError::Channel(_)) {
+                                verdict = verdict.map(|(v, rule)| (maybe_sent(v), rule));
+                            }
                             output = route::output(
                                 &delivery.data,
                                 &delivery.properties,
@@ -222,12 +228,12 @@ impl Pipeline {
                         }
                         // A step of the ladder is missing: rejected instead, and no more
                         // parking until the ladder is back.
-                        Err(PublishError::Returned { .. })
+                        Err(PublishError::Returned { .. } | PublishError::Nacked)
                             if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
                         {
                             self.parking.send_replace(Parking::Unusable);
                             let reason = format!(
-                                "the defer ladder's queue {queue} is missing, so messages over a deferring limit are rejected"
+                                "the defer ladder's queue {queue} is missing or refuses messages, so messages over a deferring limit are rejected"
                             );
                             if self.health.set_ladder_error(Some(reason.clone())) {
                                 warn!("{reason}");
@@ -401,6 +407,7 @@ impl Pipeline {
         rules: &Rules,
         retry: bool,
         session: u64,
+        now_ms: u64,
     ) -> (Check, bool) {
         let settings = rules.settings;
         let rule = rules.rule_for(&envelope.tenant_id, &envelope.channel);
@@ -413,6 +420,11 @@ impl Pipeline {
         // A rule that defers tells no sender while it parks: a quiet-rejection marker set
         // then would silence the notification of a message finally rejected.
         let notify_tag = match settings.notify {
+            // The fixed window's count tells a message its place in line; the others keep
+            // a line for a deferring rule.
+            _ if rule.defer && !rule.shadow && rule.algorithm != Algorithm::FixedWindow => {
+                LINE_TAG.to_owned()
+            }
             _ if rule.defer => String::new(),
             Notify::Every => String::new(),
             Notify::OncePerWindow => sender_tag(envelope.sender.map(|s| s.get())),
@@ -458,6 +470,11 @@ impl Pipeline {
             message_id,
             redelivered: delivery.redelivered || retry,
             done_key,
+            // Only a rule that still defers parks it again unasked; a second is no wait.
+            wait_ms: match route::wait_for_turn(&delivery.properties, now_ms) {
+                wait if rule.defer && !rule.shadow && wait >= 1000 => wait,
+                _ => 0,
+            },
         };
         (check, token)
     }
@@ -499,8 +516,16 @@ impl Pipeline {
         let mut decided: Vec<Option<Decided>> = checks
             .iter()
             .map(|check| {
-                self.cache
-                    .answer(check, rules.generation, asked_at)
+                // Back before its turn: parked again for the rest, Redis not asked.
+                let early = (check.wait_ms > 0).then(|| Decision::Rejected {
+                    limit: check.rule.requests,
+                    window_seconds: check.rule.window_seconds,
+                    retry_after: check.wait_ms.div_ceil(1000),
+                    notify_user: true,
+                    queued: 0,
+                });
+                early
+                    .or_else(|| self.cache.answer(check, rules.generation, asked_at))
                     .map(|decision| {
                         Decided::Verdict(Verdict::Checked(Answer::fresh(decision)), false)
                     })
@@ -594,6 +619,17 @@ fn as_routed(verdict: Verdict, redelivered: bool, retry: bool) -> Verdict {
         Verdict::Checked(a) => Verdict::Checked(Answer {
             replayed: a.forwarded_before || (a.replayed && !retry),
             forwarded_before: a.forwarded_before && redelivered,
+            ..a
+        }),
+        unchecked => unchecked,
+    }
+}
+
+/// The verdict of a message that may have been published already: a forward is marked.
+fn maybe_sent(verdict: Verdict) -> Verdict {
+    match verdict {
+        Verdict::Checked(a) => Verdict::Checked(Answer {
+            replayed: true,
             ..a
         }),
         unchecked => unchecked,

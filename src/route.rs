@@ -55,6 +55,11 @@ pub const DEFERRED: &str = "x-gate-deferred";
 /// travels with the message, so `limits.max_defer_seconds` counts from there.
 pub const FIRST_ARRIVAL: &str = "x-gate-first-arrival";
 
+/// Header: when a parked message's turn comes, in milliseconds since the Unix epoch by
+/// Redis's clock. Back earlier (its wait is longer than the longest step), it is parked
+/// again for the rest without a check.
+pub const DUE: &str = "x-gate-due";
+
 /// Header: a parked message's own `expiration`, kept aside while it waits (a per-message
 /// TTL would break the order of a delay queue) and restored when it moves on.
 pub const PARKED_EXPIRATION: &str = "x-gate-expiration";
@@ -263,7 +268,14 @@ pub fn deferral(
     let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
     // No per-message TTL in a delay queue: the queue's own TTL keeps them in order. The
     // message's own travels aside, and is restored when it moves on.
-    let mut extra = vec![(DEFERRED, int(times)), (FIRST_ARRIVAL, int(first))];
+    let due_at = clock
+        .now_ms
+        .saturating_add(retry_after.saturating_mul(1000));
+    let mut extra = vec![
+        (DEFERRED, int(times)),
+        (FIRST_ARRIVAL, int(first)),
+        (DUE, int(due_at)),
+    ];
     if let Some(expiration) = own_expiration(inbound) {
         extra.push((PARKED_EXPIRATION, text(&expiration)));
     }
@@ -288,6 +300,15 @@ pub fn defer_step(retry_after: u64) -> u64 {
         .copied()
         .find(|&step| step >= retry_after)
         .unwrap_or(steps[steps.len() - 1])
+}
+
+/// Milliseconds until a parked message's turn, by `now_ms`; 0 for a fresh message or one
+/// whose turn has come.
+pub fn wait_for_turn(inbound: &BasicProperties, now_ms: u64) -> u64 {
+    if times_deferred(inbound) == 0 {
+        return 0;
+    }
+    header_int(inbound.headers(), DUE).map_or(0, |due| due.saturating_sub(now_ms))
 }
 
 /// How many times a message was deferred before (0 for a fresh one).
@@ -326,8 +347,8 @@ const LADDER_HEADERS: [&str; 7] = [
 /// publishing user), with persistent delivery and `extra` headers added.
 pub fn copy_properties(inbound: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
     let out = copy_properties_except_expiration(inbound, extra);
-    match own_expiration(inbound) {
-        Some(v) => out.with_expiration(ShortString::from(v)),
+    match own_expiration(inbound).and_then(|v| ShortString::try_new(v).ok()) {
+        Some(v) => out.with_expiration(v),
         None => out,
     }
 }
@@ -338,11 +359,17 @@ fn own_expiration(inbound: &BasicProperties) -> Option<String> {
     if let Some(v) = inbound.expiration() {
         return Some(v.as_str().to_owned());
     }
-    match header(inbound.headers(), PARKED_EXPIRATION)? {
-        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
-        _ => None,
+    // Only on a parked copy, and only what the broker accepts as an expiration (a
+    // decimal of milliseconds): a forged or broken value is dropped, never published.
+    if times_deferred(inbound) == 0 {
+        return None;
     }
+    let text = match header(inbound.headers(), PARKED_EXPIRATION)? {
+        AMQPValue::LongString(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        AMQPValue::ShortString(v) => v.as_str().to_owned(),
+        _ => return None,
+    };
+    text.parse::<u32>().ok().map(|ms| ms.to_string())
 }
 
 /// `copy_properties` without `expiration`: a parked copy must not carry a TTL of its own.
@@ -385,7 +412,10 @@ fn copy_properties_except_expiration(
     if header(inbound.headers(), DEFERRED).is_some() {
         let mut kept = FieldTable::default();
         for (name, value) in headers.inner() {
-            if !LADDER_HEADERS.contains(&name.as_str()) && name.as_str() != PARKED_EXPIRATION {
+            if !LADDER_HEADERS.contains(&name.as_str())
+                && name.as_str() != PARKED_EXPIRATION
+                && name.as_str() != DUE
+            {
                 kept.insert(name.clone(), value.clone());
             }
         }
@@ -530,8 +560,9 @@ pub fn rejection(
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(PERSISTENT)
         .with_type(ShortString::from("rate_limited"));
-    if let Some(id) = message_id {
-        properties = properties.with_correlation_id(ShortString::from(id));
+    // A correlation id is a short string (255 bytes): a longer message id stays in the body.
+    if let Some(id) = message_id.and_then(|id| ShortString::try_new(id).ok()) {
+        properties = properties.with_correlation_id(id);
     }
     (bytes, properties)
 }
@@ -1071,5 +1102,37 @@ mod tests {
             (o.outcome, o.to),
             (Outcome::Rejected, Destination::Notifications)
         );
+    }
+
+    #[test]
+    fn what_a_publisher_writes_into_gate_headers_or_long_ids_never_breaks_an_output() {
+        // A forged parked expiration on a fresh message, and a broken one on a parked copy:
+        // neither reaches an output.
+        let mut forged = FieldTable::default();
+        forged.insert(PARKED_EXPIRATION.into(), text(&"9".repeat(300)));
+        let fresh = BasicProperties::default().with_headers(forged.clone());
+        assert_eq!(
+            allowed_properties(&fresh, 5, 4, 6, false).expiration(),
+            &None
+        );
+        forged.insert(DEFERRED.into(), int(1));
+        for bad in ["abc", "-1", "99999999999"] {
+            forged.insert(PARKED_EXPIRATION.into(), text(bad));
+            let parked = BasicProperties::default().with_headers(forged.clone());
+            assert_eq!(
+                allowed_properties(&parked, 5, 4, 6, false).expiration(),
+                &None,
+                "{bad}"
+            );
+        }
+        // A message id of 256 characters (the contract's longest) does not fit a
+        // correlation id: the notice goes without one, the id stays in its body.
+        let id = "i".repeat(256);
+        let body = format!(r#"{{"tenant_id":"acme","channel":"slack","id":"{id}"}}"#);
+        let envelope = parse(body.as_bytes(), 1 << 20).unwrap();
+        let (bytes, p) = rejection(&envelope, Some(&id), 30, 60, 42, true, false);
+        assert_eq!(p.correlation_id(), &None);
+        let note: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(note["message_id"], id.as_str());
     }
 }

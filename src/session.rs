@@ -99,7 +99,7 @@ pub struct Gate {
     brokers: Brokers,
     /// Numbers the sessions, so that delivery tags of different sessions never meet.
     sessions: AtomicU64,
-    /// The broker's `max_message_size`, once a refusal told it: outlives sessions.
+    /// The broker's `max_message_size`, once a refusal told it in this session.
     max_body: Arc<AtomicU64>,
 }
 
@@ -188,6 +188,8 @@ impl Gate {
             return Ok(());
         };
         let (consume_conn, broker) = consume_conn?;
+        // Learned afresh per session: the limit may have been raised, or this node's differ.
+        self.max_body.store(u64::MAX, Ordering::Relaxed);
         // Both connections on one node: a node that fails takes the whole session with it,
         // not half of it.
         let publish_conn =

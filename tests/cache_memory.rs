@@ -44,6 +44,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
             message_id: String::new(),
             redelivered: false,
             done_key: String::new(),
+            wait_ms: 0,
         };
         cache.learn(
             &check,

@@ -211,6 +211,7 @@ mod tests {
             message_id: String::new(),
             redelivered: false,
             done_key: String::new(),
+            wait_ms: 0,
         }
     }
 

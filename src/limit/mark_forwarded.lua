@@ -3,7 +3,7 @@
 -- a replayed rejection needs no second reply to the user.
 --
 -- KEYS[i]   where the decision is kept: the fixed window's {counter}:seen hash, or the
---           other algorithms' {key}:seen:{id} string
+--           other algorithms' {key}:seen-at:{id} string
 -- ARGV[i]   the message id (the hash field) for a hash, "" for a string
 -- Returns   the number of decisions marked. A key that is gone or of another type is
 --           skipped: the mark only ever makes a replay more precise.

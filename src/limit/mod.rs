@@ -36,8 +36,9 @@ pub enum Decision {
         /// "once_per_window"`), so the notifier stays quiet.
         notify_user: bool,
         /// Over-limit messages of this key ahead of this one in its window (the fixed
-        /// window's count beyond the limit; 0 where unknown): a deferred message waits
-        /// that many windows' worth of turns more, instead of coming back with all of them.
+        /// window's count beyond the limit, the other algorithms' line for a deferring
+        /// rule; 0 where unknown): a deferred message waits that many windows' worth of
+        /// turns more, instead of coming back with all of them.
         queued: u64,
     },
 }
@@ -57,6 +58,9 @@ pub struct Check {
     /// `duplicates = "drop"`: the marker of a confirmed output of this message's id
     /// ([`done_key`]); empty otherwise.
     pub done_key: String,
+    /// A parked message back before its turn (the longest step is shorter than its wait):
+    /// milliseconds until then. It is parked again without asking Redis.
+    pub wait_ms: u64,
 }
 
 /// A decision and whether Redis replayed it: the message's id was already decided in this
@@ -207,11 +211,14 @@ pub fn companion_base(algorithm: Algorithm, state_key: &str) -> String {
 }
 
 /// Where a decision is kept for a message id: a field `id` of the fixed window's hash
-/// `{counter}:seen`, or the other algorithms' string `{counter}:<alg>:seen:<id>`.
+/// `{counter}:seen`, or the other algorithms' string `{counter}:<alg>:seen-at:<id>`.
 pub fn seen_key(algorithm: Algorithm, base: &str, message_id: &str) -> String {
     match algorithm {
         Algorithm::FixedWindow => format!("{base}:seen"),
-        Algorithm::SlidingWindow | Algorithm::TokenBucket => format!("{base}:seen:{message_id}"),
+        // `seen-at`: decisions kept as moments (earlier versions kept waits under `seen`).
+        Algorithm::SlidingWindow | Algorithm::TokenBucket => {
+            format!("{base}:seen-at:{message_id}")
+        }
     }
 }
 
@@ -221,8 +228,16 @@ pub fn done_key(prefix: &str, tenant_id: &str, channel: &str, id: &str) -> Strin
     format!("{{{}}}:done:{id}", counter_key(prefix, tenant_id, channel))
 }
 
-/// The marker that a sender was told about a rejection in this window.
+/// The notification tag that asks the sliding-window and token-bucket scripts for a
+/// rejected message's place in its deferring rule's line instead.
+pub const LINE_TAG: &str = "~line";
+
+/// The marker that a sender was told about a rejection in this window; for
+/// [`LINE_TAG`], the counter of a deferring rule's line.
 pub fn notified_key(base: &str, notify_tag: &str) -> String {
+    if notify_tag == LINE_TAG {
+        return format!("{base}:line");
+    }
     format!("{base}:notified:{notify_tag}")
 }
 
@@ -298,6 +313,8 @@ mod tests {
                     state.clone(),
                     seen_key(algorithm, &base, "m-1"),
                     notified_key(&base, "0123abcd"),
+                    notified_key(&base, LINE_TAG),
+                    done_key(prefix, tenant, channel, "m-1"),
                 ] {
                     assert!(key.contains(&counter), "{key} is named after {counter}");
                     assert_eq!(Slot::for_key(&key), Slot::for_key(&counter), "{key}");

@@ -15,7 +15,7 @@ use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};
 
 use super::store::{Failure, Lua, Store};
-use super::{Answer, Check, Decision, companion_base, notified_key, seen_key};
+use super::{Answer, Check, Decision, LINE_TAG, companion_base, notified_key, seen_key};
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
 
@@ -243,6 +243,8 @@ impl Limiter {
     {
         let started = Instant::now();
         let mut wait = CLUSTER_BUSY_WAIT_MIN;
+        // A try that timed out may have run: its retry's replays are its own.
+        let mut slow_tries = 0;
         // A cluster's client bounds each node's answer by the timeout itself, and the
         // whole call (redirects, a new slot map) by its budget.
         let budget = self.budget();
@@ -255,12 +257,26 @@ impl Limiter {
                 // A try of a cluster call that timed out may have been held back behind a
                 // new slot map: made again too. (If it ran after all, a message with an
                 // id gets its first decision back; one without may be counted twice.)
-                Err(CheckError::Busy(_) | CheckError::Slow(_))
+                // Once only after a timeout: a node that stops answering (half-open) must
+                // not hold every batch for the whole budget.
+                Err(ref e @ (CheckError::Busy(_) | CheckError::Slow(_)))
                     if self.store.is_cluster()
-                        && started.elapsed() + wait < CLUSTER_BUSY_BUDGET =>
+                        && started.elapsed() + wait < CLUSTER_BUSY_BUDGET
+                        && (matches!(e, CheckError::Busy(_)) || slow_tries == 0) =>
                 {
+                    if matches!(e, CheckError::Slow(_)) {
+                        slow_tries += 1;
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(CLUSTER_BUSY_WAIT_MAX);
+                }
+                Ok(mut answers) if slow_tries > 0 => {
+                    for answer in answers.iter_mut().flatten() {
+                        if !answer.forwarded_before {
+                            answer.replayed = false;
+                        }
+                    }
+                    return Ok(answers);
                 }
                 other => return other,
             }
@@ -545,7 +561,19 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
             v[3],
         ),
         Algorithm::SlidingWindow | Algorithm::TokenBucket => {
-            (Decision::from_script(&v[..5], rule), v[5])
+            let mut decision = Decision::from_script(&v[..5], rule);
+            // A deferring rule's line: the place in it came back in place of notify.
+            if check.notify_tag == LINE_TAG
+                && let Decision::Rejected {
+                    queued,
+                    notify_user,
+                    ..
+                } = &mut decision
+            {
+                *queued = v[4].max(0) as u64;
+                *notify_user = true;
+            }
+            (decision, v[5])
         }
     };
     if replayed == 3 {

@@ -5,14 +5,15 @@
 --
 -- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
 -- KEYS[4i-3]    the TAT key ({counter}:bucket, where {counter} is the counter key in braces)
--- KEYS[4i-2]    its decision for this message id ({counter}:bucket:seen:{id})
+-- KEYS[4i-2]    its decision for this message id ({counter}:bucket:seen-at:{id})
 -- KEYS[4i-1]    its sender's notification marker ({counter}:bucket:notified:{tag})
 -- KEYS[4i]      the id's confirmed-output marker ({counter}:done:{id}, see fixed_window.lua),
 --               or the state key again when duplicates are forwarded
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[5i-3] .. ARGV[5i+1]  requests, window in milliseconds, burst, the sender's
 --               notification tag ("" to notify every rejection), and the message id
---               ("" when it has none) for check i. A message with an id is counted once:
+--               ("" when it has none) for check i; the tag "~line" asks for the
+--               message's place in a deferring rule's line instead (see below). A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1); the bucket key expiring when full does not matter.
@@ -87,7 +88,13 @@ local function check(i, key, seen_key, notified_key, done_key)
     retry = allow_at - now_us
   end
   local notify = 1
-  if allowed == 0 and tag ~= '' then
+  if allowed == 0 and tag == '~line' then
+    -- A deferring rule's line (KEYS[4i-1] is {state}:line): this message's place among
+    -- the over-limit ones of the window, returned in place of notify, so that it is
+    -- parked for its turn instead of coming back with all of them.
+    notify = redis.call('INCR', notified_key) - 1
+    if notify == 0 then redis.call('PEXPIRE', notified_key, math.ceil(window_us / 1000)) end
+  elseif allowed == 0 and tag ~= '' then
     if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, math.ceil(retry / 1000))) then
       notify = 0
     end
