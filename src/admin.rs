@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override, RedisMode};
-use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RedisOverride, parse_overrides};
+use crate::limit::live::{
+    MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, RedisOverride, parse_overrides,
+};
 use crate::limit::store::Store;
 use crate::limit::{Rules, counter_key, key_for};
 use crate::message::{valid_channel, valid_tenant_id};
@@ -460,6 +462,12 @@ impl Admin {
         let marker = format!("{MARKER_PREFIX}resets");
         let _: i64 = self
             .query(redis::cmd("HINCRBY").arg(&self.hash).arg(marker).arg(1))
+            .await?;
+        // Heard by every running gate at once (a classic PUBLISH reaches every node of a
+        // cluster); the counter above is for a gate that was not listening just then.
+        let channel = format!("{}{RESETS_CHANNEL}", self.config.redis.key_prefix);
+        let _: i64 = self
+            .query(redis::cmd("PUBLISH").arg(channel).arg(&counter))
             .await?;
         Ok(deleted)
     }

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::amqp::Brokers;
 use crate::config::{Config, RedisMode, SecretUrl};
 use crate::health::Health;
-use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, parse_overrides};
+use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, parse_overrides};
 use crate::limit::{Limiter, LiveRules};
 use crate::pipeline::Pipeline;
 use crate::session::Gate;
@@ -125,6 +125,12 @@ impl Application {
             self.limiter.clone(),
             background.clone(),
         ));
+        tasks.spawn(hear_resets(
+            self.config.clone(),
+            rules.clone(),
+            self.limiter.clone(),
+            background.clone(),
+        ));
         let pipeline = Pipeline::new(
             self.config.clone(),
             rules,
@@ -144,6 +150,47 @@ impl Application {
         tasks.close();
         tasks.wait().await;
         info!("konstruct-gate stopped");
+    }
+}
+
+/// How long a lost subscription waits before it subscribes again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+
+/// Listens for `limits reset` on Redis's resets channel and makes the gate forget its
+/// cached rejections at once (the reset counter in the overrides hash is the fallback,
+/// read with the overrides). Subscribes again after a lost connection.
+async fn hear_resets(
+    config: Arc<Config>,
+    rules: Arc<LiveRules>,
+    limiter: Limiter,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt;
+    let channel = format!("{}{RESETS_CHANNEL}", config.redis.key_prefix);
+    loop {
+        let listen = async {
+            let client = limiter.subscriber().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                info!("a window was reset: cached rejections forgotten");
+                rules.forget_cached();
+            }
+            redis::RedisResult::Ok(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ended = listen => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %config.scrub(&e.to_string()), "cannot hear resets; subscribing again");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+        }
     }
 }
 

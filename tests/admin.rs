@@ -316,3 +316,32 @@ async fn set_on_limit_defer_parks_the_next_over_limit_message_on_every_gate() {
     gate.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reset_reaches_every_gates_cache_at_once() {
+    let names = Names::new("admin-reset-now");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(1, 600);
+    // Overrides are not read at all: only the reset's own message can tell the gates.
+    config.limits.redis_overrides_refresh_ms = 0;
+    // Every rejection told: the cache answers any sender of the key.
+    config.limits.notify = konstruct_gate::config::Notify::Every;
+    let gates = [
+        TestGate::start(config.clone()).await,
+        TestGate::start(config).await,
+    ];
+    publish(&broker, "a", 1).await;
+    broker.collect(&names.orchestrator, 1, WAIT).await;
+    // A flood: both instances answer it from their rejection caches.
+    publish(&broker, "b", 20).await;
+    broker.collect(&names.notifications, 20, WAIT).await;
+    json(&cli(&names, &["reset", "acme:slack", "--json"], &[]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish(&broker, "c", 1).await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "c0");
+    for gate in gates {
+        gate.stop().await;
+    }
+    broker.cleanup().await;
+}

@@ -16,6 +16,10 @@ use crate::message::{valid_channel, valid_tenant_id};
 /// The Redis hash of live overrides, under the configured key prefix.
 pub const OVERRIDES_KEY: &str = "konstruct-gate:overrides";
 
+/// The Redis channel (under the key prefix) `limits reset` publishes the reset counter
+/// key on, so that every gate forgets its cached rejections at once.
+pub const RESETS_CHANNEL: &str = "konstruct-gate:resets";
+
 pub struct LiveRules {
     current: ArcSwap<Rules>,
     sources: Mutex<Sources>,

@@ -293,6 +293,11 @@ impl Limiter {
         }
     }
 
+    /// A client of one server, for subscriptions.
+    pub async fn subscriber(&self) -> redis::RedisResult<redis::Client> {
+        self.store.subscriber().await
+    }
+
     /// True for a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.store.is_cluster()

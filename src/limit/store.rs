@@ -185,6 +185,8 @@ struct Standalone {
 
 struct Cluster {
     client: redis::cluster::ClusterClient,
+    /// One seed node on its own, for subscriptions (a classic PUBLISH reaches every node).
+    seed: Box<Client>,
     conn: ArcSwapOption<ClusterConnection>,
     /// Serializes connecting, so a burst of calls makes one connection.
     connecting: tokio::sync::Mutex<()>,
@@ -259,10 +261,21 @@ impl Store {
                     .min_retry_wait(2)
                     .max_retry_wait(20)
                     .retry_wait_formula(4, 2);
+                let seed_info = config.nodes[0]
+                    .expose()
+                    .into_connection_info()
+                    .map_err(bad)?
+                    .set_tcp_settings(tcp_settings());
+                let seed = match &tls {
+                    Some(certs) => Client::build_with_tls(seed_info, certs.clone()),
+                    None => Client::open(seed_info),
+                }
+                .map_err(bad)?;
                 if let Some(certs) = tls {
                     builder = builder.certs(certs);
                 }
                 Inner::Cluster(Cluster {
+                    seed: Box::new(seed),
                     client: builder.build().map_err(bad)?,
                     conn: ArcSwapOption::empty(),
                     connecting: tokio::sync::Mutex::new(()),
@@ -559,6 +572,16 @@ impl Store {
     /// PING, to one node: in a cluster the primary of slot 0 (a PING without a key would go
     /// to every primary, and one primary down would make every gate not ready while the
     /// other slots work; failing checks of that primary's slots count on their own).
+    /// A client of one server for subscriptions: the server itself, the primary the
+    /// sentinels name, or a cluster's first seed node.
+    pub async fn subscriber(&self) -> RedisResult<Client> {
+        match &*self.inner {
+            Inner::Standalone(standalone) => Ok(standalone.client.clone()),
+            Inner::Cluster(cluster) => Ok((*cluster.seed).clone()),
+            Inner::Sentinel(sentinel) => sentinel.client.lock().await.async_get_client().await,
+        }
+    }
+
     /// Redis's clock (`TIME`), in milliseconds since the Unix epoch: an answer is a ping.
     pub async fn time(&self) -> RedisResult<u64> {
         let value = self
