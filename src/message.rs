@@ -208,7 +208,7 @@ impl<'de> Visitor<'de> for TopLevel {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = Fields::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Name(key)) = map.next_key::<Name<'de>>()? {
             macro_rules! once {
                 ($slot:expr, $name:literal) => {{
                     if $slot.is_some() {
@@ -218,12 +218,12 @@ impl<'de> Visitor<'de> for TopLevel {
                 }};
             }
             match key.as_ref() {
-                "tenant_id" => once!(fields.tenant_id, "tenant_id"),
-                "channel" => once!(fields.channel, "channel"),
-                "id" => once!(fields.id, "id"),
-                "channel_metadata" => once!(fields.channel_metadata, "channel_metadata"),
-                "sender" => once!(fields.sender, "sender"),
-                "thread_id" => once!(fields.thread_id, "thread_id"),
+                b"tenant_id" => once!(fields.tenant_id, "tenant_id"),
+                b"channel" => once!(fields.channel, "channel"),
+                b"id" => once!(fields.id, "id"),
+                b"channel_metadata" => once!(fields.channel_metadata, "channel_metadata"),
+                b"sender" => once!(fields.sender, "sender"),
+                b"thread_id" => once!(fields.thread_id, "thread_id"),
                 // Opaque: taken raw, so it need only be grammatical. A decoded string
                 // would refuse an escaped lone surrogate (`"\udc00"`), which Python's
                 // `json` writes and reads.
@@ -240,7 +240,9 @@ impl<'de> Visitor<'de> for TopLevel {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
+        while let Some(raw) = seq.next_element::<&RawValue>()? {
+            deep_enough(raw)?;
+        }
         Ok(None)
     }
 
@@ -303,95 +305,60 @@ fn nesting_depth(json: &str) -> usize {
     max
 }
 
-/// Skips any value, like `serde::de::IgnoredAny`, but through `deserialize_any`, so the
-/// parser's nesting limit (128) applies to the opaque parts of the body too: a body too
-/// deep for the gate would be too deep for the services behind it.
-struct Skip;
+/// A member name, as the bytes it decodes to: a name that holds an escaped lone surrogate
+/// is grammatical too (the parser decodes it to bytes, never refusing it).
+struct Name<'de>(Cow<'de, [u8]>);
 
-impl<'de> serde::Deserialize<'de> for Skip {
+impl<'de> serde::Deserialize<'de> for Name<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(SkipVisitor)
+        d.deserialize_bytes(NameVisitor)
     }
 }
 
-struct SkipVisitor;
+struct NameVisitor;
 
-impl<'de> Visitor<'de> for SkipVisitor {
-    type Value = Skip;
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = Name<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+        f.write_str("a member name")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-        Ok(Skip)
+    fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Borrowed(v)))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_unit<E>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(Skip)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
-        while map.next_entry::<Skip, Skip>()?.is_some() {}
-        Ok(Skip)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Scalar<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ScalarVisitor)
-    }
-}
-
-struct ScalarVisitor;
-
-impl<'de> Visitor<'de> for ScalarVisitor {
-    type Value = Scalar<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Owned(v.to_vec())))
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Scalar::Str(Cow::Borrowed(v)))
+        Ok(Name(Cow::Borrowed(v.as_bytes())))
     }
     fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+        Ok(Name(Cow::Owned(v.as_bytes().to_vec())))
     }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Scalar::Null)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Scalar::Other("a boolean"))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Scalar::Other("a number"))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Scalar::Other("a number"))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Scalar::Other("a number"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(Scalar::Other("an array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<Skip, Skip>()?.is_some() {}
-        Ok(Scalar::Other("an object"))
+}
+
+/// A read member, taken raw (so it need only be grammatical) and then reduced: a string
+/// without escapes is borrowed as it is; one whose escapes do not decode to Unicode (a
+/// lone surrogate) is "not a valid string", for the field's own rule to refuse.
+impl<'de> serde::Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        deep_enough(raw)?;
+        let text = raw.get();
+        Ok(match text.as_bytes().first() {
+            Some(b'"') if !text.contains('\\') => {
+                Scalar::Str(Cow::Borrowed(&text[1..text.len() - 1]))
+            }
+            Some(b'"') => match serde_json::from_str::<String>(text) {
+                Ok(s) => Scalar::Str(Cow::Owned(s)),
+                Err(_) => Scalar::Other("a string that is not valid Unicode"),
+            },
+            Some(b'n') => Scalar::Null,
+            Some(b't' | b'f') => Scalar::Other("a boolean"),
+            Some(b'[') => Scalar::Other("an array"),
+            Some(b'{') => Scalar::Other("an object"),
+            _ => Scalar::Other("a number"),
+        })
     }
 }
 
@@ -606,6 +573,34 @@ mod tests {
         // Not grammatical is still refused.
         assert_eq!(
             code(br#"{"tenant_id":"a","channel":"b","content":"\uZZZZ"}"#),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn an_escaped_lone_surrogate_is_grammatical_in_names_arrays_and_read_members() {
+        // In a member name, and in a top-level array: grammatical JSON.
+        let body = br#"{"tenant_id":"a","channel":"b","\udc00":1,"x\ud800":[{"\udfff":"\udc00"}]}"#;
+        assert!(parse(body, MAX).is_ok());
+        assert_eq!(code(br#"["\udc00",{"\ud800":1}]"#), ErrorCode::NotAnObject);
+        // In a member the gate reads: the field's own rule refuses it.
+        assert_eq!(
+            code(br#"{"tenant_id":"\udc00","channel":"b"}"#),
+            ErrorCode::InvalidTenantId
+        );
+        assert_eq!(
+            code(br#"{"tenant_id":"a","channel":"\ud800"}"#),
+            ErrorCode::InvalidChannel
+        );
+        assert_eq!(
+            code(br#"{"tenant_id":"a","channel":"b","id":"m\udc00"}"#),
+            ErrorCode::InvalidId
+        );
+        // Escapes that decode are read as before; a read name still counts once.
+        let envelope = parse(br#"{"tenant_\u0069d":"a\u002eb","channel":"c"}"#, MAX).unwrap();
+        assert_eq!(envelope.tenant_id, "a.b");
+        assert_eq!(
+            code(br#"{"tenant_id":"a","tenant_\u0069d":"b","channel":"c"}"#),
             ErrorCode::InvalidJson
         );
     }

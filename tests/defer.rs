@@ -306,10 +306,9 @@ async fn a_deferral_with_no_ladder_to_park_in_is_rejected_not_handed_back() {
 async fn a_deferred_message_keeps_its_expiration_and_its_final_rejections_tell_a_sender_once() {
     let names = Names::new("defer-contract");
     let broker = Broker::new(&names).await;
-    // 1 per 2 s, deferring; past 5 s of waiting a message is rejected.
+    // 1 per 2 s, deferring.
     let mut config = names.config(1, 2);
     config.limits.on_limit = OnLimit::Defer;
-    config.limits.max_defer_seconds = 5;
     let gate = TestGate::start(config).await;
     let ttl = BasicProperties::default().with_expiration("600000".into());
     broker
