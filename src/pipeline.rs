@@ -363,7 +363,7 @@ impl Pipeline {
             claims.push(async move {
                 let told = self
                     .limiter
-                    .claim_notice(&key, retry_after.saturating_mul(1000))
+                    .claim_notice(&key, retry_after.saturating_mul(1000), &check.message_id)
                     .await;
                 (j, told)
             });

@@ -135,20 +135,27 @@ impl Limiter {
     /// Claims the right to tell a sender about a rejection (`notify = "once_per_window"`):
     /// true when nobody told them within `ttl_ms` before. Fails open (true) when Redis
     /// cannot answer: a second reply is better than none.
-    pub async fn claim_notice(&self, key: &str, ttl_ms: u64) -> bool {
+    pub async fn claim_notice(&self, key: &str, ttl_ms: u64, message_id: &str) -> bool {
+        // The marker holds the id that claimed it: that message's redelivery (its notice
+        // was not confirmed, or its ack was lost) is still the one to tell.
         let claim = async {
             let mut conn = self.store.conn().await?;
-            redis::cmd("SET")
-                .arg(key)
-                .arg("1")
+            let mut set = redis::cmd("SET");
+            set.arg(key)
+                .arg(message_id)
                 .arg("NX")
                 .arg("PX")
-                .arg(ttl_ms.max(1))
-                .query_async::<Option<String>>(&mut conn)
-                .await
+                .arg(ttl_ms.max(1));
+            if !message_id.is_empty() {
+                set.arg("GET");
+            }
+            set.query_async::<Option<String>>(&mut conn).await
         };
         match tokio::time::timeout(self.budget(), claim).await {
-            Ok(Ok(set)) => set.is_some(),
+            // Without an id: set (OK) or not (nil). With one: nil when set, else the
+            // holder's id.
+            Ok(Ok(answer)) if message_id.is_empty() => answer.is_some(),
+            Ok(Ok(holder)) => holder.is_none_or(|holder| holder == message_id),
             _ => true,
         }
     }
