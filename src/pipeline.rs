@@ -194,6 +194,17 @@ impl Pipeline {
             |(i, mut output, check, mut verdict, done)| async move {
                 let delivery = &batch[i];
                 let (mut renewed, mut clock) = (false, clock);
+                // Routed again after a failed publish, with what it taught.
+                let reroute = |verdict, clock| {
+                    route::output(
+                        &delivery.data,
+                        &delivery.properties,
+                        &parsed[i],
+                        verdict,
+                        clock,
+                        publisher.max_body(),
+                    )
+                };
                 loop {
                     let outcome = output.outcome;
                     let Some(queue) = self.queue(output.to) else {
@@ -217,14 +228,7 @@ impl Pipeline {
                             if matches!(e, PublishError::Channel(_)) {
                                 verdict = verdict.map(|(v, rule)| (maybe_sent(v), rule));
                             }
-                            output = route::output(
-                                &delivery.data,
-                                &delivery.properties,
-                                &parsed[i],
-                                verdict,
-                                clock,
-                                publisher.max_body(),
-                            );
+                            output = reroute(verdict, clock);
                         }
                         // A step of the ladder is missing: rejected instead, and no more
                         // parking until the ladder is back.
@@ -239,14 +243,7 @@ impl Pipeline {
                                 warn!("{reason}");
                             }
                             clock.can_park = false;
-                            output = route::output(
-                                &delivery.data,
-                                &delivery.properties,
-                                &parsed[i],
-                                verdict,
-                                clock,
-                                publisher.max_body(),
-                            );
+                            output = reroute(verdict, clock);
                         }
                         result => return (i, result.map(|()| outcome), check, done),
                     }

@@ -269,29 +269,8 @@ async fn a_deferral_with_no_ladder_to_park_in_is_rejected_not_handed_back() {
     config.amqp.declare_queues = false;
     config.limits.on_limit = OnLimit::Defer;
     let gate = TestGate::start_without_waiting(config).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
-        if body.contains("consuming: true") && body.contains("defer_ladder_error") {
-            assert_eq!(status, 503, "{body}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never said why: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    broker
-        .publish_many([
-            message("m1", "acme", "slack"),
-            message("m2", "acme", "slack"),
-        ])
-        .await;
-    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
-    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    wait_consuming_but_not_ready(gate.http, "defer_ladder_error", WAIT).await;
+    one_allowed_one_rejected(&broker, WAIT).await;
     broker.wait_empty(&names.inbound, WAIT).await;
     assert_eq!(
         metric_value(gate.http, "konstruct_gate_publish_failures_total").await,

@@ -442,16 +442,7 @@ async fn a_user_allowed_only_the_four_queues_runs_a_gate_that_rejects() {
     config.amqp.url = konstruct_gate::config::SecretUrl::new(user.url());
     // The gate declares its four queues itself, as that user.
     let gate = TestGate::start(config).await;
-    broker
-        .publish_many([
-            message("m1", "acme", "slack"),
-            message("m2", "acme", "slack"),
-        ])
-        .await;
-    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
-    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    one_allowed_one_rejected(&broker, WAIT).await;
     let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
     assert_eq!(status, 200, "{body}");
     gate.stop().await;
@@ -468,28 +459,10 @@ async fn a_deferring_rule_the_broker_will_not_give_a_ladder_rejects_and_says_why
     config.limits.on_limit = konstruct_gate::config::OnLimit::Defer;
     let gate = TestGate::start_without_waiting(config).await;
     // Not ready, with the broker's reason, but consuming (no reconnect loop).
-    let deadline = Instant::now() + WAIT;
-    let body = loop {
-        let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
-        if body.contains("consuming: true") && body.contains("defer_ladder_error") {
-            assert_eq!(status, 503, "{body}");
-            break body;
-        }
-        assert!(Instant::now() < deadline, "never said why: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let body = wait_consuming_but_not_ready(gate.http, "defer_ladder_error", WAIT).await;
     assert!(body.contains("ACCESS_REFUSED"), "{body}");
-    broker
-        .publish_many([
-            message("m1", "acme", "slack"),
-            message("m2", "acme", "slack"),
-        ])
-        .await;
-    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
     // Over the limit and nowhere to park: rejected, with a notification.
-    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
-    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+    one_allowed_one_rejected(&broker, WAIT).await;
     gate.stop().await;
     broker.cleanup().await;
 }

@@ -449,6 +449,40 @@ pub async fn wait_ready(http: SocketAddr, within: Duration) {
     }
 }
 
+/// Waits until the gate consumes but `/readyz` answers 503 naming `reason`; returns its body.
+pub async fn wait_consuming_but_not_ready(
+    http: SocketAddr,
+    reason: &str,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http_get(http, "/readyz").await.unwrap();
+        if body.contains("consuming: true") && body.contains(reason) {
+            assert_eq!(status, 503, "{body}");
+            return body;
+        }
+        assert!(Instant::now() < deadline, "never said why: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `m1` and `m2` for acme's Slack under a limit of 1: `m1` must be forwarded and
+/// `m2` rejected with a notification.
+pub async fn one_allowed_one_rejected(broker: &Broker, within: Duration) {
+    broker
+        .publish_many([
+            message("m1", "acme", "slack"),
+            message("m2", "acme", "slack"),
+        ])
+        .await;
+    let names = &broker.names;
+    let allowed = broker.collect(&names.orchestrator, 1, within).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+    let rejected = broker.collect(&names.notifications, 1, within).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
+}
+
 /// A minimal HTTP/1.0 GET: status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream =
