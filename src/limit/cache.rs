@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Answer, Check, Decision};
+use super::{Answer, Check, Decision, LINE_TAG};
 
 /// Keys remembered at most (about 30 MiB, see the memory test); beyond this the entry that
 /// expires first is evicted.
@@ -94,8 +94,9 @@ impl RejectionCache {
     /// The answer for `check` without Redis, when the cache has one.
     pub fn answer(&self, check: &Check, generation: u64, now: Instant) -> Option<Decision> {
         // A redelivery may have been allowed the first time; with `duplicates = "drop"`,
-        // only Redis knows whether the id had its output already.
-        if check.redelivered || !check.done_key.is_empty() {
+        // only Redis knows whether the id had its output already; a deferring rule's place
+        // in line is kept in Redis.
+        if check.redelivered || !check.done_key.is_empty() || check.notify_tag == LINE_TAG {
             return None;
         }
         let mut inner = self.inner.lock().expect("never poisoned");

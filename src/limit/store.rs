@@ -433,7 +433,8 @@ impl Store {
                     Ok(_) => now,
                     Err(since) => since,
                 };
-                now - since >= CLUSTER_UNANSWERED_GRACE.as_millis() as u64
+                // Another failing call may have stored a later moment first.
+                now.saturating_sub(since) >= CLUSTER_UNANSWERED_GRACE.as_millis() as u64
             }
         };
         if replace && !self.replacing.swap(true, Ordering::AcqRel) {
