@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override, RedisMode};
+use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override};
 use crate::limit::live::{
     MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, RedisOverride, parse_overrides,
 };
 use crate::limit::store::Store;
-use crate::limit::{Rules, counter_key, key_for};
+use crate::limit::{Rules, counter_key, key_for, window_keys};
 use crate::message::{valid_channel, valid_tenant_id};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -421,41 +421,19 @@ impl Admin {
         })
     }
 
-    /// Starts `target`'s window afresh: deletes its counter and every companion key (of
-    /// every algorithm), then leaves a marker that makes every gate forget its cached
-    /// rejections. Returns how many keys were deleted.
+    /// Starts `target`'s window afresh: deletes its state, its line and its senders told (of
+    /// every algorithm, each key by name), then tells every gate to forget its cached
+    /// rejections. Decisions kept by message id stay: a redelivery is still counted once,
+    /// and a duplicate still dropped. Returns how many keys were deleted.
     pub async fn reset(&mut self, target: &Target) -> Result<u64, AdminError> {
         let channel = target.channel.as_deref().unwrap_or_default();
-        let counter = counter_key(&self.config.redis.key_prefix, &target.tenant, channel);
-        let mut keys = vec![counter.clone()];
-        // Every companion is named `{counter}:…`, in the counter's slot. Gates of earlier
-        // versions (never on a cluster) named them `counter:…`: during a rolling upgrade
-        // those are reset too.
-        let mut patterns = vec![format!("{{{}}}:*", glob_escape(&counter))];
-        if self.config.redis.mode != RedisMode::Cluster {
-            patterns.push(format!("{}:*", glob_escape(&counter)));
-        }
-        for pattern in &patterns {
-            let mut cursor: u64 = 0;
-            loop {
-                let cmd = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .to_owned();
-                let (next, found): (u64, Vec<String>) = self.query_at(&counter, cmd).await?;
-                keys.extend(found);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
+        let prefix = &self.config.redis.key_prefix;
+        let counter = counter_key(prefix, &target.tenant, channel);
         let mut deleted = 0;
-        for chunk in keys.chunks(500) {
-            let n: u64 = self.query(redis::cmd("DEL").arg(chunk)).await?;
+        // One key per DEL: in a cluster a tenant id with braces can put the counter in
+        // another slot than its companions.
+        for key in window_keys(prefix, &target.tenant, channel) {
+            let n: u64 = self.query(redis::cmd("DEL").arg(key)).await?;
             deleted += n;
         }
         // One counter for every reset, so the hash does not grow with them.
@@ -491,18 +469,6 @@ fn values_of(o: &Override) -> RedisOverride {
         shadow: o.shadow,
         on_limit: o.on_limit,
     }
-}
-
-/// `text` with Redis's glob characters escaped, for SCAN MATCH.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The rule for `target` under `limits` (overrides already merged), with the source of
@@ -662,10 +628,5 @@ mod tests {
         assert_eq!(r.window_seconds.source, "global");
         let r = resolve(&limits, &redis, &Target::parse("acme", false).unwrap());
         assert_eq!((r.burst.value, r.burst.source.as_str()), (100, "requests"));
-    }
-
-    #[test]
-    fn glob_characters_in_a_key_prefix_are_escaped() {
-        assert_eq!(glob_escape("p*[x]?:acme"), "p\\*\\[x\\]\\?:acme");
     }
 }

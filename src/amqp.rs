@@ -270,7 +270,7 @@ fn tune_socket(socket: &tokio::net::TcpStream) {
     }
 }
 
-pub use crate::ladder::{DEFER_STEPS, defer_queue};
+pub use crate::ladder::{DEFER_STEPS, defer_queue, step_queue};
 
 /// Declares the inbound and the three output queues as durable. With quorum queues the
 /// inbound queue also gets a delivery limit, past which the broker moves a message that
@@ -312,6 +312,12 @@ pub async fn declare_queues(conn: &Connection, config: &AmqpConfig) -> Result<()
     ];
     for (queue, arguments) in queues {
         declare_or_use(conn, queue, arguments).await?;
+    }
+    let shard_args =
+        crate::shards::shard_arguments(&inbound, config.queue_type == QueueType::Quorum);
+    for k in 0..config.inbound_shards {
+        let queue = crate::shards::shard_queue(&config.inbound_queue, k);
+        declare_or_use(conn, &queue, &shard_args).await?;
     }
     Ok(())
 }
@@ -474,6 +480,17 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        self.publish_via("", queue, body, properties).await
+    }
+
+    /// Publishes through `exchange` with `routing_key`, like [`Publisher::publish`].
+    pub async fn publish_via(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let max = self.max_body();
         if body.len() as u64 > max {
             return Err(PublishError::TooLarge {
@@ -486,8 +503,8 @@ impl Publisher {
         let publish = async {
             channel
                 .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(queue),
+                    ShortString::from(exchange),
+                    ShortString::from(routing_key),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,

@@ -45,6 +45,12 @@ pub struct Health {
     /// Why the defer ladder cannot be used (the broker refused to declare it, or a step
     /// is missing) while some rule defers: deferrals fall back to rejections meanwhile.
     ladder_error: Mutex<Option<String>>,
+    /// Why the sharded inbound cannot be set up (the broker lacks the consistent-hash
+    /// exchange type): the gate consumes its queues meanwhile, but gateways publishing to
+    /// the exchange lose their messages.
+    shard_error: Mutex<Option<String>>,
+    /// The heaviest tenants of each shard lately (`GET /shards/top`).
+    pub top: crate::top::TopTenants,
 }
 
 impl Default for Health {
@@ -61,6 +67,8 @@ impl Default for Health {
             broker_error: Mutex::new(None),
             redis_error: Mutex::new(None),
             ladder_error: Mutex::new(None),
+            shard_error: Mutex::new(None),
+            top: crate::top::TopTenants::default(),
         }
     }
 }
@@ -74,11 +82,17 @@ pub struct Readiness {
     pub checks_failing: bool,
     /// Some rule defers and the ladder cannot take its messages.
     pub ladder_failing: bool,
+    /// The sharded inbound's exchange cannot be set up.
+    pub shards_failing: bool,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.consuming && self.redis_probe && !self.checks_failing && !self.ladder_failing
+        self.consuming
+            && self.redis_probe
+            && !self.checks_failing
+            && !self.ladder_failing
+            && !self.shards_failing
     }
 }
 
@@ -106,6 +120,12 @@ impl Health {
         replace(&self.ladder_error, error)
     }
 
+    /// Why the sharded inbound cannot be set up, or `None` once it is. True when this
+    /// begins a failure, so it is logged once.
+    pub fn set_shard_error(&self, error: Option<String>) -> bool {
+        replace(&self.shard_error, error)
+    }
+
     /// The last errors, one `name: error` line each, for `/readyz`.
     pub fn errors(&self) -> String {
         let mut out = String::new();
@@ -113,6 +133,7 @@ impl Health {
             ("broker_error", &self.broker_error),
             ("redis_error", &self.redis_error),
             ("defer_ladder_error", &self.ladder_error),
+            ("inbound_shards_error", &self.shard_error),
         ] {
             if let Some(error) = error.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
                 out.push_str(&format!("{name}: {error}\n"));
@@ -157,6 +178,11 @@ impl Health {
             checks_failing,
             ladder_failing: self
                 .ladder_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some(),
+            shards_failing: self
+                .shard_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some(),

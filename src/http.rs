@@ -1,5 +1,6 @@
 //! The operations endpoint: `/healthz` (alive, and the pipeline not stuck), `/readyz`
-//! (consuming and Redis answers), `/metrics` (Prometheus text format).
+//! (consuming and Redis answers), `/metrics` (Prometheus text format), `/shards/top` (the
+//! heaviest tenants of each shard, JSON).
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/shards/top", get(shards_top))
         .with_state(health)
 }
 
@@ -50,6 +52,12 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
             health.errors()
         ),
     )
+}
+
+/// The heaviest tenants of each shard of a sharded inbound, as this gate saw them in the
+/// last one to two minutes (see [`crate::top`]).
+async fn shards_top(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    axum::Json(health.top.top())
 }
 
 async fn metrics() -> impl IntoResponse {

@@ -21,15 +21,30 @@ use crate::limit::LiveRules;
 /// step at least as long as its turn (the longest, and then again, beyond it).
 pub const DEFER_STEPS: [u64; 9] = [1, 2, 5, 10, 30, 60, 120, 300, 600];
 
-/// The delay queue of one step of the ladder, named after the inbound queue.
-pub fn defer_queue(inbound: &str, seconds: u64) -> String {
-    format!("{inbound}.defer.{seconds}s")
+/// The delay queue of one step of the ladder, named after the inbound queue. A sharded
+/// inbound has a ladder of its own (`….defer.shards.{seconds}s`), whose steps return each
+/// message to its tenant's shard: a step is published to through a fanout exchange of the
+/// same name, with the tenant as routing key, and dead-letters to the inbound exchange,
+/// which hashes that key again.
+pub fn defer_queue(config: &AmqpConfig, seconds: u64) -> String {
+    step_queue(&config.inbound_queue, config.inbound_shards > 0, seconds)
+}
+
+/// The step of `seconds` of the ladder of `inbound`, sharded or not.
+pub fn step_queue(inbound: &str, sharded: bool, seconds: u64) -> String {
+    if sharded {
+        format!("{inbound}.defer.shards.{seconds}s")
+    } else {
+        format!("{inbound}.defer.{seconds}s")
+    }
 }
 
 /// How often the keeper looks whether a rule defers now (a `limits set --on-limit defer`).
 const LOOK_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the steps are counted for the parked-messages gauge.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long one declare, search or count of the ladder may wait for the broker.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after a refusal the ladder is tried again.
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(30);
 
@@ -42,6 +57,7 @@ const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(30);
 /// `x-overflow = "reject-publish"`), so a parked message whose return the inbound queue
 /// refuses (full, or without a leader) stays parked and is retried instead of dropped.
 pub async fn declare_ladder(conn: &Connection, config: &AmqpConfig) -> Result<(), lapin::Error> {
+    let sharded = config.inbound_shards > 0;
     for seconds in DEFER_STEPS {
         let mut args = FieldTable::default();
         for (name, value) in [
@@ -49,11 +65,6 @@ pub async fn declare_ladder(conn: &Connection, config: &AmqpConfig) -> Result<()
             (
                 "x-message-ttl",
                 AMQPValue::LongLongInt(seconds as i64 * 1000),
-            ),
-            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
-            (
-                "x-dead-letter-routing-key",
-                AMQPValue::LongString(config.inbound_queue.as_str().into()),
             ),
             (
                 "x-dead-letter-strategy",
@@ -63,9 +74,63 @@ pub async fn declare_ladder(conn: &Connection, config: &AmqpConfig) -> Result<()
         ] {
             args.insert(name.into(), value);
         }
-        declare_or_use(conn, &defer_queue(&config.inbound_queue, seconds), &args).await?;
+        if sharded {
+            // Back through the inbound exchange, by the routing key the copy was parked
+            // with: its tenant.
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(config.inbound_queue.as_str().into()),
+            );
+        } else {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(config.inbound_queue.as_str().into()),
+            );
+        }
+        let queue = defer_queue(config, seconds);
+        declare_or_use(conn, &queue, &args).await?;
+        if sharded {
+            bind_step(conn, &queue).await?;
+        }
     }
     Ok(())
+}
+
+/// The fanout exchange a sharded ladder's step is published to, named like the step and
+/// bound to it: a fanout keeps the copy's routing key (its tenant) for its return.
+async fn bind_step(conn: &Connection, queue: &str) -> Result<(), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let bound = async {
+        channel
+            .exchange_declare(
+                ShortString::from(queue),
+                lapin::ExchangeKind::Fanout,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                ShortString::from(queue),
+                ShortString::from(queue),
+                ShortString::from(""),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+    .await;
+    if channel.status().connected() {
+        let _ = channel.close(200, ShortString::from("declared")).await;
+    }
+    bound
 }
 
 /// Whether a deferral may park now.
@@ -138,11 +203,22 @@ impl LadderKeeper {
     }
 
     async fn make_usable(&mut self) {
-        let amqp = &self.config.amqp;
-        let found = if amqp.declare_queues {
-            declare_ladder(&self.conn, amqp).await
-        } else {
-            self.find().await
+        let look = async {
+            let amqp = &self.config.amqp;
+            if amqp.declare_queues {
+                declare_ladder(&self.conn, amqp).await
+            } else {
+                self.find().await
+            }
+        };
+        // A broker that never answers (a half-open connection, a blocked channel) makes the
+        // ladder unusable for now, like a refusal: the look loop is never stuck on it.
+        let found = match tokio::time::timeout(LOOK_TIMEOUT, look).await {
+            Ok(found) => found.map_err(|e| self.config.scrub(&e.to_string())),
+            Err(_) => Err(format!(
+                "the broker did not answer within {} s",
+                LOOK_TIMEOUT.as_secs()
+            )),
         };
         match found {
             Ok(()) => {
@@ -154,8 +230,7 @@ impl LadderKeeper {
                 self.parking.send_replace(Parking::Unusable);
                 self.next_try = Instant::now() + RETRY_AFTER_REFUSAL;
                 let reason = format!(
-                    "the defer ladder cannot be used, so messages over a deferring limit are rejected: {}",
-                    self.config.scrub(&e.to_string())
+                    "the defer ladder cannot be used, so messages over a deferring limit are rejected: {e}"
                 );
                 if self.health.set_ladder_error(Some(reason.clone())) {
                     tracing::warn!("{reason}");
@@ -168,11 +243,7 @@ impl LadderKeeper {
     async fn find(&mut self) -> Result<(), lapin::Error> {
         let channel = self.channel().await?;
         for seconds in DEFER_STEPS {
-            passive(
-                &channel,
-                &defer_queue(&self.config.amqp.inbound_queue, seconds),
-            )
-            .await?;
+            passive(&channel, &defer_queue(&self.config.amqp, seconds)).await?;
         }
         Ok(())
     }
@@ -180,12 +251,17 @@ impl LadderKeeper {
     /// Sets the parked-messages gauge of each step; a step gone missing makes the ladder
     /// unusable until it is declared (or found) again.
     async fn count(&mut self) {
-        let Ok(channel) = self.channel().await else {
+        let Ok(Ok(channel)) = tokio::time::timeout(LOOK_TIMEOUT, self.channel()).await else {
             return;
         };
         for seconds in DEFER_STEPS {
-            let queue = defer_queue(&self.config.amqp.inbound_queue, seconds);
-            match passive(&channel, &queue).await {
+            let queue = defer_queue(&self.config.amqp, seconds);
+            let Ok(counted) = tokio::time::timeout(LOOK_TIMEOUT, passive(&channel, &queue)).await
+            else {
+                // No answer: counted again at the next look.
+                return;
+            };
+            match counted {
                 Ok(waiting) => {
                     metrics::gauge!(crate::telemetry::PARKED, "step" => format!("{seconds}s"))
                         .set(f64::from(waiting));

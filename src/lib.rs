@@ -42,8 +42,10 @@ pub mod message;
 pub mod pipeline;
 pub mod route;
 pub mod session;
+pub mod shards;
 pub mod shutdown;
 pub mod telemetry;
+pub mod top;
 
 pub use app::Application;
 pub use config::Config;

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
-use crate::config::{Algorithm, Config, Notify, OnRedisError};
+use crate::config::{Algorithm, Config, Notify, OnRedisError, QuietRejections};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
@@ -80,7 +80,7 @@ impl Pipeline {
         let ladder = crate::amqp::DEFER_STEPS
             .iter()
             .map(|&seconds| {
-                let queue = crate::amqp::defer_queue(&config.amqp.inbound_queue, seconds);
+                let queue = crate::amqp::defer_queue(&config.amqp, seconds);
                 (seconds, queue)
             })
             .collect();
@@ -176,7 +176,7 @@ impl Pipeline {
                     ),
                 },
             };
-            let output = route::output(
+            let mut output = route::output(
                 &delivery.data,
                 &delivery.properties,
                 parsed,
@@ -184,6 +184,27 @@ impl Pipeline {
                 clock,
                 publisher.max_body(),
             );
+            // A rejection nobody is told about: during a flood most of them, and with
+            // `quiet_rejections = "drop"` they cost the broker no publish at all.
+            if output.outcome == Outcome::Rejected
+                && self.config.limits.quiet_rejections == QuietRejections::Drop
+                && matches!(
+                    verdict,
+                    Some((
+                        Verdict::Checked(Answer {
+                            decision: Decision::Rejected {
+                                notify_user: false,
+                                ..
+                            },
+                            ..
+                        }),
+                        _
+                    ))
+                )
+            {
+                output.outcome = Outcome::RejectedQuiet;
+                output.to = Destination::Done;
+            }
             self.observe(delivery, parsed, verdict, output.outcome);
             fates.push(None);
             outputs.push((i, output, check, verdict, done));
@@ -212,8 +233,18 @@ impl Pipeline {
                     };
                     // Only a final output marks the id done: a parked message comes back.
                     let done = done.filter(|_| !matches!(output.to, Destination::Defer(_)));
+                    // A sharded inbound's ladder is published to through a fanout
+                    // exchange per step, keyed by the tenant the copy returns to.
+                    let (exchange, routing_key) = match (&output.to, &parsed[i]) {
+                        (Destination::Defer(_), Ok(envelope))
+                            if self.config.amqp.inbound_shards > 0 =>
+                        {
+                            (queue, envelope.tenant_id.as_ref())
+                        }
+                        _ => ("", queue),
+                    };
                     match publisher
-                        .publish(queue, &output.body, output.properties)
+                        .publish_via(exchange, routing_key, &output.body, output.properties)
                         .await
                     {
                         // The broker closed the channel (this message too large for it, or
@@ -353,14 +384,17 @@ impl Pipeline {
                 continue;
             }
             let algorithm = check.rule.algorithm;
-            let key = notified_key(
-                &companion_base(algorithm, &check.key),
-                &sender_tag(envelope.sender.map(|s| s.get())),
-            );
+            let tag = sender_tag(envelope.sender.map(|s| s.get()));
+            let key = notified_key(&companion_base(algorithm, &check.key), &tag);
             claims.push(async move {
                 let told = self
                     .limiter
-                    .claim_notice(&key, retry_after.saturating_mul(1000), &check.message_id)
+                    .claim_notice(
+                        &key,
+                        &tag,
+                        retry_after.saturating_mul(1000),
+                        &check.message_id,
+                    )
                     .await;
                 (j, told)
             });
@@ -683,6 +717,10 @@ fn log_output(
                 Outcome::Duplicate => (
                     "duplicate",
                     "message acked without a second output: its output was already confirmed",
+                ),
+                Outcome::RejectedQuiet => (
+                    "rejected_quiet",
+                    "message rejected without a notice: its sender was already told",
                 ),
                 _ => ("rejected", "message rejected: rate limit exceeded"),
             };

@@ -29,6 +29,9 @@ pub enum Outcome {
     /// Forwarded without a check (Redis could not decide).
     Unchecked,
     Rejected,
+    /// Rejected with `notify_user: false` and acknowledged without a notice
+    /// (`limits.quiet_rejections = "drop"`).
+    RejectedQuiet,
     /// Over its limit, parked in the defer ladder (`on_limit = "defer"`).
     Deferred,
     /// A redelivery whose output was already confirmed: acked without a second one.

@@ -33,8 +33,18 @@ use crate::health::Health;
 use crate::ladder::LadderKeeper;
 use crate::pipeline::{Fate, Pipeline};
 use crate::route::Outcome;
+use crate::shards;
 use crate::telemetry::Metrics;
 
+/// The deliveries of every inbound queue's consumer, taken in turn; an item `None` is the
+/// end of one consumer.
+type Inbound = futures::stream::SelectAll<
+    futures::stream::BoxStream<'static, Option<Result<Delivery, lapin::Error>>>,
+>;
+
+/// How often a session tries again to set up a sharded inbound's exchange the broker
+/// refused (no plugin).
+const EXCHANGE_RETRY: Duration = Duration::from_secs(30);
 /// Most deliveries taken into one batch (one Redis round trip).
 const MAX_BATCH: usize = 512;
 /// How long a batch may wait for more deliveries after its first one.
@@ -207,7 +217,14 @@ impl Gate {
         // reported as a connection error.
         let watching = CancellationToken::new();
         let result = self
-            .consume(&consume_conn, &publish_conn, shutdown, &watching, consumed)
+            .consume(
+                &consume_conn,
+                &publish_conn,
+                broker,
+                shutdown,
+                &watching,
+                consumed,
+            )
             .await;
         self.health.set_consuming(false);
         watching.cancel();
@@ -229,6 +246,7 @@ impl Gate {
         &self,
         consume_conn: &Connection,
         publish_conn: &Arc<Connection>,
+        broker: usize,
         shutdown: &CancellationToken,
         watching: &CancellationToken,
         consumed: &mut bool,
@@ -255,6 +273,24 @@ impl Gate {
         if until_stopped(shutdown, keeper.look()).await.is_none() {
             return Ok(());
         }
+        // Shards a larger `inbound_shards` left behind are consumed until an operator
+        // deletes them, so nothing is stranded in them.
+        let Some(retired) =
+            until_stopped(shutdown, shards::retired_shards(publish_conn, amqp)).await
+        else {
+            return Ok(());
+        };
+        let mut exchange_missing = false;
+        if amqp.inbound_shards > 0 && amqp.declare_queues {
+            match until_stopped(shutdown, self.declare_exchange(broker, &retired)).await {
+                Some(declared) => exchange_missing = !declared?,
+                None => return Ok(()),
+            }
+        }
+        let mut queues = vec![amqp.inbound_queue.clone()];
+        queues
+            .extend((0..amqp.inbound_shards).map(|k| shards::shard_queue(&amqp.inbound_queue, k)));
+        queues.extend(retired.iter().cloned());
         let lost = watching.child_token();
         let (flow_tx, mut flow) = watch::channel(true);
         watch_connection(
@@ -273,7 +309,16 @@ impl Gate {
             self.config.clone(),
             self.health.clone(),
         );
-        let tag = ShortString::from(format!("konstruct-gate-{}", amqp::instance_name()));
+        let tag = format!("konstruct-gate-{}", amqp::instance_name());
+        // One consumer per queue, on one channel (so one sequence of delivery tags), each
+        // with its own prefetch window: one shard's backlog never takes another's slots.
+        let tags: Vec<ShortString> = queues
+            .iter()
+            .map(|queue| match queues.len() {
+                1 => ShortString::from(tag.clone()),
+                _ => ShortString::from(format!("{tag}/{queue}")),
+            })
+            .collect();
         let setup = async {
             let publisher = Publisher::new(
                 publish_conn.clone(),
@@ -287,15 +332,40 @@ impl Gate {
             channel
                 .basic_qos(amqp.prefetch, BasicQosOptions::default())
                 .await?;
-            let consumer = channel
-                .basic_consume(
-                    ShortString::from(amqp.inbound_queue.as_str()),
-                    tag.clone(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((publisher, channel, consumer))
+            let mut consumers = Vec::with_capacity(queues.len());
+            for (k, (queue, tag)) in queues.iter().zip(&tags).enumerate() {
+                let consumer = channel
+                    .basic_consume(
+                        ShortString::from(queue.as_str()),
+                        tag.clone(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                // Each consumer's end is an item of its own, so the merged stream says
+                // which consumer ended instead of silently going on without it.
+                let consumer = consumer.map(Some);
+                // A shard's deliveries are counted by routing key (the tenant) for
+                // `/shards/top`; the plain queue's routing key is its own name.
+                let consumer = if k == 0 {
+                    consumer.boxed()
+                } else {
+                    let (health, queue) = (self.health.clone(), queue.clone());
+                    consumer
+                        .inspect(move |delivery| {
+                            if let Some(Ok(d)) = delivery {
+                                health.top.record(&queue, [d.routing_key.as_str()]);
+                            }
+                        })
+                        .boxed()
+                };
+                consumers.push(
+                    consumer
+                        .chain(futures::stream::once(async { None }))
+                        .boxed(),
+                );
+            }
+            Ok::<_, lapin::Error>((publisher, channel, futures::stream::select_all(consumers)))
         };
         let Some(setup) = until_stopped(shutdown, setup).await else {
             return Ok(());
@@ -304,7 +374,7 @@ impl Gate {
         self.health.set_consuming(true);
         self.health.set_broker_error(None);
         *consumed = true;
-        info!(queue = %amqp.inbound_queue, prefetch = amqp.prefetch, "consuming");
+        info!(queue = %amqp.inbound_queue, queues = queues.len(), prefetch = amqp.prefetch, "consuming");
         tokio::spawn(keeper.run(lost.clone()));
 
         let tracker = Mutex::new(AckTracker::default());
@@ -328,6 +398,10 @@ impl Gate {
         let mut result = Ok(());
         let deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(deadline);
+        // Consumers ended after our own cancel.
+        let mut ended = 0;
+        let mut exchange_retry = tokio::time::interval(EXCHANGE_RETRY);
+        exchange_retry.reset();
 
         loop {
             let taking = matches!(phase, Phase::Consuming | Phase::Stopping) && *flow.borrow();
@@ -337,7 +411,12 @@ impl Gate {
                     self.health.set_consuming(false);
                     info!(in_flight = in_flight.len(), "stopping: cancelling the consumer and draining");
                     deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(amqp.shutdown_grace_seconds));
-                    let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
+                    let cancel = async {
+                        for tag in &tags {
+                            channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await?;
+                        }
+                        Ok::<_, lapin::Error>(())
+                    };
                     phase = match tokio::time::timeout(CLOSE_STEP, cancel).await {
                         Ok(Ok(())) => Phase::Stopping,
                         Ok(Err(e)) => {
@@ -369,6 +448,9 @@ impl Gate {
                         in_flight.push(self.handle(held.deliveries, Some((held.tries, held.since)), None, &session));
                     }
                 }
+                _ = exchange_retry.tick(), if exchange_missing => {
+                    exchange_missing = !self.declare_exchange(broker, &retired).await.unwrap_or(false);
+                }
                 changed = flow.changed() => {
                     if changed.is_err() {
                         result = Err(SessionError::ConnectionLost("the publishing connection's events ended".into()));
@@ -398,7 +480,12 @@ impl Gate {
                         (None, _) => {}
                         // Our own cancel: everything the broker sent was taken; the rest of
                         // the grace period is for what is in flight.
-                        (Some(_), Phase::Stopping) => phase = Phase::Draining,
+                        (Some(_), Phase::Stopping) => {
+                            ended += 1;
+                            if ended == tags.len() {
+                                phase = Phase::Draining;
+                            }
+                        }
                         (Some(end), _) => {
                             // The consumer is gone; what is in flight gets a moment to
                             // finish (its acks may fail, and the broker redelivers those).
@@ -425,6 +512,41 @@ impl Gate {
         let _ =
             tokio::time::timeout(CLOSE_STEP, channel.close(200, ShortString::from("bye"))).await;
         result
+    }
+
+    /// Declares the sharded inbound's exchange and bindings on a connection of its own (a
+    /// broker without the plugin closes the connection that asks). Returns false, with the
+    /// gate not ready and the reason in the log and `/readyz`, when the broker has no
+    /// consistent-hash exchange type; the shard queues are consumed meanwhile.
+    async fn declare_exchange(
+        &self,
+        broker: usize,
+        retired: &[String],
+    ) -> Result<bool, SessionError> {
+        let conn = self.brokers.connect_to(broker, "declare").await?;
+        let declared = tokio::time::timeout(
+            CLOSE_STEP * 5,
+            shards::declare_exchange(&conn, &self.config.amqp, retired),
+        )
+        .await;
+        close(&conn).await;
+        match declared {
+            Ok(Ok(())) => {
+                self.health.set_shard_error(None);
+                Ok(true)
+            }
+            Ok(Err(shards::ShardError::NoPlugin)) => {
+                let reason = shards::ShardError::NoPlugin.to_string();
+                if self.health.set_shard_error(Some(reason.clone())) {
+                    error!("{reason}");
+                }
+                Ok(false)
+            }
+            Ok(Err(shards::ShardError::Broker(e))) => Err(e.into()),
+            Err(_) => Err(SessionError::ConnectionLost(
+                "the broker did not answer the sharded inbound's declarations".into(),
+            )),
+        }
     }
 
     /// Runs one batch through the pipeline and settles what it can. `held`: the batch
@@ -567,6 +689,7 @@ impl Gate {
                                 self.metrics.allowed.increment(1)
                             }
                             Outcome::Rejected => self.metrics.rejected.increment(1),
+                            Outcome::RejectedQuiet => self.metrics.rejected_quiet.increment(1),
                             Outcome::Deferred => self.metrics.deferred.increment(1),
                             Outcome::Duplicate => self.metrics.duplicate.increment(1),
                             Outcome::Invalid => self.metrics.invalid.increment(1),
@@ -604,9 +727,11 @@ impl Gate {
 /// round trip then serves all of it. Returns the batch, and how the consumer ended if it
 /// did (`Ok` when it was cancelled on purpose is decided by the caller's phase).
 async fn gather(
-    consumer: &mut lapin::Consumer,
-    first: Option<Result<Delivery, lapin::Error>>,
+    consumer: &mut Inbound,
+    first: Option<Option<Result<Delivery, lapin::Error>>>,
 ) -> (Vec<Delivery>, Option<Result<(), SessionError>>) {
+    // `None` inside: one consumer ended; outside: all of them.
+    let first = first.flatten();
     let mut batch = Vec::new();
     let end_of = |next: Option<Result<Delivery, lapin::Error>>| match next {
         Some(Err(e)) => Some(Err(e.into())),
@@ -624,8 +749,8 @@ async fn gather(
     while batch.len() < MAX_BATCH {
         match consumer.next().now_or_never() {
             None => break,
-            Some(Some(Ok(delivery))) => batch.push(delivery),
-            Some(other) => return (batch, end_of(other)),
+            Some(Some(Some(Ok(delivery)))) => batch.push(delivery),
+            Some(other) => return (batch, end_of(other.flatten())),
         }
     }
     (batch, None)

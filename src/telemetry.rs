@@ -93,6 +93,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub struct Metrics {
     pub allowed: Counter,
     pub rejected: Counter,
+    /// Rejections nobody is told about, acked without a notice (`quiet_rejections = "drop"`).
+    pub rejected_quiet: Counter,
     pub deferred: Counter,
     /// Acked without an output: a redelivery whose output was already confirmed.
     pub duplicate: Counter,
@@ -122,6 +124,7 @@ impl Metrics {
         let metrics = Self {
             allowed: counter!(MESSAGES_TOTAL, "outcome" => "allowed"),
             rejected: counter!(MESSAGES_TOTAL, "outcome" => "rejected"),
+            rejected_quiet: counter!(MESSAGES_TOTAL, "outcome" => "rejected_quiet"),
             deferred: counter!(MESSAGES_TOTAL, "outcome" => "deferred"),
             duplicate: counter!(MESSAGES_TOTAL, "outcome" => "duplicate"),
             invalid: counter!(MESSAGES_TOTAL, "outcome" => "invalid"),
@@ -144,6 +147,7 @@ impl Metrics {
         for c in [
             &metrics.allowed,
             &metrics.rejected,
+            &metrics.rejected_quiet,
             &metrics.deferred,
             &metrics.duplicate,
             &metrics.invalid,

@@ -306,7 +306,7 @@ async fn set_on_limit_defer_parks_the_next_over_limit_message_on_every_gate() {
     }
     broker.collect(&names.orchestrator, 2, WAIT).await;
     // The third waits out the 600 s window in the ladder's longest step, untold.
-    let step = konstruct_gate::amqp::defer_queue(&names.inbound, 600);
+    let step = konstruct_gate::amqp::step_queue(&names.inbound, false, 600);
     let deadline = Instant::now() + WAIT;
     while broker.depth(&step).await < 1 {
         assert!(Instant::now() < deadline, "nothing was parked in {step}");
@@ -344,4 +344,58 @@ async fn a_reset_reaches_every_gates_cache_at_once() {
         gate.stop().await;
     }
     broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reset_lets_every_algorithm_tell_a_sender_again() {
+    for algorithm in ["fixed_window", "sliding_window", "token_bucket"] {
+        let names = Names::new(&format!("admin-reset-told-{algorithm}"));
+        let broker = Broker::new(&names).await;
+        let mut config = names.config(1, 600);
+        config.limits.algorithm = serde_json::from_value(serde_json::json!(algorithm)).unwrap();
+        config.limits.notify = konstruct_gate::config::Notify::OncePerWindow;
+        let gate = TestGate::start(config).await;
+        // One sender (realistic_message's user id is per tenant): told once in the window.
+        let send = |prefix: &'static str, n: usize| {
+            let broker = &broker;
+            async move {
+                for i in 0..n {
+                    let id = format!("{prefix}{i}");
+                    let body = realistic_message(&id, "acme", "slack");
+                    broker.publish(&body, BasicProperties::default()).await;
+                }
+            }
+        };
+        let told = |notices: &[lapin::message::Delivery]| {
+            notices
+                .iter()
+                .filter(|d| {
+                    let n: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+                    n["notify_user"] == true
+                })
+                .count()
+        };
+        send("a", 3).await;
+        broker.collect(&names.orchestrator, 1, WAIT).await;
+        let notices = broker.collect(&names.notifications, 2, WAIT).await;
+        assert_eq!(told(&notices), 1, "{algorithm}: the sender is told once");
+        json(&cli(&names, &["reset", "acme:slack", "--json"], &[]));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send("b", 3).await;
+        let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+        assert_eq!(
+            output_id(OutputKind::Allowed, &allowed[0]),
+            "b0",
+            "{algorithm}"
+        );
+        let notices = broker.collect(&names.notifications, 2, WAIT).await;
+        assert_eq!(
+            told(&notices),
+            1,
+            "{algorithm}: after a reset the sender is told again, once"
+        );
+        broker.assert_empty(&names.orchestrator).await;
+        gate.stop().await;
+        broker.cleanup().await;
+    }
 }

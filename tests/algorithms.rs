@@ -11,8 +11,9 @@ use konstruct_gate::config::{Algorithm, Override};
 use konstruct_gate::limit;
 use proptest::prelude::*;
 
-const SLIDING: &str = include_str!("../src/limit/sliding_window.lua");
-const BUCKET: &str = include_str!("../src/limit/token_bucket.lua");
+const FIXED: &str = konstruct_gate::limit::redis::FIXED_WINDOW;
+const SLIDING: &str = konstruct_gate::limit::redis::SLIDING_WINDOW;
+const BUCKET: &str = konstruct_gate::limit::redis::TOKEN_BUCKET;
 
 /// {allowed, remaining, reset_ms, retry_after_ms}, as the scripts return it.
 type Answer = (i64, i64, i64, i64);
@@ -291,7 +292,7 @@ async fn a_tenant_on_a_token_bucket_gets_its_burst_through_the_gate() {
 #[test]
 fn every_script_counts_a_message_id_once_and_repeats_its_decision() {
     let mut con = redis_sync();
-    let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+    let fixed = redis::Script::new(FIXED);
     let key = unique("once");
     let call = |con: &mut redis::Connection, id: &str| -> Vec<i64> {
         fixed
@@ -383,7 +384,7 @@ proptest! {
         messages in 1usize..4,
     ) {
         let mut con = redis_sync();
-        let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+        let fixed = redis::Script::new(FIXED);
         let sliding = redis::Script::new(SLIDING);
         let bucket = redis::Script::new(BUCKET);
         let base = unique("extreme");
@@ -420,7 +421,7 @@ proptest! {
 #[test]
 fn a_key_redis_cannot_count_fails_alone_within_one_script_call() {
     let mut con = redis_sync();
-    let fixed = redis::Script::new(include_str!("../src/limit/fixed_window.lua"));
+    let fixed = redis::Script::new(FIXED);
     let (good, text, full) = (unique("good"), unique("text"), unique("full"));
     let _: () = redis::cmd("SET")
         .arg(&text)

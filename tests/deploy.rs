@@ -339,8 +339,11 @@ fn expressions(inbound: &str) -> (Vec<String>, Vec<String>) {
 async fn a_real_prometheus_scraping_a_gate_under_load_answers_every_dashboard_query_and_alert_selector()
  {
     let names = Names::new("prometheus");
-    let broker = Broker::new(&names).await;
-    let gate = TestGate::start(names.config(5, 60)).await;
+    // Sharded, so the per-shard panel and alert have series to select.
+    let mut config = names.config(5, 60);
+    config.amqp.inbound_shards = 2;
+    let broker = Broker::with_queues(&names, &config.amqp).await;
+    let gate = TestGate::start(config).await;
     assert!(
         std::net::TcpStream::connect("127.0.0.1:15692").is_ok(),
         "RabbitMQ's metrics endpoint does not answer: enable it with `rabbitmq-plugins enable rabbitmq_prometheus`."

@@ -651,3 +651,100 @@ async fn a_gate_on_a_three_node_rabbitmq_cluster_survives_the_loss_of_its_node()
     gate.stop().await;
     let _ = broker.conn.close(200, ShortString::from("done")).await;
 }
+
+#[tokio::test]
+async fn without_the_consistent_hash_plugin_a_sharded_gate_stays_up_not_ready_and_says_why() {
+    let _serial = serial().await;
+    // A node of the test's own, with no plugins at all.
+    let node = RabbitNode::start().await;
+    let names = Names::new("shards-no-plugin");
+    let mut config = names.config(1, 600);
+    config.amqp.url = SecretUrl::new(node.amqp_url());
+    config.amqp.inbound_shards = 4;
+    let broker = Broker::at(&node.amqp_url(), &names, &config.amqp).await;
+    let gate = TestGate::start_without_waiting(config).await;
+    let body = wait_consuming_but_not_ready(
+        gate.http,
+        "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange",
+        WAIT,
+    )
+    .await;
+    assert!(body.contains("inbound_shards_error"), "{body}");
+    // No reconnect storm, and the queues it has are still served.
+    let reconnects = "konstruct_gate_amqp_reconnects_total";
+    let before = metric_value(gate.http, reconnects).await;
+    one_allowed_one_rejected(&broker, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(metric_value(gate.http, reconnects).await, before);
+    gate.stop().await;
+    let _ = broker.conn.close(200, ShortString::from("done")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_shards_lead_on_every_node_and_lose_nothing_when_one_stops() {
+    let _serial = serial().await;
+    let mut cluster =
+        RabbitCluster::start_with_plugins(3, &["rabbitmq_consistent_hash_exchange"]).await;
+    let names = Names::new("shards-cluster");
+    let mut config = names.config(1_000_000, 600);
+    config.amqp.queue_type = QueueType::Quorum;
+    config.amqp.urls = urls(cluster.amqp_urls());
+    config.amqp.inbound_shards = 6;
+    let gate = TestGate::start(config.clone()).await;
+    // The leaders of the shards are spread over the three nodes.
+    let listed = cluster.nodes[0]
+        .ctl(&["list_queues", "name", "leader", "--formatter", "json"])
+        .await
+        .unwrap();
+    let queues: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    let leaders: HashSet<String> = queues
+        .iter()
+        .filter(|q| {
+            q["name"].as_str().is_some_and(|n| {
+                n.starts_with(&format!("{}.", names.inbound)) && !n.contains("defer")
+            })
+        })
+        .map(|q| q["leader"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(leaders.len(), 3, "shard leaders on every node: {listed}");
+    // Publishing to the exchange through node 3 while node 1 stops mid-drain.
+    let test_node = cluster.nodes[2].amqp_url();
+    let broker = Broker::at(&test_node, &names, &config.amqp).await;
+    let publisher = Broker::at(&test_node, &names, &config.amqp).await;
+    let stop = CancellationToken::new();
+    let publishing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.is_cancelled() {
+                let batch = (sent..sent + 100).map(|n| {
+                    let tenant = format!("t{}", n % 60);
+                    let body = message(&format!("m{n}"), &tenant, "slack");
+                    (tenant, body)
+                });
+                publisher.publish_to_exchange(batch).await;
+                sent += 100;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.nodes[0].stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.cancel();
+    let sent = publishing.await.unwrap();
+    let forwarded = gather(&broker, sent, WAIT).await;
+    eprintln!(
+        "{sent} messages over 6 quorum shards, node 1 stopped mid-drain: {} distinct forwarded, {} copies",
+        forwarded.ids.len(),
+        forwarded.copies
+    );
+    assert_eq!(
+        forwarded.ids.len(),
+        sent,
+        "every message reached the orchestrator"
+    );
+    gate.stop().await;
+    let _ = broker.conn.close(200, ShortString::from("done")).await;
+}

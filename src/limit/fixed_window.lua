@@ -11,7 +11,8 @@
 -- anything, and the others are decided as usual.
 --
 -- A rejected message also learns whether its sender is the first to be told in this
--- window: the marker {counter}:notified:{tag} lives until the sender may write again.
+-- window: the sender's field of {counter}:notified (notice.lua, prepended to this script)
+-- lasts until the window ends.
 --
 -- A message with an id is counted once: its decision is kept in the hash {counter}:seen
 -- (field: the id), which expires with the window (at most an hour after its first id), and a
@@ -30,7 +31,7 @@
 --
 -- KEYS[4i-3]    a counter: {key_prefix}{tenant_id}:ratelimit:{channel}
 -- KEYS[4i-2]    its decisions by message id: {counter}:seen
--- KEYS[4i-1]    its sender's notification marker: {counter}:notified:{tag}
+-- KEYS[4i-1]    the senders told in its window: {counter}:notified
 -- KEYS[4i]      the id's confirmed-output marker {counter}:done:{id}, or the counter
 --               again when duplicates are forwarded
 -- ARGV[4i-3]    its window length in seconds
@@ -70,7 +71,7 @@ local function check(i, key, seen_key, notified_key, done_key)
   end
   local notify = 1
   if count > limit and tag ~= '' then
-    if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, pttl)) then
+    if not first_notice(notified_key, tag, redis_now_ms(), pttl, id) then
       notify = 0
     end
   end

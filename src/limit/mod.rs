@@ -6,7 +6,7 @@
 
 pub mod cache;
 pub mod live;
-mod redis;
+pub mod redis;
 mod rules;
 pub mod store;
 
@@ -232,13 +232,31 @@ pub fn done_key(prefix: &str, tenant_id: &str, channel: &str, id: &str) -> Strin
 /// rejected message's place in its deferring rule's line instead.
 pub const LINE_TAG: &str = "~line";
 
-/// The marker that a sender was told about a rejection in this window; for
-/// [`LINE_TAG`], the counter of a deferring rule's line.
+/// The hash of the senders told about a rejection (`notice.lua`; the tag is the field);
+/// for [`LINE_TAG`], the counter of a deferring rule's line.
 pub fn notified_key(base: &str, notify_tag: &str) -> String {
     if notify_tag == LINE_TAG {
         return format!("{base}:line");
     }
-    format!("{base}:notified:{notify_tag}")
+    format!("{base}:notified")
+}
+
+/// Every key that holds a window of (tenant, channel) for some algorithm, besides the
+/// decisions kept by message id: what an operator's reset deletes to start it afresh.
+pub fn window_keys(prefix: &str, tenant_id: &str, channel: &str) -> Vec<String> {
+    let mut keys = Vec::with_capacity(9);
+    for algorithm in [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::TokenBucket,
+    ] {
+        let state = key_for(algorithm, prefix, tenant_id, channel);
+        let base = companion_base(algorithm, &state);
+        keys.push(notified_key(&base, ""));
+        keys.push(notified_key(&base, LINE_TAG));
+        keys.push(state);
+    }
+    keys
 }
 
 #[cfg(test)]

@@ -92,6 +92,18 @@ pub enum LimitError {
     Config(#[from] ConfigError),
 }
 
+/// The check scripts as Redis runs them, each with the notice functions it shares
+/// (`notice.lua`) in front.
+pub const FIXED_WINDOW: &str =
+    concat!(include_str!("notice.lua"), include_str!("fixed_window.lua"));
+pub const SLIDING_WINDOW: &str = concat!(
+    include_str!("notice.lua"),
+    include_str!("sliding_window.lua")
+);
+pub const TOKEN_BUCKET: &str =
+    concat!(include_str!("notice.lua"), include_str!("token_bucket.lua"));
+const CLAIM_NOTICE: &str = concat!(include_str!("notice.lua"), include_str!("claim_notice.lua"));
+
 /// The answer for each check of a batch, in order.
 pub type Checked = Vec<Result<Answer, CheckError>>;
 
@@ -103,6 +115,7 @@ pub struct Limiter {
     sliding_window: Lua,
     token_bucket: Lua,
     mark_forwarded: Lua,
+    claim_notice: Lua,
     timeout: Duration,
     metrics: Metrics,
     /// Redis's clock minus this machine's, in milliseconds, from the last probe: every gate
@@ -116,9 +129,10 @@ impl Limiter {
     pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<Self, LimitError> {
         Ok(Self {
             store: Store::new(config)?,
-            fixed_window: Lua::new(include_str!("fixed_window.lua")),
-            sliding_window: Lua::new(include_str!("sliding_window.lua")),
-            token_bucket: Lua::new(include_str!("token_bucket.lua")),
+            fixed_window: Lua::new(FIXED_WINDOW),
+            sliding_window: Lua::new(SLIDING_WINDOW),
+            token_bucket: Lua::new(TOKEN_BUCKET),
+            claim_notice: Lua::new(CLAIM_NOTICE),
             mark_forwarded: Lua::new(include_str!("mark_forwarded.lua")),
             timeout: Duration::from_millis(config.timeout_ms),
             metrics,
@@ -133,31 +147,25 @@ impl Limiter {
     }
 
     /// Claims the right to tell a sender about a rejection (`notify = "once_per_window"`):
-    /// true when nobody told them within `ttl_ms` before. Fails open (true) when Redis
-    /// cannot answer: a second reply is better than none.
-    pub async fn claim_notice(&self, key: &str, ttl_ms: u64, message_id: &str) -> bool {
+    /// true when nobody told them within `ttl_ms` before. `key` is the state's senders told
+    /// (`notified_key`), `tag` the sender's. Fails open (true) when Redis cannot answer: a
+    /// second reply is better than none.
+    pub async fn claim_notice(&self, key: &str, tag: &str, ttl_ms: u64, message_id: &str) -> bool {
         // The marker holds the id that claimed it: that message's redelivery (its notice
         // was not confirmed, or its ack was lost) is still the one to tell.
         let claim = async {
             let mut conn = self.store.conn().await?;
-            let mut set = redis::cmd("SET");
-            set.arg(key)
-                .arg(message_id)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms.max(1));
-            if !message_id.is_empty() {
-                set.arg("GET");
-            }
-            set.query_async::<Option<String>>(&mut conn).await
+            self.claim_notice
+                .run::<i64>(&mut conn, |cmd| {
+                    cmd.arg(1)
+                        .arg(key)
+                        .arg(tag)
+                        .arg(ttl_ms.max(1))
+                        .arg(message_id);
+                })
+                .await
         };
-        match tokio::time::timeout(self.budget(), claim).await {
-            // Without an id: set (OK) or not (nil). With one: nil when set, else the
-            // holder's id.
-            Ok(Ok(answer)) if message_id.is_empty() => answer.is_some(),
-            Ok(Ok(holder)) => holder.is_none_or(|holder| holder == message_id),
-            _ => true,
-        }
+        !matches!(tokio::time::timeout(self.budget(), claim).await, Ok(Ok(0)))
     }
 
     /// Counts each check and decides, in one round trip. One script call per algorithm

@@ -60,7 +60,8 @@ pub struct Rules {
     /// Changes whenever the rules do, so caches of decisions know to forget.
     pub generation: u64,
     pub settings: Settings,
-    /// Some rule (the global one or an override) says `on_limit = "defer"`.
+    /// Some rule that is not shadow (the global one or an override) says
+    /// `on_limit = "defer"`.
     pub can_defer: bool,
     global: Rule,
     /// Keyed by tenant, so a lookup borrows the message's strings instead of building a key.
@@ -105,10 +106,12 @@ impl Rules {
             let (rule, _) = Rule::overridden(entry.tenant, entry.tenant_has_burst, o);
             entry.channels.insert(channel.clone(), rule);
         }
-        let can_defer = global.defer
+        // A shadow rule only reports what it would do: it never parks anything.
+        let defers = |r: &Rule| r.defer && !r.shadow;
+        let can_defer = defers(&global)
             || tenants
                 .values()
-                .any(|t| t.tenant.defer || t.channels.values().any(|r| r.defer));
+                .any(|t| defers(&t.tenant) || t.channels.values().any(defers));
         Rules {
             generation: 0,
             can_defer,

@@ -6,7 +6,7 @@
 -- Every key a check touches is passed in KEYS, all in the counter's cluster slot:
 -- KEYS[4i-3]    the counter hash ({counter}:sliding, where {counter} is the counter key in braces)
 -- KEYS[4i-2]    its decision for this message id ({counter}:sliding:seen-at:{id})
--- KEYS[4i-1]    its sender's notification marker ({counter}:sliding:notified:{tag})
+-- KEYS[4i-1]    the senders told ({counter}:sliding:notified, see notice.lua)
 -- KEYS[4i]      the id's confirmed-output marker ({counter}:done:{id}, see fixed_window.lua),
 --               or the state key again when duplicates are forwarded
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
@@ -102,7 +102,7 @@ local function check(i, key, seen_key, notified_key, done_key)
     notify = redis.call('INCR', notified_key) - 1
     if notify == 0 then redis.call('PEXPIRE', notified_key, math.ceil(window)) end
   elseif allowed == 0 and tag ~= '' then
-    if not redis.call('SET', notified_key, '1', 'NX', 'PX', math.max(1, math.ceil(retry))) then
+    if not first_notice(notified_key, tag, now, retry, id) then
       notify = 0
     end
   end

@@ -904,8 +904,15 @@ pub struct RabbitCluster {
 
 impl RabbitCluster {
     pub async fn start(n: usize) -> Self {
+        Self::start_with_plugins(n, &[]).await
+    }
+
+    /// `n` nodes with `plugins` enabled (e.g. `rabbitmq_consistent_hash_exchange`).
+    pub async fn start_with_plugins(n: usize, plugins: &[&str]) -> Self {
         let dir = TempDir::new("rabbit-cluster");
         prepare_rabbit_home(&dir.0);
+        let enabled = format!("[{}].\n", plugins.join(","));
+        std::fs::write(dir.0.join("enabled_plugins"), enabled).unwrap();
         let base = unique("rabbit");
         let new = |i| RabbitNode::new(&dir.0, format!("{base}-{i}@localhost"), None);
         let nodes = (1..=n).map(new).collect();

@@ -255,6 +255,33 @@ impl Broker {
         assert!(confirm.is_ack(), "the broker refused a test message");
     }
 
+    /// Publishes through the inbound exchange with each tenant as routing key, as a gateway
+    /// of a sharded inbound does; every confirm awaited at the end.
+    pub async fn publish_to_exchange(&self, messages: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        for (tenant, body) in messages {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    ShortString::from(self.names.inbound.as_str()),
+                    ShortString::from(tenant),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            drop(confirm);
+        }
+        let returned = self.channel.wait_for_confirms().await.unwrap();
+        assert!(
+            returned.is_empty(),
+            "the exchange routed every message to a shard"
+        );
+    }
+
     /// Publishes many without waiting for each confirm.
     pub async fn publish_many(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
         for body in bodies {
@@ -360,8 +387,20 @@ impl Broker {
 
     /// Deletes the test's queues and Redis keys.
     pub async fn cleanup(self) {
-        let ladder = konstruct_gate::amqp::DEFER_STEPS
-            .map(|seconds| konstruct_gate::amqp::defer_queue(&self.names.inbound, seconds));
+        let inbound = &self.names.inbound;
+        // Both ladders, and the shards of a sharded inbound (a test uses at most 16).
+        let steps: Vec<(String, bool)> = konstruct_gate::amqp::DEFER_STEPS
+            .iter()
+            .flat_map(|&seconds| {
+                [false, true].map(|sharded| {
+                    let step = konstruct_gate::amqp::step_queue(inbound, sharded, seconds);
+                    (step, sharded)
+                })
+            })
+            .collect();
+        let shards: Vec<String> = (0..16)
+            .map(|k| konstruct_gate::shards::shard_queue(inbound, k))
+            .collect();
         for queue in [
             &self.names.inbound,
             &self.names.orchestrator,
@@ -369,7 +408,8 @@ impl Broker {
             &self.names.dead_letter,
         ]
         .into_iter()
-        .chain(&ladder)
+        .chain(steps.iter().map(|(step, _)| step))
+        .chain(&shards)
         {
             let _ = self
                 .channel
@@ -378,6 +418,24 @@ impl Broker {
                     QueueDeleteOptions::default(),
                 )
                 .await;
+        }
+        // The exchanges of a sharded inbound and its ladder, each on a channel of its own
+        // (deleting a missing exchange may close the channel).
+        for exchange in std::iter::once(inbound).chain(
+            steps
+                .iter()
+                .filter(|(_, sharded)| *sharded)
+                .map(|(step, _)| step),
+        ) {
+            if let Ok(channel) = self.conn.create_channel().await {
+                let _ = channel
+                    .exchange_delete(
+                        ShortString::from(exchange.as_str()),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel.close(200, ShortString::from("bye")).await;
+            }
         }
         let mut redis = connect_redis().await;
         // Counters start with the prefix, their companions with `{` and then the prefix.
