@@ -2,8 +2,11 @@
 //! hears about them in delivery-tag order, as one `basic.ack multiple` per run of finished
 //! messages, and a single `basic.nack requeue` for each one handed back.
 //!
-//! The tracker never acks a tag that is still in flight or that is to be nacked, so the
-//! cumulative ack is always exactly "these messages are done". A *held* message (its check
+//! The tracker never acks a tag that is still in flight, not yet seen, or to be nacked, so
+//! the cumulative ack is always exactly "these messages are done". Several consumers share
+//! one channel (the shards of a sharded inbound), each with its own buffer, so deliveries
+//! may be taken out of tag order: a tag skipped over is kept as not yet seen until its
+//! delivery arrives. A *held* message (its check
 //! waits for Redis) would block every cumulative ack behind it: while one is held, the
 //! messages finished after it are settled one by one instead.
 
@@ -20,8 +23,9 @@ pub enum Settlement {
     Requeue(u64),
 }
 
-/// Delivery tags on a channel go up by one per delivery: a tag out of that order means a
-/// delivery this tracker never saw, and a cumulative ack could then cover it unprocessed.
+/// Delivery tags on a channel go up by one per delivery, each delivered once: a tag seen
+/// twice, or one older than every tag still tracked, is a delivery the tracker cannot place,
+/// and a cumulative ack could then cover something unprocessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("delivery tag {got} arrived where {expected} was expected")]
 pub struct TagGap {
@@ -31,6 +35,8 @@ pub struct TagGap {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
+    /// A tag skipped over: its delivery waits in another consumer's buffer.
+    Unseen,
     InFlight,
     /// In flight and waiting for Redis, for an unknown time.
     Held,
@@ -50,22 +56,41 @@ pub struct AckTracker {
     held: usize,
     /// Slots already told to the broker on their own, not yet popped.
     settled_alone: usize,
+    /// Slots whose delivery has not arrived yet.
+    unseen: usize,
 }
 
 impl AckTracker {
-    /// Records a new delivery; tags must follow each other without a gap.
+    /// Records a new delivery. A tag past the next one leaves the tags between as not yet
+    /// seen; a tag seen before, or older than every tracked one, is refused.
     pub fn received(&mut self, tag: u64) -> Result<(), TagGap> {
-        if let Some(expected) = self.next_tag
-            && tag != expected
-        {
-            return Err(TagGap { expected, got: tag });
-        }
-        if self.slots.is_empty() {
+        let Some(expected) = self.next_tag else {
             self.first_tag = tag;
+            self.slots.push_back(Slot::InFlight);
+            self.next_tag = Some(tag + 1);
+            return Ok(());
+        };
+        if tag >= expected {
+            if self.slots.is_empty() {
+                self.first_tag = expected;
+            }
+            let skipped =
+                usize::try_from(tag - expected).map_err(|_| TagGap { expected, got: tag })?;
+            self.slots
+                .extend(std::iter::repeat_n(Slot::Unseen, skipped));
+            self.unseen += skipped;
+            self.slots.push_back(Slot::InFlight);
+            self.next_tag = Some(tag + 1);
+            return Ok(());
         }
-        self.slots.push_back(Slot::InFlight);
-        self.next_tag = Some(tag + 1);
-        Ok(())
+        match self.index(tag) {
+            Some(index) if self.slots[index] == Slot::Unseen => {
+                self.slots[index] = Slot::InFlight;
+                self.unseen -= 1;
+                Ok(())
+            }
+            _ => Err(TagGap { expected, got: tag }),
+        }
     }
 
     fn index(&self, tag: u64) -> Option<usize> {
@@ -114,7 +139,7 @@ impl AckTracker {
         while let Some(front) = self.slots.front() {
             let tag = self.first_tag;
             match front {
-                Slot::InFlight | Slot::Held => break,
+                Slot::Unseen | Slot::InFlight | Slot::Held => break,
                 Slot::Done => ack_up_to = Some(tag),
                 // Already acked alone; a later cumulative ack passes over it.
                 Slot::Settled => self.settled_alone -= 1,
@@ -140,7 +165,7 @@ impl AckTracker {
 
     /// Deliveries received and not yet settled with the broker.
     pub fn unsettled(&self) -> usize {
-        self.slots.len() - self.settled_alone
+        self.slots.len() - self.settled_alone - self.unseen
     }
 
     /// Deliveries waiting for Redis.
@@ -206,24 +231,30 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_in_the_tags_is_an_error_not_a_silent_ack() {
+    fn a_tag_taken_out_of_order_is_never_covered_before_it_arrives() {
+        // Two consumers on one channel: 5 and 7 from one, 6 still in the other's buffer.
         let mut t = AckTracker::default();
+        let mut out = Vec::new();
         t.received(5).unwrap();
+        t.received(7).unwrap();
+        assert_eq!(t.unsettled(), 2);
+        t.settle(7, true, &mut out);
+        t.settle(5, true, &mut out);
+        assert_eq!(out, vec![Settlement::AckUpTo(5)], "6 is not seen yet");
+        out.clear();
+        t.received(6).unwrap();
+        t.settle(6, true, &mut out);
+        assert_eq!(out, vec![Settlement::AckUpTo(7)]);
+        // A tag seen twice, or older than every tracked one, cannot be placed.
+        t.received(8).unwrap();
         assert_eq!(
-            t.received(7),
+            t.received(8),
             Err(TagGap {
-                expected: 6,
-                got: 7
+                expected: 9,
+                got: 8
             })
         );
-        let mut out = Vec::new();
-        t.settle(5, true, &mut out);
-        assert_eq!(out, vec![Settlement::AckUpTo(5)]);
-        assert!(
-            t.received(7).is_err(),
-            "still a gap after the tracker emptied"
-        );
-        t.received(6).unwrap();
+        assert!(t.received(3).is_err());
     }
 
     #[test]
@@ -272,8 +303,17 @@ mod tests {
         ) {
             let n = outcomes.len() as u64;
             let mut t = AckTracker::default();
-            for tag in 1..=n {
-                t.received(tag).unwrap();
+            // Taken from two consumers' buffers in turns: odd tags from one, even from the
+            // other, each in order, interleaved as the seed says.
+            let (mut odd, mut even) = ((1..=n).step_by(2).peekable(), (2..=n).step_by(2).peekable());
+            let mut turn = order;
+            while odd.peek().is_some() || even.peek().is_some() {
+                turn = turn.rotate_left(1);
+                let tag = match (turn & 1 == 0, odd.peek(), even.peek()) {
+                    (true, Some(_), _) | (false, Some(_), None) => odd.next(),
+                    _ => even.next(),
+                };
+                t.received(tag.unwrap()).unwrap();
             }
             let mut sequence: Vec<u64> = (1..=n).collect();
             // A deterministic shuffle from the generated seed.

@@ -365,6 +365,11 @@ pub(crate) async fn declare_or_use(
     Ok(())
 }
 
+/// NOT_FOUND: the queue or exchange named does not exist (the channel is closed).
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
+}
+
 fn is_precondition_failed(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
 }

@@ -126,6 +126,14 @@ impl Health {
         replace(&self.shard_error, error)
     }
 
+    /// The sharded inbound's exchange is not set up (a parked message could not return).
+    pub fn shards_failing(&self) -> bool {
+        self.shard_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// The last errors, one `name: error` line each, for `/readyz`.
     pub fn errors(&self) -> String {
         let mut out = String::new();

@@ -192,6 +192,13 @@ impl LadderKeeper {
             return;
         }
         let now = Instant::now();
+        // A sharded ladder returns its messages through the inbound exchange: without it
+        // they could not come back.
+        if self.config.amqp.inbound_shards > 0 && self.health.shards_failing() {
+            self.parking.send_replace(Parking::Unusable);
+            self.next_try = now;
+            return;
+        }
         let state = *self.parking.borrow();
         if state == Parking::Unknown || (state == Parking::Unusable && now >= self.next_try) {
             self.make_usable().await;
@@ -243,7 +250,11 @@ impl LadderKeeper {
     async fn find(&mut self) -> Result<(), lapin::Error> {
         let channel = self.channel().await?;
         for seconds in DEFER_STEPS {
-            passive(&channel, &defer_queue(&self.config.amqp, seconds)).await?;
+            let step = defer_queue(&self.config.amqp, seconds);
+            passive(&channel, &step).await?;
+            if self.config.amqp.inbound_shards > 0 {
+                passive_exchange(&channel, &step).await?;
+            }
         }
         Ok(())
     }
@@ -256,8 +267,15 @@ impl LadderKeeper {
         };
         for seconds in DEFER_STEPS {
             let queue = defer_queue(&self.config.amqp, seconds);
-            let Ok(counted) = tokio::time::timeout(LOOK_TIMEOUT, passive(&channel, &queue)).await
-            else {
+            let look = async {
+                let waiting = passive(&channel, &queue).await?;
+                // A sharded step is published to through its exchange: it must be there too.
+                if self.config.amqp.inbound_shards > 0 {
+                    passive_exchange(&channel, &queue).await?;
+                }
+                Ok::<_, lapin::Error>(waiting)
+            };
+            let Ok(counted) = tokio::time::timeout(LOOK_TIMEOUT, look).await else {
                 // No answer: counted again at the next look.
                 return;
             };
@@ -303,6 +321,22 @@ impl LadderKeeper {
 }
 
 /// The number of messages in `queue`; an error (which closes the channel) when it is missing.
+/// The exchange exists (a missing one closes the channel).
+async fn passive_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    let options = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            ShortString::from(exchange),
+            lapin::ExchangeKind::Fanout,
+            options,
+            FieldTable::default(),
+        )
+        .await
+}
+
 async fn passive(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     let options = QueueDeclareOptions {
         passive: true,

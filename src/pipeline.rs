@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
-use crate::config::{Algorithm, Config, Notify, OnRedisError, QuietRejections};
+use crate::config::{Algorithm, Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
@@ -187,7 +187,7 @@ impl Pipeline {
             // A rejection nobody is told about: during a flood most of them, and with
             // `quiet_rejections = "drop"` they cost the broker no publish at all.
             if output.outcome == Outcome::Rejected
-                && self.config.limits.quiet_rejections == QuietRejections::Drop
+                && settings.drop_quiet
                 && matches!(
                     verdict,
                     Some((
@@ -261,8 +261,25 @@ impl Pipeline {
                             }
                             output = reroute(verdict, clock);
                         }
-                        // A step of the ladder is missing: rejected instead, and no more
-                        // parking until the ladder is back.
+                        // A step of the ladder is missing (its queue: returned; a sharded
+                        // step's exchange: the channel closed, opened again here): rejected
+                        // instead, and no more parking until the ladder is back.
+                        Err(PublishError::Channel(ref e))
+                            if matches!(output.to, Destination::Defer(_))
+                                && clock.can_park
+                                && crate::amqp::is_not_found(e)
+                                && publisher.renew().await =>
+                        {
+                            self.parking.send_replace(Parking::Unusable);
+                            let reason = format!(
+                                "the defer ladder's exchange {queue} is missing, so messages over a deferring limit are rejected"
+                            );
+                            if self.health.set_ladder_error(Some(reason.clone())) {
+                                warn!("{reason}");
+                            }
+                            clock.can_park = false;
+                            output = reroute(verdict, clock);
+                        }
                         Err(PublishError::Returned { .. } | PublishError::Nacked)
                             if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
                         {

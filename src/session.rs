@@ -38,9 +38,24 @@ use crate::telemetry::Metrics;
 
 /// The deliveries of every inbound queue's consumer, taken in turn; an item `None` is the
 /// end of one consumer.
-type Inbound = futures::stream::SelectAll<
-    futures::stream::BoxStream<'static, Option<Result<Delivery, lapin::Error>>>,
->;
+type Inbound = futures::stream::SelectAll<futures::stream::BoxStream<'static, Taken>>;
+
+/// One item of the merged consumers. Not boxed: nearly every item is a delivery, moved
+/// once into its batch.
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    /// A delivery, or the error of the consumer that was to bring one.
+    Delivery(Result<Delivery, lapin::Error>),
+    /// The consumer of queue `k` (in the session's list) ended.
+    Ended(usize),
+}
+
+/// Why taking deliveries stopped.
+enum Stop {
+    Failed(SessionError),
+    /// The consumer of queue `k` ended: our own cancel, or the broker's.
+    Ended(usize),
+}
 
 /// How often a session tries again to set up a sharded inbound's exchange the broker
 /// refused (no plugin).
@@ -106,7 +121,7 @@ pub struct Gate {
     pipeline: Pipeline,
     metrics: Metrics,
     health: Arc<Health>,
-    brokers: Brokers,
+    brokers: Arc<Brokers>,
     /// Numbers the sessions, so that delivery tags of different sessions never meet.
     sessions: AtomicU64,
     /// The broker's `max_message_size`, once a refusal told it in this session.
@@ -148,7 +163,7 @@ impl Gate {
             pipeline,
             metrics,
             health,
-            brokers,
+            brokers: Arc::new(brokers),
             sessions: AtomicU64::new(0),
             max_body: Arc::new(AtomicU64::new(u64::MAX)),
         }
@@ -280,13 +295,6 @@ impl Gate {
         else {
             return Ok(());
         };
-        let mut exchange_missing = false;
-        if amqp.inbound_shards > 0 && amqp.declare_queues {
-            match until_stopped(shutdown, self.declare_exchange(broker, &retired)).await {
-                Some(declared) => exchange_missing = !declared?,
-                None => return Ok(()),
-            }
-        }
         let mut queues = vec![amqp.inbound_queue.clone()];
         queues
             .extend((0..amqp.inbound_shards).map(|k| shards::shard_queue(&amqp.inbound_queue, k)));
@@ -310,13 +318,18 @@ impl Gate {
             self.health.clone(),
         );
         let tag = format!("konstruct-gate-{}", amqp::instance_name());
+        // Consumers of retired shards come last: such a consumer may end (an operator
+        // deleted the emptied shard) without ending the session.
+        let first_retired = queues.len() - retired.len();
         // One consumer per queue, on one channel (so one sequence of delivery tags), each
         // with its own prefetch window: one shard's backlog never takes another's slots.
         let tags: Vec<ShortString> = queues
             .iter()
-            .map(|queue| match queues.len() {
+            .enumerate()
+            .map(|(k, _)| match queues.len() {
                 1 => ShortString::from(tag.clone()),
-                _ => ShortString::from(format!("{tag}/{queue}")),
+                // The index, not the queue's name: a tag is at most 255 bytes.
+                _ => ShortString::from(format!("{tag}/{k}")),
             })
             .collect();
         let setup = async {
@@ -344,7 +357,7 @@ impl Gate {
                     .await?;
                 // Each consumer's end is an item of its own, so the merged stream says
                 // which consumer ended instead of silently going on without it.
-                let consumer = consumer.map(Some);
+                let consumer = consumer.map(Taken::Delivery);
                 // A shard's deliveries are counted by routing key (the tenant) for
                 // `/shards/top`; the plain queue's routing key is its own name.
                 let consumer = if k == 0 {
@@ -353,17 +366,14 @@ impl Gate {
                     let (health, queue) = (self.health.clone(), queue.clone());
                     consumer
                         .inspect(move |delivery| {
-                            if let Some(Ok(d)) = delivery {
+                            if let Taken::Delivery(Ok(d)) = delivery {
                                 health.top.record(&queue, [d.routing_key.as_str()]);
                             }
                         })
                         .boxed()
                 };
-                consumers.push(
-                    consumer
-                        .chain(futures::stream::once(async { None }))
-                        .boxed(),
-                );
+                let end = futures::stream::once(async move { Taken::Ended(k) });
+                consumers.push(consumer.chain(end).boxed());
             }
             Ok::<_, lapin::Error>((publisher, channel, futures::stream::select_all(consumers)))
         };
@@ -376,6 +386,15 @@ impl Gate {
         *consumed = true;
         info!(queue = %amqp.inbound_queue, queues = queues.len(), prefetch = amqp.prefetch, "consuming");
         tokio::spawn(keeper.run(lost.clone()));
+        if amqp.inbound_shards > 0 && amqp.declare_queues {
+            tokio::spawn(keep_exchange(
+                self.brokers.clone(),
+                broker,
+                self.config.clone(),
+                self.health.clone(),
+                lost.clone(),
+            ));
+        }
 
         let tracker = Mutex::new(AckTracker::default());
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -398,10 +417,8 @@ impl Gate {
         let mut result = Ok(());
         let deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(deadline);
-        // Consumers ended after our own cancel.
+        // Consumers ended (after our own cancel, or a retired shard's before it).
         let mut ended = 0;
-        let mut exchange_retry = tokio::time::interval(EXCHANGE_RETRY);
-        exchange_retry.reset();
 
         loop {
             let taking = matches!(phase, Phase::Consuming | Phase::Stopping) && *flow.borrow();
@@ -448,9 +465,6 @@ impl Gate {
                         in_flight.push(self.handle(held.deliveries, Some((held.tries, held.since)), None, &session));
                     }
                 }
-                _ = exchange_retry.tick(), if exchange_missing => {
-                    exchange_missing = !self.declare_exchange(broker, &retired).await.unwrap_or(false);
-                }
                 changed = flow.changed() => {
                     if changed.is_err() {
                         result = Err(SessionError::ConnectionLost("the publishing connection's events ended".into()));
@@ -476,20 +490,30 @@ impl Gate {
                         }
                         in_flight.push(self.handle(batch, None, slot.take(), &session));
                     }
+                    if let Some(Stop::Ended(_)) = end {
+                        ended += 1;
+                    }
                     match (end, &phase) {
                         (None, _) => {}
                         // Our own cancel: everything the broker sent was taken; the rest of
                         // the grace period is for what is in flight.
-                        (Some(_), Phase::Stopping) => {
-                            ended += 1;
+                        (Some(Stop::Ended(_)), Phase::Stopping) => {
                             if ended == tags.len() {
                                 phase = Phase::Draining;
                             }
                         }
+                        (Some(Stop::Failed(_)), Phase::Stopping) => phase = Phase::Draining,
+                        // A retired shard deleted once empty: the others go on.
+                        (Some(Stop::Ended(k)), Phase::Consuming) if k >= first_retired && ended < tags.len() => {
+                            info!(queue = %queues[k], "a retired shard is gone; consuming the others");
+                        }
                         (Some(end), _) => {
                             // The consumer is gone; what is in flight gets a moment to
                             // finish (its acks may fail, and the broker redelivers those).
-                            result = end;
+                            result = Err(match end {
+                                Stop::Failed(e) => e,
+                                Stop::Ended(_) => SessionError::ConsumerCancelled,
+                            });
                             phase = Phase::Draining;
                             deadline.as_mut().reset(tokio::time::Instant::now() + HAND_BACK_DELAY);
                         }
@@ -512,41 +536,6 @@ impl Gate {
         let _ =
             tokio::time::timeout(CLOSE_STEP, channel.close(200, ShortString::from("bye"))).await;
         result
-    }
-
-    /// Declares the sharded inbound's exchange and bindings on a connection of its own (a
-    /// broker without the plugin closes the connection that asks). Returns false, with the
-    /// gate not ready and the reason in the log and `/readyz`, when the broker has no
-    /// consistent-hash exchange type; the shard queues are consumed meanwhile.
-    async fn declare_exchange(
-        &self,
-        broker: usize,
-        retired: &[String],
-    ) -> Result<bool, SessionError> {
-        let conn = self.brokers.connect_to(broker, "declare").await?;
-        let declared = tokio::time::timeout(
-            CLOSE_STEP * 5,
-            shards::declare_exchange(&conn, &self.config.amqp, retired),
-        )
-        .await;
-        close(&conn).await;
-        match declared {
-            Ok(Ok(())) => {
-                self.health.set_shard_error(None);
-                Ok(true)
-            }
-            Ok(Err(shards::ShardError::NoPlugin)) => {
-                let reason = shards::ShardError::NoPlugin.to_string();
-                if self.health.set_shard_error(Some(reason.clone())) {
-                    error!("{reason}");
-                }
-                Ok(false)
-            }
-            Ok(Err(shards::ShardError::Broker(e))) => Err(e.into()),
-            Err(_) => Err(SessionError::ConnectionLost(
-                "the broker did not answer the sharded inbound's declarations".into(),
-            )),
-        }
     }
 
     /// Runs one batch through the pipeline and settles what it can. `held`: the batch
@@ -724,24 +713,21 @@ impl Gate {
 }
 
 /// Takes everything the broker has already sent after `first`, up to a batch: one Redis
-/// round trip then serves all of it. Returns the batch, and how the consumer ended if it
-/// did (`Ok` when it was cancelled on purpose is decided by the caller's phase).
-async fn gather(
-    consumer: &mut Inbound,
-    first: Option<Option<Result<Delivery, lapin::Error>>>,
-) -> (Vec<Delivery>, Option<Result<(), SessionError>>) {
-    // `None` inside: one consumer ended; outside: all of them.
-    let first = first.flatten();
+/// round trip then serves all of it. Returns the batch, and why taking stopped if it did
+/// (one consumer's end, our own cancel or the broker's, is told to the caller, whose phase
+/// decides what it means).
+async fn gather(consumer: &mut Inbound, first: Option<Taken>) -> (Vec<Delivery>, Option<Stop>) {
     let mut batch = Vec::new();
-    let end_of = |next: Option<Result<Delivery, lapin::Error>>| match next {
-        Some(Err(e)) => Some(Err(e.into())),
-        // The stream ends after our own basic.cancel (stopping) or the broker's.
-        None => Some(Err(SessionError::ConsumerCancelled)),
-        Some(Ok(_)) => None,
+    let stop_of = |taken: Option<Taken>| match taken {
+        Some(Taken::Delivery(Err(e))) => Some(Stop::Failed(e.into())),
+        Some(Taken::Ended(k)) => Some(Stop::Ended(k)),
+        // Every consumer's end comes first as its own item.
+        None => Some(Stop::Failed(SessionError::ConsumerCancelled)),
+        Some(Taken::Delivery(Ok(_))) => None,
     };
     match first {
-        Some(Ok(delivery)) => batch.push(delivery),
-        other => return (batch, end_of(other)),
+        Some(Taken::Delivery(Ok(delivery))) => batch.push(delivery),
+        other => return (batch, stop_of(other)),
     }
     // Let a short burst gather: fewer, larger batches cost far fewer thread wake-ups than
     // many single messages.
@@ -749,11 +735,53 @@ async fn gather(
     while batch.len() < MAX_BATCH {
         match consumer.next().now_or_never() {
             None => break,
-            Some(Some(Some(Ok(delivery)))) => batch.push(delivery),
-            Some(other) => return (batch, end_of(other.flatten())),
+            Some(Some(Taken::Delivery(Ok(delivery)))) => batch.push(delivery),
+            Some(other) => return (batch, stop_of(other)),
         }
     }
     (batch, None)
+}
+
+/// Sets up the sharded inbound's exchange and bindings, on a connection of its own (a broker
+/// without the plugin closes the connection that asks), until it works or the session ends.
+/// Meanwhile the gate consumes every shard but is not ready, and says why once in the log
+/// and in `/readyz`; whatever the broker answers, the session goes on.
+async fn keep_exchange(
+    brokers: Arc<Brokers>,
+    broker: usize,
+    config: Arc<Config>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let amqp = &config.amqp;
+    // One bind per shard, one after the other.
+    let budget = CLOSE_STEP * 5 + Duration::from_millis(20) * u32::from(amqp.inbound_shards);
+    loop {
+        let attempt = async {
+            let conn = brokers.connect_to(broker, "declare").await?;
+            let declared = shards::declare_exchange(&conn, amqp).await;
+            close(&conn).await;
+            declared
+        };
+        let reason = match tokio::time::timeout(budget, attempt).await {
+            Ok(Ok(())) => {
+                health.set_shard_error(None);
+                return;
+            }
+            Ok(Err(e)) => config.scrub(&e.to_string()),
+            Err(_) => format!(
+                "the sharded inbound cannot be set up: the broker did not answer within {} s",
+                budget.as_secs()
+            ),
+        };
+        if health.set_shard_error(Some(reason.clone())) {
+            error!("{reason}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EXCHANGE_RETRY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Sends settlements to the broker in the order they were made, collapsing a run of

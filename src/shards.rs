@@ -4,9 +4,11 @@
 //! fills one shard and never delays the tenants of the others; every gate consumes every
 //! shard (and the plain queue, for gateways that have not moved over yet).
 //!
-//! Shrinking N leaves shards past the new N behind: a gate unbinds them (so nothing new
-//! lands there) and goes on consuming them, so no message is stranded; an operator deletes
-//! them once they are empty.
+//! Shrinking N leaves shards past the new N behind: a gate goes on consuming every one that
+//! still exists, so no message is stranded. Bindings are only ever added: during a rolling
+//! change of N, gates of the old and the new N run side by side, and neither may take a
+//! shard off the exchange that the other still fills; an operator unbinds a retired shard
+//! once the rollout is over, and deletes it once it is empty.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -59,14 +61,9 @@ pub fn shard_arguments(inbound: &FieldTable, quorum: bool) -> FieldTable {
     args
 }
 
-/// Declares the inbound exchange and binds shards `0..N` to it, and unbinds the shards a
-/// larger N left behind (`retired`). Runs on a connection of its own: a broker without the
-/// plugin answers the declare by closing the whole connection.
-pub async fn declare_exchange(
-    conn: &Connection,
-    config: &AmqpConfig,
-    retired: &[String],
-) -> Result<(), ShardError> {
+/// Declares the inbound exchange and binds shards `0..N` to it. Runs on a connection of its
+/// own: a broker without the plugin answers the declare by closing the whole connection.
+pub async fn declare_exchange(conn: &Connection, config: &AmqpConfig) -> Result<(), ShardError> {
     let channel = conn.create_channel().await?;
     let declared = channel
         .exchange_declare(
@@ -97,24 +94,20 @@ pub async fn declare_exchange(
             )
             .await?;
     }
-    for queue in retired {
-        channel
-            .queue_unbind(
-                ShortString::from(queue.as_str()),
-                ShortString::from(config.inbound_queue.as_str()),
-                ShortString::from(WEIGHT),
-                FieldTable::default(),
-            )
-            .await?;
-    }
     let _ = channel.close(200, ShortString::from("declared")).await;
     Ok(())
 }
 
+/// How many missing shards in a row end the search for retired ones: an operator deletes
+/// them from the highest down, but may have deleted a few out of order.
+const RETIRED_GAP: u16 = 8;
+
 /// The shards past `amqp.inbound_shards` that still exist (a smaller N than before, or
-/// none at all now): found one by one from shard N on, until one is missing.
+/// none at all now): found one by one from shard N on, until [`RETIRED_GAP`] in a row are
+/// missing.
 pub async fn retired_shards(conn: &Connection, config: &AmqpConfig) -> Vec<String> {
     let mut found = Vec::new();
+    let mut missing = 0;
     for k in config.inbound_shards..MAX_SHARDS {
         let queue = shard_queue(&config.inbound_queue, k);
         let Ok(channel) = conn.create_channel().await else {
@@ -135,10 +128,15 @@ pub async fn retired_shards(conn: &Connection, config: &AmqpConfig) -> Vec<Strin
         if channel.status().connected() {
             let _ = channel.close(200, ShortString::from("looked")).await;
         }
-        if !exists {
-            break;
+        if exists {
+            missing = 0;
+            found.push(queue);
+        } else {
+            missing += 1;
+            if missing == RETIRED_GAP {
+                break;
+            }
         }
-        found.push(queue);
     }
     found
 }

@@ -65,7 +65,7 @@ pub struct ShardTop {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct TenantCount {
     pub tenant_id: String,
-    /// At least this many of the shard's messages (`messages - overcount` is exact or low).
+    /// At most this many of the shard's messages, and at least `messages - overcount`.
     pub messages: u64,
     pub overcount: u64,
 }

@@ -25,7 +25,7 @@ fn sharded(names: &Names, shards: u16, requests: u64, window_seconds: u64) -> Co
 /// publish before a gate runs.
 async fn sharded_broker(names: &Names, config: &Config) -> Broker {
     let broker = Broker::with_queues(names, &config.amqp).await;
-    konstruct_gate::shards::declare_exchange(&broker.conn, &config.amqp, &[])
+    konstruct_gate::shards::declare_exchange(&broker.conn, &config.amqp)
         .await
         .expect("the broker has the consistent-hash exchange (rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)");
     broker
@@ -271,11 +271,11 @@ async fn a_parked_message_returns_to_its_tenants_shard() {
 }
 
 #[tokio::test]
-async fn shards_a_smaller_count_leaves_behind_are_drained_and_unbound() {
+async fn shards_a_smaller_count_leaves_behind_are_drained_even_past_a_gap() {
     let names = Names::new("shards-shrink");
-    let before = sharded(&names, 4, 1_000, 600);
+    let before = sharded(&names, 6, 1_000, 600);
     let broker = sharded_broker(&names, &before).await;
-    let tenants: Vec<String> = (0..40).map(|t| format!("s{t}")).collect();
+    let tenants: Vec<String> = (0..60).map(|t| format!("s{t}")).collect();
     broker
         .publish_to_exchange(
             tenants
@@ -283,31 +283,34 @@ async fn shards_a_smaller_count_leaves_behind_are_drained_and_unbound() {
                 .map(|t| (t.clone(), message(&format!("{t}-a"), t, "slack"))),
         )
         .await;
-    let depths = shard_depths(&broker, 4).await;
-    assert!(
-        depths[2] + depths[3] > 0,
-        "some tenants hash to shards 2 and 3: {depths:?}"
-    );
-    // Two shards now: the gate drains shards 2 and 3 and takes them off the exchange.
+    let depths = shard_depths(&broker, 6).await;
+    assert!(depths[5] > 0, "some tenants hash to shard 5: {depths:?}");
+    // An operator deleted shard 3 (its messages with it: here, by hand, out of order);
+    // two shards now. Shards 2, 4 and 5 still hold messages: the gate drains them all.
+    let lost = depths[3] as usize;
+    let shard3 = konstruct_gate::shards::shard_queue(&names.inbound, 3);
+    broker
+        .channel
+        .queue_delete(ShortString::from(shard3.as_str()), Default::default())
+        .await
+        .unwrap();
     let gate = TestGate::start(sharded(&names, 2, 1_000, 600)).await;
     broker
-        .collect(&names.orchestrator, tenants.len(), WAIT)
+        .collect(&names.orchestrator, tenants.len() - lost, WAIT)
         .await;
-    gate.stop().await;
+    broker.assert_empty(&names.orchestrator).await;
+    let reconnects = "konstruct_gate_amqp_reconnects_total";
+    // Deleting an emptied retired shard while the gate consumes it ends nothing else.
+    let shard5 = konstruct_gate::shards::shard_queue(&names.inbound, 5);
     broker
-        .publish_to_exchange(
-            tenants
-                .iter()
-                .map(|t| (t.clone(), message(&format!("{t}-b"), t, "slack"))),
-        )
-        .await;
-    let depths = shard_depths(&broker, 4).await;
-    assert_eq!(
-        depths[2] + depths[3],
-        0,
-        "nothing lands in a retired shard: {depths:?}"
-    );
-    assert_eq!(depths[0] + depths[1], tenants.len() as u32);
+        .channel
+        .queue_delete(ShortString::from(shard5.as_str()), Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric_value(gate.http, reconnects).await, 0.0);
+    gate.wait_ready(WAIT).await;
+    gate.stop().await;
     broker.cleanup().await;
 }
 

@@ -13,7 +13,12 @@ local NOTIFIED_MAX = 10000
 local function first_notice(hash, tag, now_ms, ttl_ms, id)
   ttl_ms = math.max(1, math.ceil(ttl_ms))
   now_ms = math.floor(now_ms)
-  local held = redis.call('HGET', hash, tag)
+  -- A key of another type (written by hand) tells everyone rather than fail a check whose
+  -- counter was already counted.
+  local readable, held = pcall(redis.call, 'HGET', hash, tag)
+  if not readable then
+    return true
+  end
   if held then
     local until_ms, holder = string.match(held, '^(%d+):(.*)$')
     if until_ms and tonumber(until_ms) > now_ms and (id == '' or holder ~= id) then

@@ -53,6 +53,9 @@ pub struct Settings {
     /// `duplicates = "drop"`: how long a confirmed output is remembered by message id, in
     /// seconds; `None` forwards duplicates again (marked).
     pub drop_duplicates: Option<u64>,
+    /// `quiet_rejections = "drop"`: a rejection whose sender was told already is acked
+    /// without a notice.
+    pub drop_quiet: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +126,7 @@ impl Rules {
                 max_defer_seconds: limits.max_defer_seconds,
                 drop_duplicates: (limits.duplicates == crate::config::Duplicates::Drop)
                     .then_some(limits.duplicate_window_seconds),
+                drop_quiet: limits.quiet_rejections == crate::config::QuietRejections::Drop,
             },
             global,
             tenants,
