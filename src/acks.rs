@@ -12,6 +12,10 @@
 
 use std::collections::VecDeque;
 
+/// Most tags skipped over at once: every consumer's prefetch window together (at most
+/// 1,025 queues × 65,535) is far below it.
+const MAX_UNSEEN: usize = 1 << 27;
+
 /// What to tell the broker, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
@@ -47,12 +51,12 @@ enum Slot {
 }
 
 /// Deliveries of one channel, oldest first, found by subtracting the first tag.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AckTracker {
     first_tag: u64,
     slots: VecDeque<Slot>,
-    /// The tag the next delivery must carry, once one was seen.
-    next_tag: Option<u64>,
+    /// The tag after the highest one seen.
+    next_tag: u64,
     held: usize,
     /// Slots already told to the broker on their own, not yet popped.
     settled_alone: usize,
@@ -60,27 +64,44 @@ pub struct AckTracker {
     unseen: usize,
 }
 
+/// A new channel's: its first delivery carries tag 1.
+impl Default for AckTracker {
+    fn default() -> Self {
+        Self::starting_at(1)
+    }
+}
+
 impl AckTracker {
+    /// A tracker whose first delivery carries `tag`.
+    pub fn starting_at(tag: u64) -> Self {
+        Self {
+            first_tag: tag,
+            slots: VecDeque::new(),
+            next_tag: tag,
+            held: 0,
+            settled_alone: 0,
+            unseen: 0,
+        }
+    }
+
     /// Records a new delivery. A tag past the next one leaves the tags between as not yet
     /// seen; a tag seen before, or older than every tracked one, is refused.
     pub fn received(&mut self, tag: u64) -> Result<(), TagGap> {
-        let Some(expected) = self.next_tag else {
-            self.first_tag = tag;
-            self.slots.push_back(Slot::InFlight);
-            self.next_tag = Some(tag + 1);
-            return Ok(());
-        };
+        let expected = self.next_tag;
         if tag >= expected {
             if self.slots.is_empty() {
                 self.first_tag = expected;
             }
-            let skipped =
-                usize::try_from(tag - expected).map_err(|_| TagGap { expected, got: tag })?;
+            // No more can be in other consumers' buffers than their prefetch windows hold.
+            let skipped = usize::try_from(tag - expected)
+                .ok()
+                .filter(|&n| n <= MAX_UNSEEN)
+                .ok_or(TagGap { expected, got: tag })?;
             self.slots
                 .extend(std::iter::repeat_n(Slot::Unseen, skipped));
             self.unseen += skipped;
             self.slots.push_back(Slot::InFlight);
-            self.next_tag = Some(tag + 1);
+            self.next_tag = tag + 1;
             return Ok(());
         }
         match self.index(tag) {
@@ -208,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_hand_back_splits_the_run_and_is_never_covered_by_an_ack() {
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::starting_at(10);
         let mut out = Vec::new();
         for tag in 10..=14 {
             t.received(tag).unwrap();
@@ -233,7 +254,7 @@ mod tests {
     #[test]
     fn a_tag_taken_out_of_order_is_never_covered_before_it_arrives() {
         // Two consumers on one channel: 5 and 7 from one, 6 still in the other's buffer.
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::starting_at(5);
         let mut out = Vec::new();
         t.received(5).unwrap();
         t.received(7).unwrap();

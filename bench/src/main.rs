@@ -2,9 +2,12 @@
 //! Redis. `gate-bench load` measures throughput, latency and outcomes through gates it
 //! starts; `gate-bench drain` times RabbitMQ's Shovel and the gate side by side;
 //! `gate-bench scale` measures a Redis Cluster and growing numbers of keys;
-//! `gate-bench soak` watches one gate's memory and open files under a steady rate.
+//! `gate-bench soak` watches one gate's memory and open files under a steady rate;
+//! `gate-bench flood` measures one tenant's flood against the others, with and without a
+//! sharded inbound.
 
 mod drain;
+mod flood;
 mod load;
 mod scale;
 mod soak;
@@ -49,6 +52,10 @@ enum Mode {
     Scale(scale::ScaleArgs),
     /// A steady rate through one gate for a long time, its memory and open files sampled.
     Soak(soak::SoakArgs),
+    /// One tenant floods: the other tenants' wait with one inbound queue and with a
+    /// sharded inbound, the flood's drain with quiet rejections published or dropped, and
+    /// a drain over one shard and many.
+    Flood(flood::FloodArgs),
 }
 
 #[tokio::main]
@@ -59,5 +66,6 @@ async fn main() -> anyhow::Result<()> {
         Mode::Drain(args) => drain::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
         Mode::Scale(args) => scale::run(args, cli.amqp_url, cli.json).await,
         Mode::Soak(args) => soak::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
+        Mode::Flood(args) => flood::run(args, cli.amqp_url, cli.redis_url, cli.json).await,
     }
 }
