@@ -44,8 +44,8 @@ type Inbound = futures::stream::SelectAll<futures::stream::BoxStream<'static, Ta
 /// once into its batch.
 #[allow(clippy::large_enum_variant)]
 enum Taken {
-    /// A delivery, or the error of the consumer that was to bring one.
-    Delivery(Result<Delivery, lapin::Error>),
+    /// A delivery from queue `k`, or the error of its consumer.
+    Delivery(usize, Result<Delivery, lapin::Error>),
     /// The consumer of queue `k` (in the session's list) ended.
     Ended(usize),
 }
@@ -62,6 +62,8 @@ enum Stop {
 const EXCHANGE_RETRY: Duration = Duration::from_secs(30);
 /// Most deliveries taken into one batch (one Redis round trip).
 const MAX_BATCH: usize = 512;
+/// Most deliveries one queue of several (the shards of a sharded inbound) puts in a batch.
+const MAX_BATCH_PER_QUEUE: usize = 64;
 /// How long a batch may wait for more deliveries after its first one.
 const BATCH_GATHER: Duration = Duration::from_micros(500);
 /// Batches in the pipeline at once (from their Redis check to their confirms). While they
@@ -357,7 +359,7 @@ impl Gate {
                     .await?;
                 // Each consumer's end is an item of its own, so the merged stream says
                 // which consumer ended instead of silently going on without it.
-                let consumer = consumer.map(Taken::Delivery);
+                let consumer = consumer.map(move |d| Taken::Delivery(k, d));
                 // A shard's deliveries are counted by routing key (the tenant) for
                 // `/shards/top`; the plain queue's routing key is its own name.
                 let consumer = if k == 0 {
@@ -366,7 +368,7 @@ impl Gate {
                     let (health, queue) = (self.health.clone(), queue.clone());
                     consumer
                         .inspect(move |delivery| {
-                            if let Taken::Delivery(Ok(d)) = delivery {
+                            if let Taken::Delivery(_, Ok(d)) = delivery {
                                 health.top.record(&queue, [d.routing_key.as_str()]);
                             }
                         })
@@ -417,6 +419,12 @@ impl Gate {
         let mut result = Ok(());
         let deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(deadline);
+        // With several queues, a batch takes at most this many deliveries from one of them.
+        let per_queue = if tags.len() > 1 {
+            MAX_BATCH_PER_QUEUE
+        } else {
+            MAX_BATCH
+        };
         // Consumers ended (after our own cancel, or a retired shard's before it).
         let mut ended = 0;
 
@@ -475,7 +483,7 @@ impl Gate {
                     slot = permit.ok();
                 }
                 next = consumer.next(), if taking && slot.is_some() => {
-                    let (batch, end) = gather(&mut consumer, next).await;
+                    let (batch, end) = gather(&mut consumer, next, per_queue).await;
                     if !batch.is_empty() {
                         let received = {
                             let mut t = tracker.lock().expect("the ack tracker is never poisoned");
@@ -716,17 +724,32 @@ impl Gate {
 /// round trip then serves all of it. Returns the batch, and why taking stopped if it did
 /// (one consumer's end, our own cancel or the broker's, is told to the caller, whose phase
 /// decides what it means).
-async fn gather(consumer: &mut Inbound, first: Option<Taken>) -> (Vec<Delivery>, Option<Stop>) {
+async fn gather(
+    consumer: &mut Inbound,
+    first: Option<Taken>,
+    per_queue: usize,
+) -> (Vec<Delivery>, Option<Stop>) {
     let mut batch = Vec::new();
     let stop_of = |taken: Option<Taken>| match taken {
-        Some(Taken::Delivery(Err(e))) => Some(Stop::Failed(e.into())),
+        Some(Taken::Delivery(_, Err(e))) => Some(Stop::Failed(e.into())),
         Some(Taken::Ended(k)) => Some(Stop::Ended(k)),
         // Every consumer's end comes first as its own item.
         None => Some(Stop::Failed(SessionError::ConsumerCancelled)),
-        Some(Taken::Delivery(Ok(_))) => None,
+        Some(Taken::Delivery(_, Ok(_))) => None,
+    };
+    // How many deliveries of the batch came from each queue (the first few queues; the
+    // rest share the last count, which only makes their cap stricter).
+    let mut from = [0usize; 64];
+    let mut count = |k: usize| {
+        let n = &mut from[k.min(from.len() - 1)];
+        *n += 1;
+        *n
     };
     match first {
-        Some(Taken::Delivery(Ok(delivery))) => batch.push(delivery),
+        Some(Taken::Delivery(k, Ok(delivery))) => {
+            count(k);
+            batch.push(delivery);
+        }
         other => return (batch, stop_of(other)),
     }
     // Let a short burst gather: fewer, larger batches cost far fewer thread wake-ups than
@@ -735,7 +758,15 @@ async fn gather(consumer: &mut Inbound, first: Option<Taken>) -> (Vec<Delivery>,
     while batch.len() < MAX_BATCH {
         match consumer.next().now_or_never() {
             None => break,
-            Some(Some(Taken::Delivery(Ok(delivery)))) => batch.push(delivery),
+            Some(Some(Taken::Delivery(k, Ok(delivery)))) => {
+                batch.push(delivery);
+                // One queue's backlog (a flooded shard) fills a batch only so far: the
+                // batch ends, so that a delivery of another queue waits for one short
+                // batch at most, not for two full ones.
+                if count(k) >= per_queue {
+                    break;
+                }
+            }
             Some(other) => return (batch, stop_of(other)),
         }
     }

@@ -689,7 +689,9 @@ async fn quorum_shards_lead_on_every_node_and_lose_nothing_when_one_stops() {
     let mut config = names.config(1_000_000, 600);
     config.amqp.queue_type = QueueType::Quorum;
     config.amqp.urls = urls(cluster.amqp_urls());
-    config.amqp.inbound_shards = 6;
+    // 12 shards: the gate's four other queues lead on the node it declared them from, and
+    // the balanced locator fills the other nodes first.
+    config.amqp.inbound_shards = 12;
     let gate = TestGate::start(config.clone()).await;
     // The leaders of the shards are spread over the three nodes.
     let listed = cluster.nodes[0]
@@ -736,7 +738,7 @@ async fn quorum_shards_lead_on_every_node_and_lose_nothing_when_one_stops() {
     let sent = publishing.await.unwrap();
     let forwarded = gather(&broker, sent, WAIT).await;
     eprintln!(
-        "{sent} messages over 6 quorum shards, node 1 stopped mid-drain: {} distinct forwarded, {} copies",
+        "{sent} messages over 12 quorum shards, node 1 stopped mid-drain: {} distinct forwarded, {} copies",
         forwarded.ids.len(),
         forwarded.copies
     );

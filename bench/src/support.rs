@@ -183,9 +183,11 @@ pub fn properties(id: u64, sent_at_us: u64) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// Publishes with confirms, keeping up to `window` unconfirmed at once.
+/// Publishes with confirms, keeping up to `window` unconfirmed at once: to a queue through
+/// the default exchange, or through an exchange with a routing key per message.
 pub struct FastPublisher {
     channel: Channel,
+    exchange: ShortString,
     queue: ShortString,
     pending: FuturesUnordered<lapin::PublisherConfirm>,
     window: usize,
@@ -193,12 +195,23 @@ pub struct FastPublisher {
 
 impl FastPublisher {
     pub async fn new(conn: &Connection, queue: &str, window: usize) -> Result<Self> {
+        Self::via(conn, "", queue, window).await
+    }
+
+    /// Publishes through `exchange`; `queue` is the routing key of [`Self::publish`].
+    pub async fn via(
+        conn: &Connection,
+        exchange: &str,
+        queue: &str,
+        window: usize,
+    ) -> Result<Self> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Self {
             channel,
+            exchange: ShortString::from(exchange),
             queue: ShortString::from(queue),
             pending: FuturesUnordered::new(),
             window,
@@ -206,14 +219,25 @@ impl FastPublisher {
     }
 
     pub async fn publish(&mut self, body: &[u8], properties: BasicProperties) -> Result<()> {
+        self.publish_keyed(self.queue.clone(), body, properties)
+            .await
+    }
+
+    /// Publishes with `routing_key` (through the exchange this publisher was made for).
+    pub async fn publish_keyed(
+        &mut self,
+        routing_key: ShortString,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
         while self.pending.len() >= self.window {
             self.settle_one().await?;
         }
         let confirm = self
             .channel
             .basic_publish(
-                ShortString::from(""),
-                self.queue.clone(),
+                self.exchange.clone(),
+                routing_key,
                 BasicPublishOptions::default(),
                 body,
                 properties,
