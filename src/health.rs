@@ -49,6 +49,8 @@ pub struct Health {
     /// exchange type): the gate consumes its queues meanwhile, but gateways publishing to
     /// the exchange lose their messages.
     shard_error: Mutex<Option<String>>,
+    /// The broker has no consistent-hash exchange type: the inbound exchange does not exist.
+    no_hash_exchange: AtomicBool,
     /// The heaviest tenants of each shard lately (`GET /shards/top`).
     pub top: crate::top::TopTenants,
 }
@@ -68,6 +70,7 @@ impl Default for Health {
             redis_error: Mutex::new(None),
             ladder_error: Mutex::new(None),
             shard_error: Mutex::new(None),
+            no_hash_exchange: AtomicBool::new(false),
             top: crate::top::TopTenants::default(),
         }
     }
@@ -122,16 +125,16 @@ impl Health {
 
     /// Why the sharded inbound cannot be set up, or `None` once it is. True when this
     /// begins a failure, so it is logged once.
-    pub fn set_shard_error(&self, error: Option<String>) -> bool {
+    /// `no_plugin`: the broker cannot have the inbound exchange at all.
+    pub fn set_shard_error(&self, error: Option<String>, no_plugin: bool) -> bool {
+        self.no_hash_exchange.store(no_plugin, Ordering::Relaxed);
         replace(&self.shard_error, error)
     }
 
-    /// The sharded inbound's exchange is not set up (a parked message could not return).
-    pub fn shards_failing(&self) -> bool {
-        self.shard_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+    /// The broker has no consistent-hash exchange type, so the inbound exchange a parked
+    /// message of a sharded inbound returns through cannot exist.
+    pub fn no_hash_exchange(&self) -> bool {
+        self.no_hash_exchange.load(Ordering::Relaxed)
     }
 
     /// The last errors, one `name: error` line each, for `/readyz`.

@@ -194,7 +194,7 @@ impl LadderKeeper {
         let now = Instant::now();
         // A sharded ladder returns its messages through the inbound exchange: without it
         // they could not come back.
-        if self.config.amqp.inbound_shards > 0 && self.health.shards_failing() {
+        if self.config.amqp.inbound_shards > 0 && self.health.no_hash_exchange() {
             self.parking.send_replace(Parking::Unusable);
             self.next_try = now;
             return;

@@ -247,23 +247,9 @@ impl Pipeline {
                         .publish_via(exchange, routing_key, &output.body, output.properties)
                         .await
                     {
-                        // The broker closed the channel (this message too large for it, or
-                        // another one in flight on it): once on a new channel, routed again
-                        // with what the refusal taught.
-                        Err(ref e @ (PublishError::Channel(_) | PublishError::TooLarge { .. }))
-                            if !renewed && publisher.renew().await =>
-                        {
-                            renewed = true;
-                            // Closed by another message's refusal: the broker may have
-                            // routed this one before, so a second forward is marked.
-                            if matches!(e, PublishError::Channel(_)) {
-                                verdict = verdict.map(|(v, rule)| (maybe_sent(v), rule));
-                            }
-                            output = reroute(verdict, clock);
-                        }
-                        // A step of the ladder is missing (its queue: returned; a sharded
-                        // step's exchange: the channel closed, opened again here): rejected
-                        // instead, and no more parking until the ladder is back.
+                        // A sharded step's exchange is missing (the channel closed; opened
+                        // again here), at once, before any other retry: rejected instead,
+                        // and no more parking until the ladder is back.
                         Err(PublishError::Channel(ref e))
                             if matches!(output.to, Destination::Defer(_))
                                 && clock.can_park
@@ -280,6 +266,21 @@ impl Pipeline {
                             clock.can_park = false;
                             output = reroute(verdict, clock);
                         }
+                        // The broker closed the channel (this message too large for it, or
+                        // another one in flight on it): once on a new channel, routed again
+                        // with what the refusal taught.
+                        Err(ref e @ (PublishError::Channel(_) | PublishError::TooLarge { .. }))
+                            if !renewed && publisher.renew().await =>
+                        {
+                            renewed = true;
+                            // Closed by another message's refusal: the broker may have
+                            // routed this one before, so a second forward is marked.
+                            if matches!(e, PublishError::Channel(_)) {
+                                verdict = verdict.map(|(v, rule)| (maybe_sent(v), rule));
+                            }
+                            output = reroute(verdict, clock);
+                        }
+                        // A step's queue is missing (returned): the same.
                         Err(PublishError::Returned { .. } | PublishError::Nacked)
                             if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
                         {

@@ -57,8 +57,8 @@ enum Stop {
     Ended(usize),
 }
 
-/// How often a session tries again to set up a sharded inbound's exchange the broker
-/// refused (no plugin).
+/// The longest a session waits before it tries again to set up a sharded inbound's
+/// exchange the broker refused (no plugin, no permission, no answer).
 const EXCHANGE_RETRY: Duration = Duration::from_secs(30);
 /// Most deliveries taken into one batch (one Redis round trip).
 const MAX_BATCH: usize = 512;
@@ -425,6 +425,7 @@ impl Gate {
         } else {
             MAX_BATCH
         };
+        let mut from = vec![0; tags.len()];
         // Consumers ended (after our own cancel, or a retired shard's before it).
         let mut ended = 0;
 
@@ -483,7 +484,7 @@ impl Gate {
                     slot = permit.ok();
                 }
                 next = consumer.next(), if taking && slot.is_some() => {
-                    let (batch, end) = gather(&mut consumer, next, per_queue).await;
+                    let (batch, end) = gather(&mut consumer, next, per_queue, &mut from).await;
                     if !batch.is_empty() {
                         let received = {
                             let mut t = tracker.lock().expect("the ack tracker is never poisoned");
@@ -511,8 +512,14 @@ impl Gate {
                             }
                         }
                         (Some(Stop::Failed(_)), Phase::Stopping) => phase = Phase::Draining,
-                        // A retired shard deleted once empty: the others go on.
-                        (Some(Stop::Ended(k)), Phase::Consuming) if k >= first_retired && ended < tags.len() => {
+                        // A retired shard deleted once empty: the others go on. (One whose
+                        // consumer the broker cancelled for another reason still exists,
+                        // and ends the session below, to be consumed again.)
+                        (Some(Stop::Ended(k)), Phase::Consuming)
+                            if k >= first_retired
+                                && ended < tags.len()
+                                && !shards::exists(publish_conn, &queues[k]).await =>
+                        {
                             info!(queue = %queues[k], "a retired shard is gone; consuming the others");
                         }
                         (Some(end), _) => {
@@ -533,8 +540,9 @@ impl Gate {
             }
         }
         // Whatever is still in flight is dropped unsettled: closing the channel hands it
-        // back. What was settled is sent first.
+        // back. What was settled is sent first, also what waits behind a tag never seen.
         drop(in_flight);
+        self.update_tracker(&session, |t, out| t.flush(out));
         drop(settle_tx);
         // The settlement sender may have ended already (that ended the loop): a finished
         // future must not be polled again.
@@ -728,6 +736,7 @@ async fn gather(
     consumer: &mut Inbound,
     first: Option<Taken>,
     per_queue: usize,
+    from: &mut [usize],
 ) -> (Vec<Delivery>, Option<Stop>) {
     let mut batch = Vec::new();
     let stop_of = |taken: Option<Taken>| match taken {
@@ -737,11 +746,10 @@ async fn gather(
         None => Some(Stop::Failed(SessionError::ConsumerCancelled)),
         Some(Taken::Delivery(_, Ok(_))) => None,
     };
-    // How many deliveries of the batch came from each queue (the first few queues; the
-    // rest share the last count, which only makes their cap stricter).
-    let mut from = [0usize; 64];
+    // How many deliveries of the batch came from each queue.
+    from.fill(0);
     let mut count = |k: usize| {
-        let n = &mut from[k.min(from.len() - 1)];
+        let n = &mut from[k];
         *n += 1;
         *n
     };
@@ -787,6 +795,7 @@ async fn keep_exchange(
     let amqp = &config.amqp;
     // One bind per shard, one after the other.
     let budget = CLOSE_STEP * 5 + Duration::from_millis(20) * u32::from(amqp.inbound_shards);
+    let mut delays = backoff(Duration::from_secs(1), EXCHANGE_RETRY);
     loop {
         let attempt = async {
             let conn = brokers.connect_to(broker, "declare").await?;
@@ -794,22 +803,34 @@ async fn keep_exchange(
             close(&conn).await;
             declared
         };
-        let reason = match tokio::time::timeout(budget, attempt).await {
+        // An attempt of a session that ended says nothing about the next one's broker.
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(budget, attempt) => outcome,
+            _ = stop.cancelled() => return,
+        };
+        let (reason, no_plugin) = match outcome {
             Ok(Ok(())) => {
-                health.set_shard_error(None);
+                health.set_shard_error(None, false);
                 return;
             }
-            Ok(Err(e)) => config.scrub(&e.to_string()),
-            Err(_) => format!(
-                "the sharded inbound cannot be set up: the broker did not answer within {} s",
-                budget.as_secs()
+            Ok(Err(e)) => (
+                config.scrub(&e.to_string()),
+                matches!(e, shards::ShardError::NoPlugin),
+            ),
+            Err(_) => (
+                format!(
+                    "the sharded inbound cannot be set up: the broker did not answer within {} s",
+                    budget.as_secs()
+                ),
+                false,
             ),
         };
-        if health.set_shard_error(Some(reason.clone())) {
+        if health.set_shard_error(Some(reason.clone()), no_plugin) {
             error!("{reason}");
         }
+        let delay = delays.next().unwrap_or(EXCHANGE_RETRY);
         tokio::select! {
-            _ = tokio::time::sleep(EXCHANGE_RETRY) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -98,6 +98,26 @@ pub async fn declare_exchange(conn: &Connection, config: &AmqpConfig) -> Result<
     Ok(())
 }
 
+/// Whether `queue` exists (a passive declare, on a channel of its own: a missing queue
+/// closes it). False when the broker cannot be asked either.
+pub async fn exists(conn: &Connection, queue: &str) -> bool {
+    let Ok(channel) = conn.create_channel().await else {
+        return false;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let found = channel
+        .queue_declare(ShortString::from(queue), passive, FieldTable::default())
+        .await
+        .is_ok();
+    if channel.status().connected() {
+        let _ = channel.close(200, ShortString::from("looked")).await;
+    }
+    found
+}
+
 /// How many missing shards in a row end the search for retired ones: an operator deletes
 /// them from the highest down, but may have deleted a few out of order.
 const RETIRED_GAP: u16 = 8;
@@ -110,25 +130,7 @@ pub async fn retired_shards(conn: &Connection, config: &AmqpConfig) -> Vec<Strin
     let mut missing = 0;
     for k in config.inbound_shards..MAX_SHARDS {
         let queue = shard_queue(&config.inbound_queue, k);
-        let Ok(channel) = conn.create_channel().await else {
-            break;
-        };
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let exists = channel
-            .queue_declare(
-                ShortString::from(queue.as_str()),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        if channel.status().connected() {
-            let _ = channel.close(200, ShortString::from("looked")).await;
-        }
-        if exists {
+        if exists(conn, &queue).await {
             missing = 0;
             found.push(queue);
         } else {
