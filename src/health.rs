@@ -125,10 +125,14 @@ impl Health {
 
     /// Why the sharded inbound cannot be set up, or `None` once it is. True when this
     /// begins a failure, so it is logged once.
-    /// `no_plugin`: the broker cannot have the inbound exchange at all.
+    /// `no_plugin`: the broker cannot have the inbound exchange at all. True when the
+    /// reason is new (so it is logged once).
     pub fn set_shard_error(&self, error: Option<String>, no_plugin: bool) -> bool {
         self.no_hash_exchange.store(no_plugin, Ordering::Relaxed);
-        replace(&self.shard_error, error)
+        let mut slot = self.shard_error.lock().unwrap_or_else(|e| e.into_inner());
+        let new = error.is_some() && *slot != error;
+        *slot = error;
+        new
     }
 
     /// The broker has no consistent-hash exchange type, so the inbound exchange a parked

@@ -389,6 +389,12 @@ impl Gate {
         info!(queue = %amqp.inbound_queue, queues = queues.len(), prefetch = amqp.prefetch, "consuming");
         tokio::spawn(keeper.run(lost.clone()));
         if amqp.inbound_shards > 0 && amqp.declare_queues {
+            // Not ready until the exchange is there: a gateway publishing to it meanwhile
+            // would have its messages refused.
+            self.health.set_shard_error(
+                Some("the sharded inbound's exchange is being set up".into()),
+                self.health.no_hash_exchange(),
+            );
             tokio::spawn(keep_exchange(
                 self.brokers.clone(),
                 broker,

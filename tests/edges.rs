@@ -388,7 +388,39 @@ struct FourQueuesUser {
 }
 
 impl FourQueuesUser {
+    /// Rights on the four queues only.
     fn create(names: &Names) -> Self {
+        let q = |q: &str| q.replace('.', r"\.");
+        let (inbound, outputs) = (q(&names.inbound), Self::outputs(names));
+        Self::with_rights(
+            &format!("^({inbound}|{outputs})$"),
+            r"^amq\.default$",
+            &format!("^{inbound}$"),
+        )
+    }
+
+    /// The README's rights for a sharded inbound whose rules only reject.
+    fn sharded(names: &Names) -> Self {
+        let q = |q: &str| q.replace('.', r"\.");
+        let (inbound, outputs) = (q(&names.inbound), Self::outputs(names));
+        Self::with_rights(
+            &format!(r"^({inbound}(\.[0-9]+)?|{outputs})$"),
+            &format!(r"^(amq\.default|{inbound}\.[0-9]+)$"),
+            &format!(r"^{inbound}(\.[0-9]+)?$"),
+        )
+    }
+
+    fn outputs(names: &Names) -> String {
+        [
+            &names.orchestrator,
+            &names.notifications,
+            &names.dead_letter,
+        ]
+        .map(|q| q.replace('.', r"\."))
+        .join("|")
+    }
+
+    fn with_rights(configure: &str, write: &str, read: &str) -> Self {
         let user = Self {
             name: unique("four-queues"),
         };
@@ -397,24 +429,7 @@ impl FourQueuesUser {
             rabbitmqctl_status(&["add_user", name, "secret"]).success(),
             "rabbitmqctl add_user failed"
         );
-        let queue = |q: &str| q.replace('.', r"\.");
-        let configure = format!(
-            "^({}|{}|{}|{})$",
-            queue(&names.inbound),
-            queue(&names.orchestrator),
-            queue(&names.notifications),
-            queue(&names.dead_letter)
-        );
-        let read = format!("^{}$", queue(&names.inbound));
-        let set = [
-            "set_permissions",
-            "-p",
-            "/",
-            name,
-            &configure,
-            r"^amq\.default$",
-            &read,
-        ];
+        let set = ["set_permissions", "-p", "/", name, configure, write, read];
         assert!(
             rabbitmqctl_status(&set).success(),
             "rabbitmqctl set_permissions failed"
@@ -443,6 +458,28 @@ async fn a_user_allowed_only_the_four_queues_runs_a_gate_that_rejects() {
     // The gate declares its four queues itself, as that user.
     let gate = TestGate::start(config).await;
     one_allowed_one_rejected(&broker, WAIT).await;
+    let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    gate.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_user_with_the_readmes_sharded_rights_runs_a_sharded_gate() {
+    let names = Names::new("least-privilege-sharded");
+    let user = FourQueuesUser::sharded(&names);
+    let broker = Broker::new_without_declaring(&names).await;
+    let mut config = names.config(1, 60);
+    config.amqp.url = konstruct_gate::config::SecretUrl::new(user.url());
+    config.amqp.inbound_shards = 2;
+    // Ready means every queue, the exchange and its bindings were declared as that user.
+    let gate = TestGate::start(config).await;
+    let bodies = ["m1", "m2"].map(|id| ("acme".to_owned(), message(id, "acme", "slack")));
+    broker.publish_to_exchange(bodies).await;
+    let allowed = broker.collect(&names.orchestrator, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Allowed, &allowed[0]), "m1");
+    let rejected = broker.collect(&names.notifications, 1, WAIT).await;
+    assert_eq!(output_id(OutputKind::Rejected, &rejected[0]), "m2");
     let (status, body) = http_get(gate.http, "/readyz").await.unwrap();
     assert_eq!(status, 200, "{body}");
     gate.stop().await;
