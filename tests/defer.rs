@@ -354,6 +354,8 @@ async fn parkings_per_message(
     let mut config = names.config(requests, window);
     config.limits.algorithm = algorithm;
     config.limits.on_limit = OnLimit::Defer;
+    // Long enough for the whole burst: every message is forwarded in the end.
+    config.limits.max_defer_seconds = konstruct_gate::config::MAX_DEFER_SECONDS;
     let gate = TestGate::start(config).await;
     broker
         .publish_many((0..n).map(|i| message(&format!("b{i}"), "acme", "whatsapp")))
@@ -384,6 +386,28 @@ async fn a_deferred_burst_waits_for_its_turn_with_every_algorithm() {
     for (name, per_message) in [("fixed", fixed), ("sliding", sliding), ("bucket", bucket)] {
         assert!(
             per_message <= 3.0,
+            "{name}: {per_message:.2} parkings per message"
+        );
+    }
+}
+
+/// A 500-message burst at 10 per 6 s: 50 windows, about 5 minutes (the three algorithms
+/// at once). Run with `cargo test --release --test defer -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes about 5 minutes"]
+async fn a_500_message_burst_at_10_per_6_seconds_parks_each_message_a_few_times() {
+    use konstruct_gate::config::Algorithm;
+    let (fixed, sliding, bucket) = tokio::join!(
+        parkings_per_message(Algorithm::FixedWindow, 500, 10, 6),
+        parkings_per_message(Algorithm::SlidingWindow, 500, 10, 6),
+        parkings_per_message(Algorithm::TokenBucket, 500, 10, 6),
+    );
+    println!(
+        "parkings per message, 500 at 10 per 6 s: fixed window {fixed:.2}, sliding window {sliding:.2}, token bucket {bucket:.2}"
+    );
+    for (name, per_message) in [("fixed", fixed), ("sliding", sliding), ("bucket", bucket)] {
+        assert!(
+            per_message <= 8.0,
             "{name}: {per_message:.2} parkings per message"
         );
     }
