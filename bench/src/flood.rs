@@ -219,6 +219,16 @@ impl Gateway {
     }
 }
 
+/// The flooding tenant publishes `n` messages as fast as the broker confirms them.
+async fn flood(conn: &Connection, queues: &Queues, shards: u16, n: u64) -> Result<()> {
+    let mut gateway = Gateway::new(conn, queues, shards).await?;
+    for i in 0..n {
+        let body = realistic(i, FLOOD_TENANT, "slack", now_micros());
+        gateway.publish(FLOOD_TENANT, &body).await?;
+    }
+    gateway.finish().await
+}
+
 /// The flooding tenant is tenant 0; quiet tenants are 1..=Q.
 const FLOOD_TENANT: u64 = 0;
 
@@ -396,16 +406,7 @@ async fn isolation_run(
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
-    let mut gateway = Gateway::new(conn, &queues, shards).await?;
-    for i in 0..args.flood {
-        gateway
-            .publish(
-                FLOOD_TENANT,
-                &realistic(i, FLOOD_TENANT, "slack", now_micros()),
-            )
-            .await?;
-    }
-    gateway.finish().await?;
+    flood(conn, &queues, shards, args.flood).await?;
     let published = started.elapsed();
     // Drained: every inbound queue empty, and the gate decided at least the flood.
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -474,16 +475,7 @@ async fn flood_drain(
     let queues = Queues::unique("flood-drain");
     declare_all(conn, &queues, 0).await?;
     let channel = conn.create_channel().await?;
-    let mut gateway = Gateway::new(conn, &queues, 0).await?;
-    for i in 0..args.drain {
-        gateway
-            .publish(
-                FLOOD_TENANT,
-                &realistic(i, FLOOD_TENANT, "slack", now_micros()),
-            )
-            .await?;
-    }
-    gateway.finish().await?;
+    flood(conn, &queues, 0, args.drain).await?;
     let settings = gate_settings(amqp_url, redis_url, args.prefetch, free_port()?);
     let quiet = [("KONSTRUCT_GATE__LIMITS__QUIET_REJECTIONS", quiet.to_owned())];
     let what = format!("one tenant's flood, quiet_rejections = {}", quiet[0].1);

@@ -256,16 +256,35 @@ impl Broker {
     }
 
     /// Publishes through the inbound exchange with each tenant as routing key, as a gateway
-    /// of a sharded inbound does; every confirm awaited at the end.
+    /// of a sharded inbound does; every confirm awaited at the end, none returned.
     pub async fn publish_to_exchange(&self, messages: impl IntoIterator<Item = (String, Vec<u8>)>) {
-        for (tenant, body) in messages {
+        let exchange = self.names.inbound.clone();
+        self.publish_all(&exchange, messages, true).await;
+    }
+
+    /// Publishes many without waiting for each confirm.
+    pub async fn publish_many(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
+        let queue = self.names.inbound.clone();
+        let messages = bodies.into_iter().map(|body| (queue.clone(), body));
+        self.publish_all("", messages, false).await;
+    }
+
+    /// Publishes each (routing key, body) through `exchange`, persistent; the confirms
+    /// are collected at the end, all at once.
+    async fn publish_all(
+        &self,
+        exchange: &str,
+        messages: impl IntoIterator<Item = (String, Vec<u8>)>,
+        mandatory: bool,
+    ) {
+        for (routing_key, body) in messages {
             let confirm = self
                 .channel
                 .basic_publish(
-                    ShortString::from(self.names.inbound.as_str()),
-                    ShortString::from(tenant),
+                    ShortString::from(exchange),
+                    ShortString::from(routing_key),
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         immediate: false,
                     },
                     &body,
@@ -276,31 +295,7 @@ impl Broker {
             drop(confirm);
         }
         let returned = self.channel.wait_for_confirms().await.unwrap();
-        assert!(
-            returned.is_empty(),
-            "the exchange routed every message to a shard"
-        );
-    }
-
-    /// Publishes many without waiting for each confirm.
-    pub async fn publish_many(&self, bodies: impl IntoIterator<Item = Vec<u8>>) {
-        for body in bodies {
-            // Confirms are collected below, all at once.
-            let confirm = self
-                .channel
-                .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(self.names.inbound.as_str()),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
-            drop(confirm);
-        }
-        let returned = self.channel.wait_for_confirms().await.unwrap();
-        assert!(returned.is_empty());
+        assert!(returned.is_empty(), "every message was routed to a queue");
     }
 
     /// A consumer of `queue` (auto-ack) on a channel of its own; close the channel when
