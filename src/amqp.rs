@@ -382,7 +382,7 @@ async fn confirming_channel(connection: &Connection) -> Result<Channel, lapin::E
     Ok(channel)
 }
 
-async fn declare_on_own_channel(
+pub(crate) async fn declare_on_own_channel(
     conn: &Connection,
     queue: &str,
     options: QueueDeclareOptions,

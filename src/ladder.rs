@@ -320,7 +320,6 @@ impl LadderKeeper {
     }
 }
 
-/// The number of messages in `queue`; an error (which closes the channel) when it is missing.
 /// The exchange exists (a missing one closes the channel).
 async fn passive_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
     let options = lapin::options::ExchangeDeclareOptions {
@@ -337,6 +336,7 @@ async fn passive_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin
         .await
 }
 
+/// The number of messages in `queue`; an error (which closes the channel) when it is missing.
 async fn passive(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     let options = QueueDeclareOptions {
         passive: true,

@@ -247,18 +247,24 @@ impl Pipeline {
                         .publish_via(exchange, routing_key, &output.body, output.properties)
                         .await
                     {
-                        // A sharded step's exchange is missing (the channel closed; opened
-                        // again here), at once, before any other retry: rejected instead,
-                        // and no more parking until the ladder is back.
-                        Err(PublishError::Channel(ref e))
+                        // A step of the ladder is missing: its queue (the copy is returned)
+                        // or, sharded, its exchange (the channel closed; opened again here,
+                        // before any other retry). Rejected instead, and no more parking
+                        // until the ladder is back.
+                        Err(ref e)
                             if matches!(output.to, Destination::Defer(_))
                                 && clock.can_park
-                                && crate::amqp::is_not_found(e)
-                                && publisher.renew().await =>
+                                && match e {
+                                    PublishError::Returned { .. } | PublishError::Nacked => true,
+                                    PublishError::Channel(e) => {
+                                        crate::amqp::is_not_found(e) && publisher.renew().await
+                                    }
+                                    _ => false,
+                                } =>
                         {
                             self.parking.send_replace(Parking::Unusable);
                             let reason = format!(
-                                "the defer ladder's exchange {queue} is missing, so messages over a deferring limit are rejected"
+                                "the defer ladder's step {queue} is missing or refuses messages, so messages over a deferring limit are rejected"
                             );
                             if self.health.set_ladder_error(Some(reason.clone())) {
                                 warn!("{reason}");
@@ -278,20 +284,6 @@ impl Pipeline {
                             if matches!(e, PublishError::Channel(_)) {
                                 verdict = verdict.map(|(v, rule)| (maybe_sent(v), rule));
                             }
-                            output = reroute(verdict, clock);
-                        }
-                        // A step's queue is missing (returned): the same.
-                        Err(PublishError::Returned { .. } | PublishError::Nacked)
-                            if matches!(output.to, Destination::Defer(_)) && clock.can_park =>
-                        {
-                            self.parking.send_replace(Parking::Unusable);
-                            let reason = format!(
-                                "the defer ladder's queue {queue} is missing or refuses messages, so messages over a deferring limit are rejected"
-                            );
-                            if self.health.set_ladder_error(Some(reason.clone())) {
-                                warn!("{reason}");
-                            }
-                            clock.can_park = false;
                             output = reroute(verdict, clock);
                         }
                         result => return (i, result.map(|()| outcome), check, done),

@@ -325,10 +325,8 @@ impl Gate {
         let first_retired = queues.len() - retired.len();
         // One consumer per queue, on one channel (so one sequence of delivery tags), each
         // with its own prefetch window: one shard's backlog never takes another's slots.
-        let tags: Vec<ShortString> = queues
-            .iter()
-            .enumerate()
-            .map(|(k, _)| match queues.len() {
+        let tags: Vec<ShortString> = (0..queues.len())
+            .map(|k| match queues.len() {
                 1 => ShortString::from(tag.clone()),
                 // The index, not the queue's name: a tag is at most 255 bytes.
                 _ => ShortString::from(format!("{tag}/{k}")),

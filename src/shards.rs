@@ -101,21 +101,13 @@ pub async fn declare_exchange(conn: &Connection, config: &AmqpConfig) -> Result<
 /// Whether `queue` exists (a passive declare, on a channel of its own: a missing queue
 /// closes it). False when the broker cannot be asked either.
 pub async fn exists(conn: &Connection, queue: &str) -> bool {
-    let Ok(channel) = conn.create_channel().await else {
-        return false;
-    };
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let found = channel
-        .queue_declare(ShortString::from(queue), passive, FieldTable::default())
+    crate::amqp::declare_on_own_channel(conn, queue, passive, &FieldTable::default())
         .await
-        .is_ok();
-    if channel.status().connected() {
-        let _ = channel.close(200, ShortString::from("looked")).await;
-    }
-    found
+        .is_ok()
 }
 
 /// How many missing shards in a row end the search for retired ones: an operator deletes

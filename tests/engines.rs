@@ -52,13 +52,34 @@ fn publish_steadily(
     tenants: usize,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<usize> {
+    publish_steadily_to(broker, tenants, false, stop)
+}
+
+/// Like [`publish_steadily`]; `to_exchange`: through the inbound exchange, the tenant as
+/// routing key, as a gateway of a sharded inbound does.
+fn publish_steadily_to(
+    broker: Broker,
+    tenants: usize,
+    to_exchange: bool,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         let mut sent = 0;
         while !stop.is_cancelled() {
-            let bodies: Vec<Vec<u8>> = (sent..sent + 100)
-                .map(|n| message(&format!("m{n}"), &format!("t{}", n % tenants), "slack"))
+            let messages: Vec<(String, Vec<u8>)> = (sent..sent + 100)
+                .map(|n| {
+                    let tenant = format!("t{}", n % tenants);
+                    let body = message(&format!("m{n}"), &tenant, "slack");
+                    (tenant, body)
+                })
                 .collect();
-            broker.publish_many(bodies).await;
+            if to_exchange {
+                broker.publish_to_exchange(messages).await;
+            } else {
+                broker
+                    .publish_many(messages.into_iter().map(|(_, body)| body))
+                    .await;
+            }
             sent += 100;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -712,25 +733,9 @@ async fn quorum_shards_lead_on_every_node_and_lose_nothing_when_one_stops() {
     // Publishing to the exchange through node 3 while node 1 stops mid-drain.
     let test_node = cluster.nodes[2].amqp_url();
     let broker = Broker::at(&test_node, &names, &config.amqp).await;
-    let publisher = Broker::at(&test_node, &names, &config.amqp).await;
     let stop = CancellationToken::new();
-    let publishing = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut sent = 0;
-            while !stop.is_cancelled() {
-                let batch = (sent..sent + 100).map(|n| {
-                    let tenant = format!("t{}", n % 60);
-                    let body = message(&format!("m{n}"), &tenant, "slack");
-                    (tenant, body)
-                });
-                publisher.publish_to_exchange(batch).await;
-                sent += 100;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            sent
-        })
-    };
+    let publisher = Broker::at(&test_node, &names, &config.amqp).await;
+    let publishing = publish_steadily_to(publisher, 60, true, stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.nodes[0].stop().await;
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -152,7 +152,8 @@ impl AmqpConfig {
             }
         }
         // The defer ladder's queues are named after the inbound queue.
-        let longest_step = crate::ladder::step_queue("", self.inbound_shards > 0, 600);
+        let longest = crate::ladder::DEFER_STEPS[crate::ladder::DEFER_STEPS.len() - 1];
+        let longest_step = crate::ladder::step_queue("", self.inbound_shards > 0, longest);
         if self.inbound_queue.len() > 255 - longest_step.len() {
             return fail(format!(
                 "amqp.inbound_queue must be at most {} bytes, so that its defer queues (<inbound_queue>{longest_step}) stay within 255",
