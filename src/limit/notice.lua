@@ -4,8 +4,9 @@
 -- operator's reset names it instead of searching the keyspace for one key per sender. A
 -- sender counts as told until until_ms (Redis's clock), except by the message that told
 -- them (its redelivery is told again: its first notice may never have gone out). The hash
--- lives as long as its longest marker and holds at most NOTIFIED_MAX senders: past that it
--- starts afresh, so some senders may be told twice, never none.
+-- lives as long as its longest marker and holds at most NOTIFIED_MAX senders: when full,
+-- the senders whose wait is over are removed, and a hash still full of senders within their
+-- wait starts afresh, so some of those may be told twice, never none.
 local NOTIFIED_MAX = 10000
 
 -- Whether this rejection is the first its sender hears of until now_ms + ttl_ms; records it
@@ -25,7 +26,18 @@ local function first_notice(hash, tag, now_ms, ttl_ms, id)
       return false
     end
   elseif redis.call('HLEN', hash) >= NOTIFIED_MAX then
-    redis.call('DEL', hash)
+    -- Full: the senders whose wait is over go first (their expiry was pushed on by later
+    -- markers); only a hash still full of live markers starts afresh.
+    local fields = redis.call('HGETALL', hash)
+    for i = 1, #fields, 2 do
+      local until_ms = tonumber(string.match(fields[i + 1], '^(%d+):'))
+      if not until_ms or until_ms <= now_ms then
+        redis.call('HDEL', hash, fields[i])
+      end
+    end
+    if redis.call('HLEN', hash) >= NOTIFIED_MAX then
+      redis.call('DEL', hash)
+    end
   end
   redis.call('HSET', hash, tag, string.format('%d:%s', now_ms + ttl_ms, id))
   if redis.call('PTTL', hash) < ttl_ms then
