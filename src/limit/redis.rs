@@ -21,6 +21,7 @@ use crate::telemetry::Metrics;
 
 /// How long a check waits for its cluster slot to settle during a reshard.
 const CLUSTER_BUSY_BUDGET: Duration = super::store::CLUSTER_CALL_BUDGET;
+const CLUSTER_CALL_TRY: Duration = super::store::CLUSTER_CALL_TRY;
 const CLUSTER_BUSY_WAIT_MIN: Duration = Duration::from_millis(5);
 const CLUSTER_BUSY_WAIT_MAX: Duration = Duration::from_millis(200);
 
@@ -263,27 +264,41 @@ impl Limiter {
         // A cluster's client bounds each node's answer by the timeout itself, and the
         // whole call (redirects, a new slot map) by its budget.
         let budget = self.budget();
+        let cluster = self.store.is_cluster();
         loop {
+            let tried = Instant::now();
             let result = tokio::time::timeout(budget, call())
                 .await
                 .map_err(|_| CheckError::Timeout(budget))
                 .and_then(|answers| answers);
             match result {
-                // A try of a cluster call that timed out may have been held back behind a
-                // new slot map: made again too. (If it ran after all, a message with an
-                // id gets its first decision back; one without may be counted twice.)
-                // Once only after a timeout: a node that stops answering (half-open) must
-                // not hold every batch for the whole budget.
-                Err(ref e @ (CheckError::Busy(_) | CheckError::Slow(_)))
-                    if self.store.is_cluster()
-                        && started.elapsed() + wait < CLUSTER_BUSY_BUDGET
-                        && (matches!(e, CheckError::Busy(_)) || slow_tries == 0) =>
+                Err(CheckError::Busy(_))
+                    if cluster && started.elapsed() + wait < CLUSTER_BUSY_BUDGET =>
                 {
-                    if matches!(e, CheckError::Slow(_)) {
-                        slow_tries += 1;
-                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(CLUSTER_BUSY_WAIT_MAX);
+                }
+                // A try of a cluster call that timed out may have been held back behind a
+                // new slot map: made again once at once. After that, only on a fresh
+                // connection: the client can wedge while it learns a new slot map during a
+                // reshard (a slot refresh waiting for a lock that an unpolled reconnect
+                // holds; valkey-glide moved to a synchronous lock for it), and a node that stops answering (half-open) must not hold
+                // every batch for the whole budget. The store replaces a connection whose
+                // calls go unanswered for a while. (If a timed-out try ran after all, a
+                // message with an id gets its first decision back; one without may be
+                // counted twice.)
+                Err(CheckError::Slow(_)) if cluster => {
+                    self.store.call_failed(Failure::Unanswered, tried);
+                    let deadline = started + CLUSTER_BUSY_BUDGET;
+                    let again = slow_tries == 0
+                        || self
+                            .store
+                            .replaced_after(tried, deadline - CLUSTER_CALL_TRY)
+                            .await;
+                    if !again || Instant::now() + CLUSTER_CALL_TRY > deadline {
+                        return result;
+                    }
+                    slow_tries += 1;
                 }
                 Ok(mut answers) if slow_tries > 0 => {
                     for answer in answers.iter_mut().flatten() {

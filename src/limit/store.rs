@@ -42,6 +42,8 @@ const DIAGNOSE_PAUSE: Duration = Duration::from_secs(10);
 const REPLACE_PAUSE: Duration = Duration::from_secs(1);
 /// The same for a cluster connection.
 const CLUSTER_REPLACE_PAUSE: Duration = Duration::from_secs(2);
+/// How often a call waiting for its connection to be replaced looks.
+const REPLACED_POLL: Duration = Duration::from_millis(20);
 
 /// How a call failed, which decides what the store does about its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,6 +467,22 @@ impl Store {
         }
         if self.unanswered_since.load(Ordering::Relaxed) != 0 {
             self.unanswered_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until the connection has been replaced after `since`, at most until
+    /// `deadline`; true when it has.
+    pub async fn replaced_after(&self, since: Instant, deadline: Instant) -> bool {
+        loop {
+            let replaced_at = *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner());
+            if replaced_at.is_some_and(|replaced| replaced > since) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep((deadline - now).min(REPLACED_POLL)).await;
         }
     }
 
