@@ -16,12 +16,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::amqp::{PublishError, Publisher};
-use crate::config::{Algorithm, Config, Notify, OnRedisError};
+use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
-    Answer, Check, Decision, LINE_TAG, Limiter, LiveRules, RejectionCache, Rules, companion_base,
-    done_key, key_for, notified_key, sender_tag,
+    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, back_tag, companion_base,
+    done_key, key_for, line_tag, notified_key, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
@@ -53,6 +53,10 @@ enum Decided {
         key_fault: bool,
     },
 }
+
+/// How early a message may come back from the ladder and still be checked: earlier, it
+/// is parked again (a second) rather than ask Redis before its turn.
+const EARLY_MS: u64 = 100;
 
 /// Everything a batch needs, shared by every session.
 pub struct Pipeline {
@@ -373,11 +377,10 @@ impl Pipeline {
                 Verdict::Checked(Answer {
                     decision:
                         Decision::Rejected {
-                            limit,
-                            window_seconds,
                             retry_after,
                             notify_user: true,
-                            queued,
+                            turn_ms,
+                            ..
                         },
                     ..
                 }),
@@ -389,7 +392,7 @@ impl Pipeline {
             if !check.rule.defer || check.rule.shadow {
                 continue;
             }
-            let turn = route::turn_in(retry_after, queued, limit, window_seconds);
+            let turn = route::turn_in(retry_after, turn_ms);
             if clock.can_park && route::deferral(&delivery.properties, turn, clock).is_some() {
                 continue;
             }
@@ -461,10 +464,20 @@ impl Pipeline {
         // A rule that defers tells no sender while it parks: a quiet-rejection marker set
         // then would silence the notification of a message finally rejected.
         let notify_tag = match settings.notify {
-            // The fixed window's count tells a message its place in line; the others keep
-            // a line for a deferring rule.
-            _ if rule.defer && !rule.shadow && rule.algorithm != Algorithm::FixedWindow => {
-                LINE_TAG.to_owned()
+            // A deferring rule keeps a line: a fresh message takes a turn in it (none
+            // beyond `max_defer_seconds`), one back at its turn is first.
+            // (No turn while the ladder is unusable: the message would be rejected, and
+            // hold a turn nobody takes.) The longest wait is in whole seconds, as turns
+            // are.
+            _ if rule.defer && !rule.shadow && *self.parking.borrow() != Parking::Unusable => {
+                let longest = settings.max_defer_seconds.saturating_mul(1000);
+                match route::first_arrival(&delivery.properties) {
+                    Some(first) => {
+                        let left = longest.saturating_sub(now_ms.saturating_sub(first));
+                        back_tag(left / 1000 * 1000)
+                    }
+                    None => line_tag(longest),
+                }
             }
             _ if rule.defer => String::new(),
             Notify::Every => String::new(),
@@ -512,8 +525,10 @@ impl Pipeline {
             redelivered: delivery.redelivered || retry,
             done_key,
             // Only a rule that still defers parks it again unasked; a second is no wait.
+            // Back early by more than a moment (the rest of a wait parked in whole-second
+            // steps): parked again, rather than asking Redis before its turn.
             wait_ms: match route::wait_for_turn(&delivery.properties, now_ms) {
-                wait if rule.defer && !rule.shadow && wait >= 1000 => wait,
+                wait if rule.defer && !rule.shadow && wait >= EARLY_MS => wait,
                 _ => 0,
             },
         };
@@ -563,7 +578,7 @@ impl Pipeline {
                     window_seconds: check.rule.window_seconds,
                     retry_after: check.wait_ms.div_ceil(1000),
                     notify_user: true,
-                    queued: 0,
+                    turn_ms: 0,
                 });
                 early
                     .or_else(|| self.cache.answer(check, rules.generation, asked_at))

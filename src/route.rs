@@ -192,18 +192,13 @@ fn routed<'a>(
             properties: BasicProperties::default(),
         },
         Decision::Rejected {
-            limit,
-            window_seconds,
             retry_after,
-            queued,
+            turn_ms,
             ..
         } if rule.defer
             && clock.can_park
-            && let Some((step, properties)) = deferral(
-                properties,
-                turn_in(retry_after, queued, limit, window_seconds),
-                clock,
-            ) =>
+            && let Some((step, properties)) =
+                deferral(properties, turn_in(retry_after, turn_ms), clock) =>
         {
             Output {
                 outcome: Outcome::Deferred,
@@ -245,8 +240,7 @@ fn routed<'a>(
 }
 
 /// Where an over-limit message under `on_limit = "defer"` waits: the step of the ladder
-/// (the smallest at least `retry_after` seconds long, else the longest; `retry_after` is
-/// its turn, see [`turn_in`]), and its
+/// (see [`defer_step`]; `retry_after` is its turn, see [`turn_in`]), and its
 /// properties, counting the deferral and carrying its first arrival. `None` when the
 /// message could not be allowed within `max_defer_seconds` of its first arrival: it is
 /// rejected instead.
@@ -260,14 +254,16 @@ pub fn deferral(
     let first = header_int(headers, FIRST_ARRIVAL)
         .unwrap_or(clock.now_ms)
         .min(clock.now_ms);
-    let step = defer_step(retry_after);
-    // The message is back when its step is over, not when its window frees; and not
-    // allowed before its turn, however often the longest step brings it back first.
-    let due = step.max(retry_after);
-    let back_at = clock.now_ms.saturating_add(due.saturating_mul(1000));
-    if back_at.saturating_sub(first) > clock.max_defer_seconds.saturating_mul(1000) {
+    // Its turn must come within `max_defer_seconds` of its first arrival, and so must its
+    // step end: a step that overshoots the turn may not overshoot the bound.
+    let deadline = first.saturating_add(clock.max_defer_seconds.saturating_mul(1000));
+    let turn_at = clock
+        .now_ms
+        .saturating_add(retry_after.saturating_mul(1000));
+    if turn_at > deadline {
         return None;
     }
+    let step = defer_step(retry_after, (deadline - clock.now_ms) / 1000);
     let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
     // No per-message TTL in a delay queue: the queue's own TTL keeps them in order. The
     // message's own travels aside, and is restored when it moves on.
@@ -286,23 +282,28 @@ pub fn deferral(
     Some((step, properties))
 }
 
-/// Seconds until an over-limit message's turn: its window frees in `retry_after`, and
-/// `queued` over-limit messages ahead of it take `limit` per window after that. Parking
-/// each for its turn spreads a flood's return over the windows it needs, instead of
-/// bringing it all back at once, every step, until it passes.
-pub fn turn_in(retry_after: u64, queued: u64, limit: u64, window_seconds: u64) -> u64 {
-    let windows_ahead = queued / limit.max(1);
-    retry_after.saturating_add(windows_ahead.saturating_mul(window_seconds))
+/// Whole seconds until an over-limit message's turn: when its window frees
+/// (`retry_after`), or later when its deferring rule's line gave it a later turn
+/// (`turn_ms`, see `take_turn` in `notice.lua`). Parking each for its turn brings a
+/// flood back at the pace its limit lets through, instead of all at once, every step,
+/// until it passes.
+pub fn turn_in(retry_after: u64, turn_ms: u64) -> u64 {
+    retry_after.max(turn_ms.div_ceil(1000))
 }
 
-/// The step of the ladder for a message allowed again in `retry_after` seconds.
-pub fn defer_step(retry_after: u64) -> u64 {
+/// The step of the ladder for a message due back in `wait` seconds, with at most `room`
+/// seconds to spare: the longest step that overshoots the wait by at most a quarter (and
+/// not past `room`), so the message comes back close to its turn, in a few steps (a longer
+/// wait is parked again for the rest); the shortest step for a wait under a second.
+pub fn defer_step(wait: u64, room: u64) -> u64 {
     let steps = crate::amqp::DEFER_STEPS;
+    let latest = wait.saturating_add(wait / 4).min(room.max(wait));
     steps
         .iter()
+        .rev()
         .copied()
-        .find(|&step| step >= retry_after)
-        .unwrap_or(steps[steps.len() - 1])
+        .find(|&step| step <= latest)
+        .unwrap_or(steps[0])
 }
 
 /// Milliseconds until a parked message's turn, by `now_ms`; 0 for a fresh message or one
@@ -312,6 +313,12 @@ pub fn wait_for_turn(inbound: &BasicProperties, now_ms: u64) -> u64 {
         return 0;
     }
     header_int(inbound.headers(), DUE).map_or(0, |due| due.saturating_sub(now_ms))
+}
+
+/// When a parked message first arrived (`x-gate-first-arrival`, Redis's clock); `None`
+/// for a fresh one.
+pub fn first_arrival(inbound: &BasicProperties) -> Option<u64> {
+    header_int(inbound.headers(), FIRST_ARRIVAL)
 }
 
 /// How many times a message was deferred before (0 for a fresh one).
@@ -712,16 +719,23 @@ mod tests {
     };
 
     #[test]
-    fn a_deferred_message_waits_in_the_smallest_step_that_is_long_enough() {
-        assert_eq!(defer_step(0), 1);
-        assert_eq!(defer_step(1), 1);
-        assert_eq!(defer_step(2), 2);
-        assert_eq!(defer_step(3), 5);
-        assert_eq!(defer_step(6), 10);
-        assert_eq!(defer_step(42), 60);
-        assert_eq!(defer_step(600), 600);
+    fn a_deferred_message_waits_in_the_longest_step_close_to_its_turn() {
+        assert_eq!(defer_step(0, 3600), 1);
+        assert_eq!(defer_step(1, 3600), 1);
+        assert_eq!(defer_step(2, 3600), 2);
+        assert_eq!(defer_step(3, 3600), 2, "then 1 s more");
         assert_eq!(
-            defer_step(86_400),
+            defer_step(9, 3600),
+            10,
+            "a second late rather than three more steps"
+        );
+        assert_eq!(defer_step(10, 3600), 10);
+        assert_eq!(defer_step(42, 3600), 30);
+        assert_eq!(defer_step(50, 3600), 60);
+        assert_eq!(defer_step(50, 57), 30, "but not past max_defer_seconds");
+        assert_eq!(defer_step(600, 3600), 600);
+        assert_eq!(
+            defer_step(86_400, 86_400),
             600,
             "beyond the ladder: the longest step, again"
         );
@@ -756,14 +770,14 @@ mod tests {
 
     #[test]
     fn a_deferred_message_waits_for_its_turn_not_only_for_its_window() {
-        // 5 per 6 s, the window frees in 4 s: the first five over the limit are next,
-        // the five after them one window later, and so on.
-        assert_eq!(turn_in(4, 0, 5, 6), 4);
-        assert_eq!(turn_in(4, 4, 5, 6), 4);
-        assert_eq!(turn_in(4, 5, 5, 6), 10);
-        assert_eq!(turn_in(4, 12, 5, 6), 16);
-        assert_eq!(turn_in(4, u64::MAX, 1, u64::MAX), u64::MAX, "saturates");
-        assert_eq!(turn_in(4, 3, 0, 6), 22, "a limit of 0 counts as 1");
+        assert_eq!(turn_in(4, 0), 4, "no line: until the window frees");
+        assert_eq!(
+            turn_in(4, 2_500),
+            4,
+            "a turn before the window frees: the window"
+        );
+        assert_eq!(turn_in(4, 10_001), 11, "whole seconds, never early");
+        assert_eq!(turn_in(4, u64::MAX), u64::MAX.div_ceil(1000));
     }
 
     #[test]
@@ -872,7 +886,7 @@ mod tests {
                 window_seconds: 6,
                 retry_after: 4,
                 notify_user: true,
-                queued: 0,
+                turn_ms: 0,
             },
             false,
         );
@@ -935,7 +949,7 @@ mod tests {
         window_seconds: 60,
         retry_after: 42,
         notify_user: true,
-        queued: 0,
+        turn_ms: 0,
     };
 
     #[test]

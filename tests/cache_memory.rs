@@ -31,7 +31,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         window_seconds: 3_600,
         retry_after: 3_000,
         notify_user: true,
-        queued: 0,
+        turn_ms: 0,
     });
     let before = rss_mib(std::process::id());
     let t0 = Instant::now();

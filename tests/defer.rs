@@ -92,15 +92,18 @@ async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_s
             "a deferred message carries its first arrival"
         );
     }
-    // Three windows of exactly five: each parked message waited for its turn, so the
-    // second five came back a window after the first (x-ratelimit-remaining counts down
-    // 4…0 once per window).
-    let mut remaining: Vec<i64> = whatsapp
+    // Each parked message waited for its turn (a tenth more than its share of the
+    // window), so the ten came back over the next two windows, or three when the last
+    // turn fell just past the second: x-ratelimit-remaining counts down from 4 once per
+    // window.
+    let windows = whatsapp
         .iter()
-        .map(|d| int_header(d, "x-ratelimit-remaining"))
-        .collect();
-    remaining.sort_unstable();
-    assert_eq!(remaining, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
+        .filter(|d| int_header(d, "x-ratelimit-remaining") == 4)
+        .count();
+    assert!(
+        (3..=4).contains(&windows),
+        "15 messages at 5 per window took {windows} windows"
+    );
     assert!(
         metric_value(
             gate.http,
@@ -189,12 +192,17 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Messages of one key arrive at random; each is decided by a model of the fixed
-    /// window, and one over the limit is parked for its turn (`route::turn_in`) in the
-    /// ladder step `route::deferral` picks, and comes back when that step's TTL has passed. The ladder never brings a
-    /// message back before its window can allow it (unless the wait is longer than the
-    /// longest step), each return counts one more deferral and keeps the first arrival,
-    /// every message is let through exactly once, and no window lets more than its limit
-    /// through. (The Redis scripts' own windows are tested in tests/algorithms.rs.)
+    /// window and of a deferring rule's line (`take_turn` in `src/limit/notice.lua`: a
+    /// fresh over-limit message, or one back at its turn and over again, takes the next
+    /// turn, `window / limit` after the last and not before the window frees; a fresh one
+    /// that finds the next turn ahead joins the line uncounted), parked for its turn
+    /// (`route::turn_in`) in the ladder step `route::deferral` picks, and comes back 20 ms
+    /// after that step's TTL has passed (parked again for the rest when that is more than
+    /// 100 ms before its turn, as the gate does without asking Redis). Each return
+    /// counts one more deferral and keeps the first arrival, every message is let through
+    /// exactly once, no window lets more than its limit through, and no message is parked
+    /// more than a few times beyond the longest steps its wait needs. (The Redis scripts'
+    /// own windows are tested in tests/algorithms.rs.)
     #[test]
     fn no_window_lets_more_than_its_limit_through_when_deferred_messages_return(
         limit in 1u64..8,
@@ -202,6 +210,7 @@ proptest! {
         arrivals in prop::collection::vec(0u64..120_000, 1..60),
     ) {
         let window_ms = window_s * 1000;
+        let longest = *DEFER_STEPS.last().unwrap();
         // (time it is offered, id, its properties)
         let mut queue: Vec<(u64, usize, BasicProperties)> = arrivals
             .iter()
@@ -209,32 +218,58 @@ proptest! {
             .map(|(id, &at)| (at, id, BasicProperties::default()))
             .collect();
         let mut window = Window::default();
+        let mut last_turn_ms = 0u64;
+        let share = window_ms.div_ceil(limit);
         let mut allowed_at: HashMap<usize, u64> = HashMap::new();
         let mut per_window: HashMap<u64, u64> = HashMap::new();
+        let mut parkings: HashMap<usize, u64> = HashMap::new();
+        let mut longest_wait: HashMap<usize, u64> = HashMap::new();
         let mut steps = 0;
         while !queue.is_empty() {
             steps += 1;
             prop_assert!(steps < 100_000, "the simulation ends");
             queue.sort_by_key(|(at, id, _)| (*at, *id));
             let (now, id, properties) = queue.remove(0);
-            if window.started_ms.is_none_or(|s| now >= s + window_ms) {
-                window = Window { started_ms: Some(now), count: 0 };
-            }
-            let start = window.started_ms.unwrap();
-            window.count += 1;
-            if window.count <= limit {
-                prop_assert!(allowed_at.insert(id, now).is_none(), "let through once");
-                *per_window.entry(start).or_default() += 1;
-                continue;
-            }
-            let retry_after = (start + window_ms - now).div_ceil(1000).max(1);
-            let queued = window.count - limit - 1;
-            let turn = route::turn_in(retry_after, queued, limit, window_s);
             let clock = DeferClock { now_ms: now, max_defer_seconds: 86_400, can_park: true };
-            let (step, parked) = route::deferral(&properties, turn, clock)
-                .expect("within a day");
-            prop_assert!(step >= turn || step == *DEFER_STEPS.last().unwrap());
-            prop_assert!(step >= retry_after || step == *DEFER_STEPS.last().unwrap());
+            let early = route::wait_for_turn(&properties, now);
+            let turn = if early >= 100 {
+                early.div_ceil(1000)
+            } else {
+                let fresh = route::times_deferred(&properties) == 0;
+                let behind = fresh && last_turn_ms + share > now;
+                let mut take_turn = |now: u64, free_in: u64| {
+                    let turn = (now + free_in).max(last_turn_ms + share);
+                    last_turn_ms = turn;
+                    turn - now
+                };
+                if behind {
+                    // Others wait for their turns: behind them, uncounted.
+                    let turn = route::turn_in(1, take_turn(now, 0));
+                    let (step, parked) = route::deferral(&properties, turn, clock).expect("within a day");
+                    *parkings.entry(id).or_default() += 1;
+                    let wait = longest_wait.entry(id).or_default();
+                    *wait = (*wait).max(turn);
+                    queue.push((now + step * 1000 + 20, id, parked));
+                    continue;
+                }
+                if window.started_ms.is_none_or(|s| now >= s + window_ms) {
+                    window = Window { started_ms: Some(now), count: 0 };
+                }
+                let start = window.started_ms.unwrap();
+                window.count += 1;
+                if window.count <= limit {
+                    prop_assert!(allowed_at.insert(id, now).is_none(), "let through once");
+                    *per_window.entry(start).or_default() += 1;
+                    continue;
+                }
+                let free_in = start + window_ms - now;
+                let turn_ms = take_turn(now, free_in);
+                route::turn_in(free_in.div_ceil(1000).max(1), turn_ms)
+            };
+            let wait = longest_wait.entry(id).or_default();
+            *wait = (*wait).max(turn);
+            let (step, parked) = route::deferral(&properties, turn, clock).expect("within a day");
+            prop_assert!(step <= turn + turn / 4 || step == DEFER_STEPS[0], "{} for {}", step, turn);
             prop_assert_eq!(
                 route::times_deferred(&parked),
                 route::times_deferred(&properties) + 1
@@ -244,11 +279,20 @@ proptest! {
                 _ => None,
             };
             prop_assert_eq!(first(&parked), Some(first(&properties).unwrap_or(arrivals[id])));
-            queue.push((now + step * 1000, id, parked));
+            *parkings.entry(id).or_default() += 1;
+            queue.push((now + step * 1000 + 20, id, parked));
         }
         prop_assert_eq!(allowed_at.len(), arrivals.len(), "every message came through");
         for (start, n) in &per_window {
             prop_assert!(*n <= limit, "window at {} let {} through (limit {})", start, n, limit);
+        }
+        // Parkings beyond the longest steps a message's wait needs: the steps nearer its
+        // turn, and a return that found its place taken by one back late.
+        let extra = |id: &usize| parkings[id].saturating_sub(longest_wait[id] / longest);
+        let total: u64 = parkings.keys().map(extra).sum();
+        prop_assert!(total as f64 / arrivals.len() as f64 <= 6.0, "{} extra parkings for {} messages", total, arrivals.len());
+        for id in parkings.keys() {
+            prop_assert!(extra(id) <= 24, "message {} parked {} times (wait {} s)", id, parkings[id], longest_wait[id]);
         }
     }
 }
@@ -360,9 +404,16 @@ async fn parkings_per_message(
     broker
         .publish_many((0..n).map(|i| message(&format!("b{i}"), "acme", "whatsapp")))
         .await;
+    let started = std::time::Instant::now();
     let within = Duration::from_secs(window * (n as u64 / requests + 1) * 3 + 60);
     let out = broker.collect(&names.orchestrator, n, within).await;
     let parkings: u64 = out.iter().map(deferred_times).sum();
+    let most = out.iter().map(deferred_times).max().unwrap_or(0);
+    println!(
+        "{algorithm:?}: {n} at {requests} per {window} s through in {:.0} s (at the limit's pace {} s), at most {most} parkings for one message",
+        started.elapsed().as_secs_f64(),
+        (n as u64).div_ceil(requests).saturating_sub(1) * window,
+    );
     gate.stop().await;
     broker.assert_empty(&names.notifications).await;
     broker.cleanup().await;

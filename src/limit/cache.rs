@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Answer, Check, Decision, LINE_TAG};
+use super::{Answer, Check, Decision, is_line_tag};
 
 /// Keys remembered at most (about 30 MiB, see the memory test); beyond this the entry that
 /// expires first is evicted.
@@ -45,10 +45,6 @@ struct Entry {
     seq: u64,
     limit: u64,
     window_seconds: u64,
-    /// Redis's `queued` for the rejection learnt, plus one for every answer since: the
-    /// place in line of the next message this instance answers (an estimate: other
-    /// instances answer too).
-    queued: u64,
     /// Senders Redis has already marked as told in this window, by [`sender_id`].
     told: HashSet<u64>,
 }
@@ -96,7 +92,7 @@ impl RejectionCache {
         // A redelivery may have been allowed the first time; with `duplicates = "drop"`,
         // only Redis knows whether the id had its output already; a deferring rule's place
         // in line is kept in Redis.
-        if check.redelivered || !check.done_key.is_empty() || check.notify_tag == LINE_TAG {
+        if check.redelivered || !check.done_key.is_empty() || is_line_tag(&check.notify_tag) {
             return None;
         }
         let mut inner = self.inner.lock().expect("never poisoned");
@@ -113,13 +109,12 @@ impl RejectionCache {
         // Redis reported whole seconds, so the true wait is at most a second longer than
         // what is left here: answer with that upper bound, never an early retry.
         let left = entry.until - now;
-        entry.queued = entry.queued.saturating_add(1);
         Some(Decision::Rejected {
             limit: entry.limit,
             window_seconds: entry.window_seconds,
             retry_after: (left.as_millis().div_ceil(1000) as u64).saturating_add(1),
             notify_user: !once_per_window,
-            queued: entry.queued,
+            turn_ms: 0,
         })
     }
 
@@ -129,12 +124,15 @@ impl RejectionCache {
             limit,
             window_seconds,
             retry_after,
-            queued,
             ..
         } = answer.decision
         else {
             return;
         };
+        // A line's answer is this message's turn, not the key's.
+        if is_line_tag(&check.notify_tag) {
+            return;
+        }
         // `retry_after` is rounded up to whole seconds: the key surely cannot allow before
         // one second less than that. Nothing to remember below that, nor from a replayed
         // decision, whose wait was measured when it was first made.
@@ -170,12 +168,10 @@ impl RejectionCache {
             seq,
             limit,
             window_seconds,
-            queued,
             told: HashSet::new(),
         });
         entry.until = until;
         entry.seq = seq;
-        entry.queued = entry.queued.max(queued);
         if !check.notify_tag.is_empty() && entry.told.len() < MAX_TOLD {
             entry.told.insert(sender_id(&check.notify_tag));
         }
@@ -226,7 +222,7 @@ mod tests {
             window_seconds: 60,
             retry_after: 42,
             notify_user: true,
-            queued: 0,
+            turn_ms: 0,
         }
     }
 
@@ -326,7 +322,7 @@ mod tests {
             window_seconds: 60,
             retry_after: 2,
             notify_user: true,
-            queued: 0,
+            turn_ms: 0,
         };
         cache.learn(&keyed("short".into()), &fresh(short), 1, t0);
         // Learning after the short entry expired sweeps it.

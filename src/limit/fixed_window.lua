@@ -36,13 +36,27 @@
 --               again when duplicates are forwarded
 -- ARGV[4i-3]    its window length in seconds
 -- ARGV[4i-2]    its limit
--- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection
+-- ARGV[4i-1]    the sender's notification tag, or "" to notify every rejection; "~line:…"
+--               or "~back:…" asks for the wait for the message's turn in a deferring
+--               rule's line instead (take_turn in notice.lua, KEYS[4i-1] {counter}:turn),
+--               returned in place of notify
 -- ARGV[4i]      the message id, or "" when it has none
 -- Returns       {count, pttl_ms, notify (1/0), replayed (0/1/2/3)} for each key: the count
 --               after this message and the milliseconds until the window resets; or
 --               {"err", error text, 0, 0} when this key could not be checked. A key may
 --               appear more than once; each appearance is one message.
 local SEEN_MAX_MS = 3600000
+
+-- Keeps a decision by message id: the hash lives as long as the window, and at most an
+-- hour from its first id (its expiry is set once, not pushed on by every message).
+local function keep(seen_key, id, count, notify, pttl)
+  -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
+  redis.call('HSET', seen_key, id, string.format('%d:%d', count, math.floor(notify)))
+  if redis.call('PTTL', seen_key) < 0 then
+    redis.call('PEXPIRE', seen_key, math.max(1, math.min(pttl, SEEN_MAX_MS)))
+  end
+end
+
 local function check(i, key, seen_key, notified_key, done_key)
   local window = tonumber(ARGV[4 * i - 3])
   local limit = tonumber(ARGV[4 * i - 2])
@@ -55,13 +69,22 @@ local function check(i, key, seen_key, notified_key, done_key)
     local seen = redis.call('HGET', seen_key, id)
     if seen then
       local pttl = redis.call('PTTL', key)
-      local count, notify = string.match(seen, '^(%-?%d+):(%d)')
+      local count, notify = string.match(seen, '^(%-?%d+):(%d+)')
       if pttl >= 0 and count then
         local replayed = 1
         if string.sub(seen, -2) == ':f' then replayed = 2 end
-        return tonumber(count), pttl, tonumber(notify), replayed
+        notify = tonumber(notify)
+        -- A line's turn is kept as a moment: replayed, it is the wait from now.
+        if line_of(tag) then notify = math.max(0, notify - redis_now_ms()) end
+        return tonumber(count), pttl, notify, replayed
       end
     end
+  end
+  local line_now = line_of(tag) and redis_now_ms()
+  if line_now and behind_line(notified_key, tag, line_now, window * 1000 / math.max(1, limit)) then
+    local turn = take_turn(notified_key, tag, line_now, 0, window * 1000 / math.max(1, limit))
+    if id ~= '' then keep(seen_key, id, limit + 1, line_now + turn, window * 1000) end
+    return limit + 1, turn, turn, 0
   end
   local count = redis.call('INCR', key)
   local pttl = redis.call('PTTL', key)
@@ -70,20 +93,18 @@ local function check(i, key, seen_key, notified_key, done_key)
     pttl = window * 1000
   end
   local notify = 1
-  if count > limit and tag ~= '' then
+  local kept = 1
+  local turn = count > limit and line_now and take_turn(notified_key, tag, line_now, pttl, window * 1000 / math.max(1, limit))
+  if turn then
+    -- A deferring rule's line (KEYS[4i-1] is {counter}:turn, see notice.lua): the wait
+    -- for this message's turn, returned in place of notify (kept as its moment).
+    notify, kept = turn, line_now + turn
+  elseif count > limit and tag ~= '' then
     if not first_notice(notified_key, tag, redis_now_ms(), pttl, id) then
-      notify = 0
+      notify, kept = 0, 0
     end
   end
-  if id ~= '' then
-    -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('HSET', seen_key, id, string.format('%d:%d', count, notify))
-    -- The hash lives as long as the window, and at most an hour from its first id: its
-    -- expiry is set once, not pushed on by every message.
-    if redis.call('PTTL', seen_key) < 0 then
-      redis.call('PEXPIRE', seen_key, math.max(1, math.min(pttl, SEEN_MAX_MS)))
-    end
-  end
+  if id ~= '' then keep(seen_key, id, count, kept, pttl) end
   return count, pttl, notify, 0
 end
 

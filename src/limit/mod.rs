@@ -35,11 +35,10 @@ pub enum Decision {
         /// False when this sender was already told during this window (`notify =
         /// "once_per_window"`), so the notifier stays quiet.
         notify_user: bool,
-        /// Over-limit messages of this key ahead of this one in its window (the fixed
-        /// window's count beyond the limit, the other algorithms' line for a deferring
-        /// rule; 0 where unknown): a deferred message waits that many windows' worth of
-        /// turns more, instead of coming back with all of them.
-        queued: u64,
+        /// Milliseconds until this message's turn in its deferring rule's line (Redis
+        /// gives turns at the pace of the limit; 0 where there is none): it is parked
+        /// until then instead of coming back with all the others.
+        turn_ms: u64,
     },
 }
 
@@ -145,7 +144,7 @@ impl Decision {
                 window_seconds: rule.window_seconds,
                 retry_after: reset_after,
                 notify_user,
-                queued: count - rule.requests - 1,
+                turn_ms: 0,
             }
         }
     }
@@ -170,7 +169,7 @@ impl Decision {
                 window_seconds: rule.window_seconds,
                 retry_after: seconds(retry_ms),
                 notify_user: notify == 1,
-                queued: 0,
+                turn_ms: 0,
             }
         }
     }
@@ -228,15 +227,30 @@ pub fn done_key(prefix: &str, tenant_id: &str, channel: &str, id: &str) -> Strin
     format!("{{{}}}:done:{id}", counter_key(prefix, tenant_id, channel))
 }
 
-/// The notification tag that asks the sliding-window and token-bucket scripts for a
-/// rejected message's place in its deferring rule's line instead.
-pub const LINE_TAG: &str = "~line";
+/// The notification tag that asks a check script for a fresh over-limit message's turn in
+/// its deferring rule's line instead (`take_turn` in `notice.lua`): a turn further than
+/// `longest_ms` away is not given.
+pub fn line_tag(longest_ms: u64) -> String {
+    format!("~line:{longest_ms}")
+}
+
+/// The tag of a message back from the defer ladder at its turn: checked, not put behind
+/// the line, and when over the limit again it takes a new turn (none further than
+/// `longest_ms` away).
+pub fn back_tag(longest_ms: u64) -> String {
+    format!("~back:{longest_ms}")
+}
+
+/// True for [`line_tag`] and [`back_tag`].
+pub fn is_line_tag(notify_tag: &str) -> bool {
+    notify_tag.starts_with('~')
+}
 
 /// The hash of the senders told about a rejection (`notice.lua`; the tag is the field);
-/// for [`LINE_TAG`], the counter of a deferring rule's line.
+/// for a [`line_tag`], a deferring rule's line.
 pub fn notified_key(base: &str, notify_tag: &str) -> String {
-    if notify_tag == LINE_TAG {
-        return format!("{base}:line");
+    if is_line_tag(notify_tag) {
+        return format!("{base}:turn");
     }
     format!("{base}:notified")
 }
@@ -253,7 +267,7 @@ pub fn window_keys(prefix: &str, tenant_id: &str, channel: &str) -> Vec<String> 
         let state = key_for(algorithm, prefix, tenant_id, channel);
         let base = companion_base(algorithm, &state);
         keys.push(notified_key(&base, ""));
-        keys.push(notified_key(&base, LINE_TAG));
+        keys.push(notified_key(&base, &line_tag(0)));
         keys.push(state);
     }
     keys
@@ -331,7 +345,7 @@ mod tests {
                     state.clone(),
                     seen_key(algorithm, &base, "m-1"),
                     notified_key(&base, "0123abcd"),
-                    notified_key(&base, LINE_TAG),
+                    notified_key(&base, &line_tag(0)),
                     done_key(prefix, tenant, channel, "m-1"),
                 ] {
                     assert!(key.contains(&counter), "{key} is named after {counter}");
@@ -340,20 +354,6 @@ mod tests {
             }
         }
         assert_eq!(counter_key("", "acme", "slack"), "acme:ratelimit:slack");
-    }
-
-    #[test]
-    fn a_fixed_window_rejection_knows_its_place_in_line() {
-        let queued = |count| match Decision::fixed_window(RULE, count, 5_000, true) {
-            Decision::Rejected { queued, .. } => queued,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            queued(RULE.requests + 1),
-            0,
-            "the first over the limit is next"
-        );
-        assert_eq!(queued(RULE.requests + 7), 6);
     }
 
     #[test]
@@ -390,7 +390,7 @@ mod tests {
                 window_seconds: 60,
                 retry_after: 42,
                 notify_user: false,
-                queued: 0,
+                turn_ms: 0,
             }
         );
     }

@@ -46,6 +46,62 @@ local function first_notice(hash, tag, now_ms, ttl_ms, id)
   return true
 end
 
+-- A deferring rule's line, {state}:turn: the moment (milliseconds, the script's clock) of
+-- the last turn it gave, kept until that message is surely back (the ladder brings a
+-- message back up to a second, or a quarter of its wait, after its turn). An over-limit
+-- message asks with the tag "~line:{longest wait in ms}" and gets the next turn, a
+-- message's share of the window after the one before and not before the key frees, so a
+-- burst comes back at the pace the limit lets through, however many windows it spans
+-- (the share is window / limit; the sliding window's estimate lets through only
+-- limit - 1 per window at a steady pace, so there it is window / (limit - 1)). A turn beyond the longest wait is not given (the message is rejected
+-- instead, and takes no place from the ones behind it). A message back at its turn and
+-- over the limit again ("~back:{longest wait}": one back late took its place; the
+-- ladder's steps are whole seconds) takes a new turn the same way: a turn sooner would be
+-- one that another message holds, and they would race for it again and again.
+local LINE_LATE_MS = 2000
+
+-- A line's tag: the longest wait a turn may be given (ms), and whether the message is
+-- fresh; nil for a notification tag.
+local function line_of(tag)
+  local kind, longest = string.match(tag, '^~(%a+):(%d+)$')
+  if not kind then
+    return nil
+  end
+  return tonumber(longest), kind == 'line'
+end
+
+-- The last turn the line gave, or 0. A key of another type (written by hand) is no line
+-- rather than a failed check; the next turn replaces it.
+local function last_turn(line_key)
+  local readable, last = pcall(redis.call, 'GET', line_key)
+  return readable and tonumber(last) or 0
+end
+
+-- Whether a fresh message finds the line's next turn still ahead: it then joins the line
+-- without being counted (first come, first served), rather than take the place one of
+-- the messages in it was given.
+local function behind_line(line_key, tag, now, share)
+  local _, fresh = line_of(tag)
+  return fresh and last_turn(line_key) + share > now
+end
+
+-- The wait in milliseconds for this message's turn (see above), or nil for a tag that is
+-- not a line's.
+local function take_turn(line_key, tag, now, free_in, share)
+  local longest = line_of(tag)
+  if not longest then
+    return nil
+  end
+  local turn = math.max(now + free_in, last_turn(line_key) + share)
+  local wait = math.max(0, math.ceil(turn - now))
+  if wait <= longest then
+    -- Kept to the microsecond: a line of more than a thousand a second stays exact.
+    redis.call('SET', line_key, string.format('%.3f', turn), 'PX',
+      string.format('%d', wait + math.ceil(wait / 4) + LINE_LATE_MS))
+  end
+  return wait
+end
+
 -- Now by Redis's clock, in milliseconds.
 local function redis_now_ms()
   local t = redis.call('TIME')

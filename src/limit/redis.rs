@@ -15,7 +15,7 @@ use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};
 
 use super::store::{Failure, Lua, Store};
-use super::{Answer, Check, Decision, LINE_TAG, companion_base, notified_key, seen_key};
+use super::{Answer, Check, Decision, companion_base, is_line_tag, notified_key, seen_key};
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
 
@@ -267,7 +267,8 @@ impl Limiter {
         let cluster = self.store.is_cluster();
         loop {
             let tried = Instant::now();
-            let result = tokio::time::timeout(budget, call())
+            // Each try within what is left of the budget.
+            let result = tokio::time::timeout(budget.saturating_sub(started.elapsed()), call())
                 .await
                 .map_err(|_| CheckError::Timeout(budget))
                 .and_then(|answers| answers);
@@ -282,13 +283,17 @@ impl Limiter {
                 // new slot map: made again once at once. After that, only on a fresh
                 // connection: the client can wedge while it learns a new slot map during a
                 // reshard (a slot refresh waiting for a lock that an unpolled reconnect
-                // holds; valkey-glide moved to a synchronous lock for it), and a node that stops answering (half-open) must not hold
-                // every batch for the whole budget. The store replaces a connection whose
-                // calls go unanswered for a while. (If a timed-out try ran after all, a
-                // message with an id gets its first decision back; one without may be
-                // counted twice.)
+                // holds; valkey-glide moved to a synchronous lock for it), and a node that
+                // stops answering (half-open) must not hold every batch for the whole
+                // budget. The second timeout replaces the connection (other calls that
+                // are answered do not make it healthy). (If a timed-out try ran after
+                // all, a message with an id gets its first decision back; one without may
+                // be counted twice.)
                 Err(CheckError::Slow(_)) if cluster => {
                     self.store.call_failed(Failure::Unanswered, tried);
+                    if slow_tries > 0 {
+                        self.store.replace_soon();
+                    }
                     let deadline = started + CLUSTER_BUSY_BUDGET;
                     let again = slow_tries == 0
                         || self
@@ -590,27 +595,27 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
         });
     };
     let rule = check.rule;
-    let (decision, replayed) = match check.rule.algorithm {
+    let (mut decision, replayed, notify) = match check.rule.algorithm {
         Algorithm::FixedWindow => (
             Decision::fixed_window(rule, v[0].max(0) as u64, v[1], v[2] == 1),
             v[3],
+            v[2],
         ),
         Algorithm::SlidingWindow | Algorithm::TokenBucket => {
-            let mut decision = Decision::from_script(&v[..5], rule);
-            // A deferring rule's line: the place in it came back in place of notify.
-            if check.notify_tag == LINE_TAG
-                && let Decision::Rejected {
-                    queued,
-                    notify_user,
-                    ..
-                } = &mut decision
-            {
-                *queued = v[4].max(0) as u64;
-                *notify_user = true;
-            }
-            (decision, v[5])
+            (Decision::from_script(&v[..5], rule), v[5], v[4])
         }
     };
+    // A deferring rule's line: the wait for the message's turn came back in place of notify.
+    if is_line_tag(&check.notify_tag)
+        && let Decision::Rejected {
+            turn_ms,
+            notify_user,
+            ..
+        } = &mut decision
+    {
+        *turn_ms = notify.max(0) as u64;
+        *notify_user = true;
+    }
     if replayed == 3 {
         // A duplicate: nothing was decided, and nothing will be output.
         return Ok(Answer {
@@ -621,7 +626,6 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
         });
     }
     let forwarded_before = replayed == 2;
-    let mut decision = decision;
     // The user was told when the first rejection went out: no second reply.
     if let Decision::Rejected { notify_user, .. } = &mut decision {
         *notify_user &= !forwarded_before;

@@ -12,8 +12,9 @@
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[4i-2] .. ARGV[4i+1]  limit, window length in milliseconds, the sender's
 --               notification tag ("" to notify every rejection), and the message id
---               ("" when it has none) for check i; the tag "~line" asks for the
---               message's place in a deferring rule's line instead (see below). A message with an id is counted once:
+--               ("" when it has none) for check i; a tag "~line:…" or "~back:…" asks
+--               for the wait for the message's turn in a deferring rule's line instead
+--               (take_turn in notice.lua), returned in place of notify. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1), unless the counter is gone (then it is decided afresh).
@@ -49,9 +50,22 @@ local function check(i, key, seen_key, notified_key, done_key)
         if string.sub(seen, -2) == ':f' then replayed = 2 end
         -- Kept as moments, so a replay tells the wait from now, not the first one's.
         local now_ms = now
+        -- A line's turn too is kept as a moment.
+        if line_of(tag) then v[5] = math.max(0, math.ceil(v[5] - now_ms)) end
         return v[1], v[2], math.max(0, math.ceil(v[3] - now_ms)), math.max(0, math.ceil(v[4] - now_ms)), v[5], replayed
       end
     end
+  end
+  -- A line's share of the window: at a steady pace the estimate stays at the count of a
+  -- whole window, so only limit - 1 per window pass (one per two windows at a limit of 1).
+  local share = limit > 1 and window / (limit - 1) or 2 * window
+  if behind_line(notified_key, tag, now, share) then
+    local turn = take_turn(notified_key, tag, now, 0, share)
+    if id ~= '' then
+      local at = math.floor(now + turn)
+      redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', 0, 0, at, at, at), 'PX', math.min(window, SEEN_MAX_MS))
+    end
+    return 0, 0, turn, turn, turn, 0
   end
   local index = math.floor(now / window)
   local stored = redis.call('HMGET', key, 'index', 'current', 'previous')
@@ -94,23 +108,22 @@ local function check(i, key, seen_key, notified_key, done_key)
   end
   local remaining = math.floor(limit - estimate)
   if remaining < 0 then remaining = 0 end
-  local notify = 1
-  if allowed == 0 and tag == '~line' then
-    -- A deferring rule's line (KEYS[4i-1] is {state}:line): this message's place among
-    -- the over-limit ones of the window, returned in place of notify, so that it is
-    -- parked for its turn instead of coming back with all of them.
-    notify = redis.call('INCR', notified_key) - 1
-    if notify == 0 then redis.call('PEXPIRE', notified_key, math.ceil(window)) end
+  local notify, kept = 1, 1
+  local turn = allowed == 0 and take_turn(notified_key, tag, now, retry, share)
+  if turn then
+    -- A deferring rule's line (KEYS[4i-1] is {state}:turn, see notice.lua): the wait
+    -- for this message's turn, returned in place of notify (kept as its moment).
+    notify, kept = turn, math.floor(now + turn)
   elseif allowed == 0 and tag ~= '' then
     if not first_notice(notified_key, tag, now, retry, id) then
-      notify = 0
+      notify, kept = 0, 0
     end
   end
   local reset_ms = math.ceil(window - elapsed)
   local retry_ms = math.ceil(retry)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, math.floor(now + reset_ms), math.floor(now + retry_ms), notify), 'PX', math.min(window, SEEN_MAX_MS))
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, math.floor(now + reset_ms), math.floor(now + retry_ms), kept), 'PX', math.min(window, SEEN_MAX_MS))
   end
   return allowed, remaining, reset_ms, retry_ms, notify, 0
 end

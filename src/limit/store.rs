@@ -439,7 +439,15 @@ impl Store {
                 now.saturating_sub(since) >= CLUSTER_UNANSWERED_GRACE.as_millis() as u64
             }
         };
-        if replace && !self.replacing.swap(true, Ordering::AcqRel) {
+        if replace {
+            self.replace_soon();
+        }
+    }
+
+    /// Replaces the connection in the background, unless a replacement is under way or
+    /// one was made too recently (see below).
+    pub fn replace_soon(&self) {
+        if !self.replacing.swap(true, Ordering::AcqRel) {
             let store = self.clone();
             tokio::spawn(async move {
                 let _clear = ClearOnDrop(&store.replacing);

@@ -12,8 +12,9 @@
 -- ARGV[1]       the time in microseconds, or "" to use Redis's clock (tests pass a clock)
 -- ARGV[5i-3] .. ARGV[5i+1]  requests, window in milliseconds, burst, the sender's
 --               notification tag ("" to notify every rejection), and the message id
---               ("" when it has none) for check i; the tag "~line" asks for the
---               message's place in a deferring rule's line instead (see below). A message with an id is counted once:
+--               ("" when it has none) for check i; a tag "~line:…" or "~back:…" asks
+--               for the wait for the message's turn in a deferring rule's line instead
+--               (take_turn in notice.lua), returned in place of notify. A message with an id is counted once:
 --               a redelivery within the window (at most an hour) gets the first decision
 --               back (its waits counted from now), marked as replayed (2 when the gate had confirmed the first output,
 --               see mark_forwarded.lua, else 1); the bucket key expiring when full does not matter.
@@ -51,9 +52,19 @@ local function check(i, key, seen_key, notified_key, done_key)
         if string.sub(seen, -2) == ':f' then replayed = 2 end
         -- Kept as moments, so a replay tells the wait from now, not the first one's.
         local now_ms = now_us / 1000
+        -- A line's turn too is kept as a moment.
+        if line_of(tag) then v[5] = math.max(0, math.ceil(v[5] - now_ms)) end
         return v[1], v[2], math.max(0, math.ceil(v[3] - now_ms)), math.max(0, math.ceil(v[4] - now_ms)), v[5], replayed
       end
     end
+  end
+  if behind_line(notified_key, tag, now_us / 1000, window_us / 1000 / math.max(1, requests)) then
+    local turn = take_turn(notified_key, tag, now_us / 1000, 0, window_us / 1000 / math.max(1, requests))
+    if id ~= '' then
+      local at = math.floor(now_us / 1000 + turn)
+      redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', 0, 0, at, at, at), 'PX', math.min(math.ceil(window_us / 1000), SEEN_MAX_MS))
+    end
+    return 0, 0, turn, turn, turn, 0
   end
   local stored = redis.call('GET', key)
   -- TAT is stored in whole microseconds: an interval below one would be lost to rounding
@@ -87,23 +98,23 @@ local function check(i, key, seen_key, notified_key, done_key)
     reset = tat - now_us
     retry = allow_at - now_us
   end
-  local notify = 1
-  if allowed == 0 and tag == '~line' then
-    -- A deferring rule's line (KEYS[4i-1] is {state}:line): this message's place among
-    -- the over-limit ones of the window, returned in place of notify, so that it is
-    -- parked for its turn instead of coming back with all of them.
-    notify = redis.call('INCR', notified_key) - 1
-    if notify == 0 then redis.call('PEXPIRE', notified_key, math.ceil(window_us / 1000)) end
+  local notify, kept = 1, 1
+  local turn = allowed == 0
+    and take_turn(notified_key, tag, now_us / 1000, retry / 1000, window_us / 1000 / math.max(1, requests))
+  if turn then
+    -- A deferring rule's line (KEYS[4i-1] is {state}:turn, see notice.lua): the wait
+    -- for this message's turn, returned in place of notify (kept as its moment).
+    notify, kept = turn, math.floor(now_us / 1000 + turn)
   elseif allowed == 0 and tag ~= '' then
     if not first_notice(notified_key, tag, now_us / 1000, retry / 1000, id) then
-      notify = 0
+      notify, kept = 0, 0
     end
   end
   local reset_ms = math.ceil(reset / 1000)
   local retry_ms = math.ceil(retry / 1000)
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, math.floor(now_us / 1000 + reset_ms), math.floor(now_us / 1000 + retry_ms), notify), 'PX', math.min(math.ceil(window_us / 1000), SEEN_MAX_MS))
+    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', allowed, remaining, math.floor(now_us / 1000 + reset_ms), math.floor(now_us / 1000 + retry_ms), kept), 'PX', math.min(math.ceil(window_us / 1000), SEEN_MAX_MS))
   end
   return allowed, remaining, reset_ms, retry_ms, notify, 0
 end
