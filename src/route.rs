@@ -255,15 +255,17 @@ pub fn deferral(
         .unwrap_or(clock.now_ms)
         .min(clock.now_ms);
     // Its turn must come within `max_defer_seconds` of its first arrival, and so must its
-    // step end: a step that overshoots the turn may not overshoot the bound.
+    // step end: a step that overshoots the turn may not overshoot the bound. The turn is
+    // in whole seconds, rounded up: up to a second past the bound is the rounding (a
+    // message back a moment before a turn right at the bound is parked for a second).
     let deadline = first.saturating_add(clock.max_defer_seconds.saturating_mul(1000));
     let turn_at = clock
         .now_ms
         .saturating_add(retry_after.saturating_mul(1000));
-    if turn_at > deadline {
+    if turn_at > deadline.saturating_add(ROUNDING_MS) {
         return None;
     }
-    let step = defer_step(retry_after, (deadline - clock.now_ms) / 1000);
+    let step = defer_step(retry_after, deadline.saturating_sub(clock.now_ms) / 1000);
     let times = header_int(headers, DEFERRED).unwrap_or(0).saturating_add(1);
     // No per-message TTL in a delay queue: the queue's own TTL keeps them in order. The
     // message's own travels aside, and is restored when it moves on.
@@ -281,6 +283,9 @@ pub fn deferral(
     let properties = copy_properties_except_expiration(inbound, &extra);
     Some((step, properties))
 }
+
+/// What rounding a wait up to whole seconds may add to it.
+const ROUNDING_MS: u64 = 999;
 
 /// Whole seconds until an over-limit message's turn: when its window frees
 /// (`retry_after`), or later when its deferring rule's line gave it a later turn
@@ -867,6 +872,13 @@ mod tests {
         };
         assert!(deferral(&parked, 2, back).is_some());
         assert!(deferral(&parked, 3, back).is_none());
+        // Back half a second before a turn right at the bound: parked for the second.
+        let edge = |after_ms| DeferClock {
+            now_ms: CLOCK.now_ms + after_ms,
+            ..short
+        };
+        assert!(deferral(&parked, 1, edge(4_500)).is_some());
+        assert!(deferral(&parked, 1, edge(5_000)).is_none());
         // A turn beyond the longest step is judged by the turn, not by the step.
         assert!(deferral(&full_properties(), 3_600, CLOCK).is_some());
         assert!(
