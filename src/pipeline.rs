@@ -465,7 +465,8 @@ impl Pipeline {
         // then would silence the notification of a message finally rejected.
         let notify_tag = match settings.notify {
             // A deferring rule keeps a line: a fresh message takes a turn in it (none
-            // beyond `max_defer_seconds`), one back at its turn is first.
+            // beyond `max_defer_seconds`), one back at its turn is checked, and takes a
+            // new turn when over the limit again.
             // (No turn while the ladder is unusable: the message would be rejected, and
             // hold a turn nobody takes.) The longest wait is in whole seconds, as turns
             // are.

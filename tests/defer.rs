@@ -43,8 +43,8 @@ async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_s
     let names = Names::new("defer-burst");
     let broker = Broker::new(&names).await;
     // 5 per 6 s everywhere; acme's WhatsApp defers, its Slack rejects as before. The ten
-    // over the limit are parked for their turns: five until the window frees, five a
-    // window later.
+    // over the limit are parked for their turns, a share of the window (1.2 s) apart from
+    // the moment the window frees.
     let mut config = names.config(5, 6);
     config.limits.overrides.push(Override {
         tenant: "acme".into(),
@@ -92,9 +92,9 @@ async fn a_deferred_burst_reaches_the_orchestrator_over_the_next_windows_while_s
             "a deferred message carries its first arrival"
         );
     }
-    // Each parked message waited for its turn (a tenth more than its share of the
-    // window), so the ten came back over the next two windows, or three when the last
-    // turn fell just past the second: x-ratelimit-remaining counts down from 4 once per
+    // Each parked message waited for its turn (its share of the window after the one
+    // before), so the ten came back over the next two windows, or three when one back
+    // late lost its window: x-ratelimit-remaining counts down from 4 once per
     // window.
     let windows = whatsapp
         .iter()

@@ -81,8 +81,9 @@ local function check(i, key, seen_key, notified_key, done_key)
     end
   end
   local line_now = line_of(tag) and redis_now_ms()
-  if line_now and behind_line(notified_key, tag, line_now, window * 1000 / math.max(1, limit)) then
-    local turn = take_turn(notified_key, tag, line_now, 0, window * 1000 / math.max(1, limit))
+  local share = window * 1000 / math.max(1, limit)
+  if line_now and behind_line(notified_key, tag, line_now, share) then
+    local turn = take_turn(notified_key, tag, line_now, 0, share)
     if id ~= '' then keep(seen_key, id, limit + 1, line_now + turn, window * 1000) end
     return limit + 1, turn, turn, 0
   end
@@ -94,7 +95,7 @@ local function check(i, key, seen_key, notified_key, done_key)
   end
   local notify = 1
   local kept = 1
-  local turn = count > limit and line_now and take_turn(notified_key, tag, line_now, pttl, window * 1000 / math.max(1, limit))
+  local turn = count > limit and line_now and take_turn(notified_key, tag, line_now, pttl, share)
   if turn then
     -- A deferring rule's line (KEYS[4i-1] is {counter}:turn, see notice.lua): the wait
     -- for this message's turn, returned in place of notify (kept as its moment).

@@ -53,8 +53,9 @@ end
 -- message's share of the window after the one before and not before the key frees, so a
 -- burst comes back at the pace the limit lets through, however many windows it spans
 -- (the share is window / limit; the sliding window's estimate lets through only
--- limit - 1 per window at a steady pace, so there it is window / (limit - 1)). A turn beyond the longest wait is not given (the message is rejected
--- instead, and takes no place from the ones behind it). A message back at its turn and
+-- limit - 1 per window at a steady pace, so there it is window / (limit - 1)). A turn
+-- beyond the longest wait is not given (the message is rejected instead, and takes no
+-- place from the ones behind it). A message back at its turn and
 -- over the limit again ("~back:{longest wait}": one back late took its place; the
 -- ladder's steps are whole seconds) takes a new turn the same way: a turn sooner would be
 -- one that another message holds, and they would race for it again and again.

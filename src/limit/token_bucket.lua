@@ -58,8 +58,10 @@ local function check(i, key, seen_key, notified_key, done_key)
       end
     end
   end
-  if behind_line(notified_key, tag, now_us / 1000, window_us / 1000 / math.max(1, requests)) then
-    local turn = take_turn(notified_key, tag, now_us / 1000, 0, window_us / 1000 / math.max(1, requests))
+  -- A line's share of the window: one interval.
+  local share = window_us / 1000 / math.max(1, requests)
+  if behind_line(notified_key, tag, now_us / 1000, share) then
+    local turn = take_turn(notified_key, tag, now_us / 1000, 0, share)
     if id ~= '' then
       local at = math.floor(now_us / 1000 + turn)
       redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d', 0, 0, at, at, at), 'PX', math.min(math.ceil(window_us / 1000), SEEN_MAX_MS))
@@ -100,7 +102,7 @@ local function check(i, key, seen_key, notified_key, done_key)
   end
   local notify, kept = 1, 1
   local turn = allowed == 0
-    and take_turn(notified_key, tag, now_us / 1000, retry / 1000, window_us / 1000 / math.max(1, requests))
+    and take_turn(notified_key, tag, now_us / 1000, retry / 1000, share)
   if turn then
     -- A deferring rule's line (KEYS[4i-1] is {state}:turn, see notice.lua): the wait
     -- for this message's turn, returned in place of notify (kept as its moment).
