@@ -16,7 +16,8 @@ use common::engines::*;
 use common::*;
 use futures::StreamExt;
 use konstruct_gate::config::{Algorithm, QueueType, RedisMode, SecretUrl, TlsFiles};
-use lapin::types::ShortString;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -100,40 +101,109 @@ struct Forwarded {
 }
 
 /// Reads the orchestrator queue until `n` distinct ids arrived, then 300 ms more for
-/// stragglers.
+/// stragglers. Each delivery is acked once counted, so a consumer of the test's that the
+/// broker ends (a quorum queue's leader on a stopped node) loses nothing: it is opened
+/// again, and what it had not acked comes back. On a timeout, says where the rest are.
 async fn gather(broker: &Broker, n: usize, within: Duration) -> Forwarded {
-    let (channel, mut consumer) = broker.consume(&broker.names.orchestrator).await;
     let deadline = Instant::now() + within;
     let mut out = Forwarded::default();
     let mut done_at: Option<Instant> = None;
-    loop {
-        let until = done_at.unwrap_or(deadline);
-        let left = until.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, consumer.next()).await {
-            Ok(Some(Ok(d))) => {
-                let id = output_id(OutputKind::Allowed, &d);
-                out.copies += 1;
-                let degraded =
-                    konstruct_gate::route::header(d.properties.headers(), "x-ratelimit-degraded")
-                        .is_some();
-                if degraded {
-                    out.degraded += 1;
-                    out.degraded_ids.insert(id.clone());
+    let mut reopened = 0;
+    'consume: loop {
+        let opened = broker.conn.create_channel().await;
+        let consumer = match opened {
+            Ok(channel) => channel
+                .basic_consume(
+                    ShortString::from(broker.names.orchestrator.as_str()),
+                    ShortString::from(format!("gather-{reopened}")),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map(|consumer| (channel, consumer)),
+            Err(e) => Err(e),
+        };
+        let (channel, mut consumer) = match consumer {
+            Ok(pair) => pair,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "could not consume the orchestrator queue: {e}"
+                );
+                eprintln!("gather: could not consume the orchestrator queue ({e}); trying again");
+                reopened += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue 'consume;
+            }
+        };
+        loop {
+            let until = done_at.unwrap_or(deadline);
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let id = output_id(OutputKind::Allowed, &d);
+                    out.copies += 1;
+                    let degraded = konstruct_gate::route::header(
+                        d.properties.headers(),
+                        "x-ratelimit-degraded",
+                    )
+                    .is_some();
+                    if degraded {
+                        out.degraded += 1;
+                        out.degraded_ids.insert(id.clone());
+                    }
+                    out.ids.insert(id);
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                    if out.ids.len() >= n && done_at.is_none() {
+                        done_at = Some(Instant::now() + Duration::from_millis(300));
+                    }
                 }
-                out.ids.insert(id);
-                if out.ids.len() >= n && done_at.is_none() {
-                    done_at = Some(Instant::now() + Duration::from_millis(300));
+                _ if done_at.is_some() => {
+                    let _ = channel.close(200, ShortString::from("done")).await;
+                    return out;
+                }
+                Ok(ended) if Instant::now() < deadline => {
+                    let why = match ended {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "the broker ended it".to_owned(),
+                    };
+                    eprintln!(
+                        "gather: the test's consumer ended after {} of {n} ({why}); consuming again",
+                        out.ids.len()
+                    );
+                    reopened += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'consume;
+                }
+                _ => {
+                    let mut waiting = Vec::new();
+                    for queue in [&broker.names.orchestrator, &broker.names.inbound] {
+                        let depth = match broker.conn.create_channel().await {
+                            Ok(c) => c
+                                .queue_declare(
+                                    ShortString::from(queue.as_str()),
+                                    QueueDeclareOptions {
+                                        passive: true,
+                                        ..QueueDeclareOptions::default()
+                                    },
+                                    FieldTable::default(),
+                                )
+                                .await
+                                .map(|q| q.message_count().to_string())
+                                .unwrap_or_else(|e| e.to_string()),
+                            Err(e) => e.to_string(),
+                        };
+                        waiting.push(format!("{queue}: {depth}"));
+                    }
+                    panic!(
+                        "only {} of {n} messages reached the orchestrator queue within {within:?} (consumer opened again {reopened} times; ready now: {})",
+                        out.ids.len(),
+                        waiting.join(", ")
+                    );
                 }
             }
-            _ if done_at.is_some() => break,
-            _ => panic!(
-                "only {} of {n} messages reached the orchestrator queue within {within:?}",
-                out.ids.len()
-            ),
         }
     }
-    let _ = channel.close(200, ShortString::from("done")).await;
-    out
 }
 
 /// Publishes a steady stream over `tenants` keys while `fault` runs (from two seconds after
