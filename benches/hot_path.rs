@@ -95,7 +95,18 @@ fn hot_path(c: &mut Criterion) {
         let env = parse(&body, MAX).unwrap();
         b.iter(|| {
             let id = route::message_id(&env, &props);
-            route::rejection(black_box(&env), id, 30, 60, 42, true, false)
+            route::rejection(
+                black_box(&env),
+                id,
+                route::Limited {
+                    limit: 30,
+                    window_seconds: 60,
+                    retry_after: 42,
+                    notify_user: true,
+                    scope: konstruct_gate::limit::Scope::Channel,
+                },
+                false,
+            )
         })
     });
     group.bench_function("dead_letter_output", |b| {

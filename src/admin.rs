@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override};
+use crate::config::{
+    Algorithm, Config, LimitsConfig, OnLimit, Override, RedisMode, Scope,
+    TENANT_BUDGET_IN_A_CLUSTER,
+};
 use crate::limit::live::{
-    MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, RedisOverride, parse_overrides,
+    MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, RedisOverride, override_field, parse_overrides,
 };
 use crate::limit::store::Store;
-use crate::limit::{Rules, counter_key, key_for, window_keys};
+use crate::limit::{Rules, also_key, counter_key, key_for, window_keys};
 use crate::message::{valid_channel, valid_tenant_id};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,15 +43,34 @@ impl AdminError {
     }
 }
 
-/// `TENANT` or `TENANT:CHANNEL`.
+/// `TENANT` or `TENANT:CHANNEL`, with `@tenant` or `@sender` after it for the limit of
+/// that `[[limits.also]]` scope (`acme@tenant`: acme's budget over all its channels).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub tenant: String,
     pub channel: Option<String>,
+    /// `None`: the (tenant, channel) limit.
+    pub scope: Option<Scope>,
 }
 
 impl Target {
     pub fn parse(text: &str, channel_required: bool) -> Result<Self, AdminError> {
+        let (text, scope) = match text.split_once('@') {
+            Some((target, "tenant")) => (target, Some(Scope::Tenant)),
+            Some((target, "sender")) => (target, Some(Scope::Sender)),
+            Some((_, other)) => {
+                return Err(AdminError::Invalid(format!(
+                    "@{other} is not a scope: give @tenant or @sender"
+                )));
+            }
+            None => (text, None),
+        };
+        if scope == Some(Scope::Tenant) && text.contains(':') {
+            return Err(AdminError::Invalid(format!(
+                "{text:?}@tenant names a channel; a tenant's budget covers all its channels: give TENANT@tenant"
+            )));
+        }
+        let channel_required = channel_required && scope != Some(Scope::Tenant);
         let (tenant, channel) = match text.split_once(':') {
             Some((t, c)) => (t, Some(c)),
             None => (text, None),
@@ -73,15 +95,28 @@ impl Target {
         Ok(Self {
             tenant: tenant.to_owned(),
             channel: channel.map(str::to_owned),
+            scope,
         })
+    }
+
+    /// The target of an override.
+    pub fn of(o: &Override) -> Self {
+        Self {
+            tenant: o.tenant.clone(),
+            channel: o.channel.clone(),
+            scope: o.scope.filter(|s| *s != Scope::Channel),
+        }
     }
 
     /// The field of the overrides hash.
     pub fn field(&self) -> String {
-        match &self.channel {
-            Some(c) => format!("{}:{c}", self.tenant),
-            None => self.tenant.clone(),
-        }
+        override_field(&self.tenant, self.channel.as_deref(), self.scope)
+    }
+
+    fn names(&self, o: &Override) -> bool {
+        o.tenant == self.tenant
+            && o.channel == self.channel
+            && o.scope.filter(|s| *s != Scope::Channel) == self.scope
     }
 }
 
@@ -149,14 +184,28 @@ impl Admin {
 
     /// Checks the values of `change` alone, as the configuration file would, before
     /// connecting (an invalid value is exit 2 even when Redis is down).
-    pub fn check_change(target: &Target, change: &RedisOverride) -> Result<(), AdminError> {
+    pub fn check_change(
+        config: &Config,
+        target: &Target,
+        change: &RedisOverride,
+    ) -> Result<(), AdminError> {
+        if target.scope == Some(Scope::Tenant) && config.redis.mode == RedisMode::Cluster {
+            return Err(AdminError::Invalid(format!(
+                "{}: {TENANT_BUDGET_IN_A_CLUSTER}",
+                target.field()
+            )));
+        }
         if *change == RedisOverride::default() {
             return Err(AdminError::Invalid(
                 "nothing to set: give at least one of --requests, --window-seconds, --algorithm, --burst, --shadow, --on-limit".into(),
             ));
         }
         let json = serde_json::to_string(change).expect("an override serializes");
-        let (_, errors) = parse_overrides(HashMap::from([(target.field(), json)]), &[]);
+        let (_, errors) = parse_overrides(
+            HashMap::from([(target.field(), json)]),
+            &[],
+            &config.limits.also,
+        );
         match errors.into_iter().next() {
             Some(error) => Err(AdminError::Invalid(error)),
             None => Ok(()),
@@ -219,13 +268,12 @@ impl Admin {
 
     /// The limits as the gates build them: the file's, with the Redis overrides in.
     async fn effective_limits(&mut self) -> Result<(LimitsConfig, Vec<Override>), AdminError> {
-        let (redis, _) = parse_overrides(self.redis_entries().await?, &[]);
+        let also = self.config.limits.also.clone();
+        let (redis, _) = parse_overrides(self.redis_entries().await?, &[], &also);
         let mut limits = self.config.limits.clone();
-        limits.overrides.retain(|o| {
-            !redis
-                .iter()
-                .any(|r| r.tenant == o.tenant && r.channel == o.channel)
-        });
+        limits
+            .overrides
+            .retain(|o| !redis.iter().any(|r| Target::of(r).names(o)));
         limits.overrides.extend(redis.iter().cloned());
         Ok((limits, redis))
     }
@@ -238,11 +286,7 @@ impl Admin {
             .overrides
             .iter()
             .map(|o| Listed {
-                target: Target {
-                    tenant: o.tenant.clone(),
-                    channel: o.channel.clone(),
-                }
-                .field(),
+                target: Target::of(o).field(),
                 source: "file",
                 values: values_of(o),
                 invalid: None,
@@ -251,8 +295,11 @@ impl Admin {
         let mut entries: Vec<(String, String)> = self.redis_entries().await?.into_iter().collect();
         entries.sort();
         for (field, json) in entries {
-            let (parsed, errors) =
-                parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
+            let (parsed, errors) = parse_overrides(
+                HashMap::from([(field.clone(), json.clone())]),
+                &[],
+                &self.config.limits.also,
+            );
             listed.push(Listed {
                 target: field,
                 source: "redis",
@@ -266,7 +313,7 @@ impl Admin {
     /// The rule in force for `target`, field by field, with where each value comes from.
     pub async fn get(&mut self, target: &Target) -> Result<Resolved, AdminError> {
         let (limits, redis) = self.effective_limits().await?;
-        Ok(resolve(&limits, &redis, target))
+        resolve(&limits, &redis, target)
     }
 
     /// Writes the fields of `change` into the Redis override of `target` (other fields of
@@ -279,14 +326,18 @@ impl Admin {
         target: &Target,
         change: RedisOverride,
     ) -> Result<RedisOverride, AdminError> {
-        Self::check_change(target, &change)?;
+        Self::check_change(&self.config, target, &change)?;
         let field = target.field();
         for _ in 0..SET_ATTEMPTS {
             let cmd = redis::cmd("HGET").arg(&self.hash).arg(&field).to_owned();
             let existing: Option<String> = self.query(&cmd).await?;
             let value = self.merged(target, existing.as_deref(), &change)?;
             let json = serde_json::to_string(&value).expect("an override serializes");
-            let (_, errors) = parse_overrides(HashMap::from([(field.clone(), json.clone())]), &[]);
+            let (_, errors) = parse_overrides(
+                HashMap::from([(field.clone(), json.clone())]),
+                &[],
+                &self.config.limits.also,
+            );
             if let Some(error) = errors.into_iter().next() {
                 return Err(AdminError::Invalid(error));
             }
@@ -322,7 +373,7 @@ impl Admin {
             .limits
             .overrides
             .iter()
-            .find(|o| o.tenant == target.tenant && o.channel == target.channel)
+            .find(|o| target.names(o))
             .map(values_of);
         let mut value: RedisOverride = match existing {
             Some(json) => serde_json::from_str(json).map_err(|e| {
@@ -357,13 +408,35 @@ impl Admin {
     pub async fn usage(&mut self, target: &Target) -> Result<Usage, AdminError> {
         let channel = target.channel.as_deref().unwrap_or_default();
         let (limits, _) = self.effective_limits().await?;
-        let rule = Rules::from_config(&limits).rule_for(&target.tenant, channel);
-        let key = key_for(
-            rule.algorithm,
-            &self.config.redis.key_prefix,
-            &target.tenant,
-            channel,
-        );
+        let rules = Rules::from_config(&limits);
+        let prefix = &self.config.redis.key_prefix;
+        let (rule, key) = match target.scope {
+            None => {
+                let rule = rules.rule_for(&target.tenant, channel);
+                let key = key_for(rule.algorithm, prefix, &target.tenant, channel);
+                (rule, key)
+            }
+            Some(Scope::Sender) => {
+                return Err(AdminError::Invalid(
+                    "a sender limit is kept per sender: its usage is not shown by target".into(),
+                ));
+            }
+            Some(scope) => {
+                let Some((_, rule)) = rules
+                    .also_for(&target.tenant, channel)
+                    .into_iter()
+                    .find(|(s, _)| *s == scope)
+                else {
+                    return Err(AdminError::Invalid(format!(
+                        "no limit of scope {} applies to {}",
+                        scope.as_str(),
+                        target.field()
+                    )));
+                };
+                let key = also_key(scope, rule.algorithm, prefix, &target.tenant, "", "");
+                (rule, key)
+            }
+        };
         let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
         let now_us = secs as f64 * 1e6 + micros as f64;
         let (remaining, reset_us) = match rule.algorithm {
@@ -430,9 +503,24 @@ impl Admin {
         let prefix = &self.config.redis.key_prefix;
         let counter = counter_key(prefix, &target.tenant, channel);
         let mut deleted = 0;
+        let keys = match target.scope {
+            None => window_keys(prefix, &target.tenant, channel),
+            Some(Scope::Tenant) => [
+                Algorithm::FixedWindow,
+                Algorithm::SlidingWindow,
+                Algorithm::TokenBucket,
+            ]
+            .map(|a| also_key(Scope::Tenant, a, prefix, &target.tenant, "", ""))
+            .to_vec(),
+            Some(_) => {
+                return Err(AdminError::Invalid(
+                    "a sender limit is kept per sender: reset TENANT:CHANNEL instead".into(),
+                ));
+            }
+        };
         // One key per DEL: in a cluster a tenant id with braces can put the counter in
         // another slot than its companions.
-        for key in window_keys(prefix, &target.tenant, channel) {
+        for key in keys {
             let n: u64 = self.query(redis::cmd("DEL").arg(key)).await?;
             deleted += n;
         }
@@ -473,31 +561,64 @@ fn values_of(o: &Override) -> RedisOverride {
 
 /// The rule for `target` under `limits` (overrides already merged), with the source of
 /// each field: the (tenant, channel) override, else the tenant's, else the global limit.
-pub fn resolve(limits: &LimitsConfig, redis: &[Override], target: &Target) -> Resolved {
+///
+/// For a `[[limits.also]]` scope (`acme@tenant`, `acme:slack@sender`) the chain is that
+/// scope's overrides, then `[[limits.also]]` (source `global`); `shadow` and `on_limit` are
+/// the (tenant, channel) rule's, which decides them for the whole message.
+pub fn resolve(
+    limits: &LimitsConfig,
+    redis: &[Override],
+    target: &Target,
+) -> Result<Resolved, AdminError> {
     let source = |o: &Override| {
-        let from_redis = redis
-            .iter()
-            .any(|r| r.tenant == o.tenant && r.channel == o.channel);
-        let name = Target {
-            tenant: o.tenant.clone(),
-            channel: o.channel.clone(),
-        }
-        .field();
+        let from_redis = redis.iter().any(|r| Target::of(r).names(o));
+        let name = Target::of(o).field();
         format!("{} {name}", if from_redis { "redis" } else { "file" })
     };
-    let find = |channel: Option<&String>| {
-        limits
-            .overrides
-            .iter()
-            .find(|o| o.tenant == target.tenant && o.channel.as_ref() == channel)
+    let find = |channel: Option<&String>, scope: Option<Scope>| {
+        let wanted = Target {
+            tenant: target.tenant.clone(),
+            channel: channel.cloned(),
+            scope,
+        };
+        limits.overrides.iter().find(|o| wanted.names(o))
     };
-    let chain: Vec<&Override> = [
-        find(target.channel.as_ref()).filter(|_| target.channel.is_some()),
-        find(None),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let chain_of = |scope: Option<Scope>| -> Vec<&Override> {
+        [
+            find(target.channel.as_ref(), scope).filter(|_| target.channel.is_some()),
+            find(None, scope),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    };
+    let chain = chain_of(target.scope);
+    let message_chain = chain_of(None);
+    // The global values: `[limits]`, or for another scope its `[[limits.also]]` entry.
+    let (requests_0, window_0, algorithm_0, burst_0) = match target.scope {
+        None => (
+            limits.requests,
+            limits.window_seconds,
+            limits.algorithm,
+            limits.burst,
+        ),
+        Some(scope) => match limits.also.iter().find(|a| a.scope == scope) {
+            Some(a) => (
+                a.requests,
+                a.window_seconds,
+                a.algorithm.unwrap_or(limits.algorithm),
+                a.burst,
+            ),
+            None if chain.iter().any(|o| o.requests.is_some()) => (0, 0, limits.algorithm, None),
+            None => {
+                return Err(AdminError::Invalid(format!(
+                    "no limit of scope {} applies to {}: [[limits.also]] sets none and no override does",
+                    scope.as_str(),
+                    target.field()
+                )));
+            }
+        },
+    };
     fn pick<T: Copy>(
         chain: &[&Override],
         get: impl Fn(&Override) -> Option<T>,
@@ -517,8 +638,8 @@ pub fn resolve(limits: &LimitsConfig, redis: &[Override], target: &Target) -> Re
                 source: "global".into(),
             })
     }
-    let requests = pick(&chain, |o| o.requests, &source, limits.requests);
-    let burst = match limits.burst {
+    let requests = pick(&chain, |o| o.requests, &source, requests_0);
+    let burst = match burst_0 {
         Some(b) => pick(&chain, |o| o.burst, &source, b),
         None => chain
             .iter()
@@ -533,15 +654,15 @@ pub fn resolve(limits: &LimitsConfig, redis: &[Override], target: &Target) -> Re
                 source: "requests".into(),
             }),
     };
-    Resolved {
+    Ok(Resolved {
         target: target.field(),
-        window_seconds: pick(&chain, |o| o.window_seconds, &source, limits.window_seconds),
-        algorithm: pick(&chain, |o| o.algorithm, &source, limits.algorithm),
-        shadow: pick(&chain, |o| o.shadow, &source, limits.shadow),
-        on_limit: pick(&chain, |o| o.on_limit, &source, limits.on_limit),
+        window_seconds: pick(&chain, |o| o.window_seconds, &source, window_0),
+        algorithm: pick(&chain, |o| o.algorithm, &source, algorithm_0),
+        shadow: pick(&message_chain, |o| o.shadow, &source, limits.shadow),
+        on_limit: pick(&message_chain, |o| o.on_limit, &source, limits.on_limit),
         requests,
         burst,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -598,7 +719,7 @@ mod tests {
         let redis = vec![limits.overrides[1].clone()];
         for (target, channel) in [("acme:slack", "slack"), ("acme", ""), ("globex:sms", "sms")] {
             let target = Target::parse(target, false).unwrap();
-            let r = resolve(&limits, &redis, &target);
+            let r = resolve(&limits, &redis, &target).unwrap();
             let rule = Rules::from_config(&limits).rule_for(&target.tenant, channel);
             assert_eq!(
                 (
@@ -622,11 +743,12 @@ mod tests {
             &limits,
             &redis,
             &Target::parse("acme:slack", false).unwrap(),
-        );
+        )
+        .unwrap();
         assert_eq!(r.requests.source, "file acme");
         assert_eq!(r.burst.source, "redis acme:slack");
         assert_eq!(r.window_seconds.source, "global");
-        let r = resolve(&limits, &redis, &Target::parse("acme", false).unwrap());
+        let r = resolve(&limits, &redis, &Target::parse("acme", false).unwrap()).unwrap();
         assert_eq!((r.burst.value, r.burst.source.as_str()), (100, "requests"));
     }
 }

@@ -45,9 +45,11 @@ enum Command {
 enum LimitsCommand {
     /// Every override, from the file and from Redis, and where each comes from.
     List,
-    /// The rule in force for TENANT or TENANT:CHANNEL, and where each field comes from.
+    /// The rule in force for TENANT or TENANT:CHANNEL, and where each field comes from;
+    /// TENANT@tenant is the tenant's budget, TENANT[:CHANNEL]@sender the sender limit.
     Get { target: String },
     /// Write an override to Redis; every gate applies it within redis_overrides_refresh_ms.
+    /// TARGET as for `get` (`acme@tenant --requests 5000` sets acme's budget).
     Set {
         target: String,
         #[arg(long)]
@@ -65,9 +67,10 @@ enum LimitsCommand {
     },
     /// Remove the Redis override of TENANT or TENANT:CHANNEL.
     Unset { target: String },
-    /// The state of TENANT:CHANNEL's window now (reads only).
+    /// The state of TENANT:CHANNEL's window, or of TENANT@tenant's budget, now (reads only).
     Usage { target: String },
-    /// Start TENANT:CHANNEL's window afresh, on every running gate.
+    /// Start TENANT:CHANNEL's window (or TENANT@tenant's budget) afresh, on every running
+    /// gate.
     Reset { target: String },
 }
 
@@ -221,7 +224,7 @@ async fn limits(config: Config, command: LimitsCommand, json: bool) -> Result<()
                 shadow,
                 on_limit,
             };
-            Admin::check_change(&t, &change)?;
+            Admin::check_change(&config, &t, &change)?;
             Admin::check_writable(&config)?;
             let written = Admin::connect(config).await?.set(&t, change).await?;
             let text = serde_json::to_string(&written).expect("JSON prints");

@@ -33,12 +33,14 @@ pub enum ErrorCode {
     MissingChannel,
     InvalidChannel,
     InvalidId,
+    /// The `x-gate-cost` header is not an integer from 0 to 1,000,000.
+    InvalidCost,
     /// Valid, but the broker refused its one output (larger than its `max_message_size`).
     OutputRefused,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::TooLarge,
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
@@ -47,6 +49,7 @@ impl ErrorCode {
         ErrorCode::MissingChannel,
         ErrorCode::InvalidChannel,
         ErrorCode::InvalidId,
+        ErrorCode::InvalidCost,
         ErrorCode::OutputRefused,
     ];
 
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::MissingChannel => "missing_channel",
             ErrorCode::InvalidChannel => "invalid_channel",
             ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::InvalidCost => "invalid_cost",
             ErrorCode::OutputRefused => "output_refused",
         }
     }

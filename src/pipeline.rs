@@ -20,8 +20,8 @@ use crate::config::{Config, Notify, OnRedisError};
 use crate::health::Health;
 use crate::ladder::Parking;
 use crate::limit::{
-    Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, back_tag, companion_base,
-    done_key, key_for, line_tag, notified_key, sender_tag,
+    Also, Answer, Check, Decision, Limiter, LiveRules, RejectionCache, Rules, Scope, also_key,
+    back_tag, companion_base, done_key, key_for, line_tag, notified_key, sender_tag,
 };
 use crate::message::{self, Envelope, Invalid};
 use crate::route::{self, DeferClock, Destination, Outcome, Verdict};
@@ -127,7 +127,10 @@ impl Pipeline {
         let settings = rules.settings;
         let parsed: Vec<Result<Envelope<'_>, Invalid>> = batch
             .iter()
-            .map(|d| message::parse(&d.data, settings.max_message_bytes))
+            .map(|d| {
+                message::parse(&d.data, settings.max_message_bytes)
+                    .and_then(|envelope| route::cost(&d.properties).map(|_| envelope))
+            })
             .collect();
         // Each check, and whether its id is a token of the gate's (not the message's own).
         let (checks, tokens): (Vec<Check>, Vec<bool>) = batch
@@ -518,9 +521,36 @@ impl Pipeline {
             ),
             _ => String::new(),
         };
+        // The limits `[[limits.also]]` adds, each under its own key.
+        let prefix = &self.config.redis.key_prefix;
+        let also = rules
+            .also_for(&envelope.tenant_id, &envelope.channel)
+            .into_iter()
+            .map(|(scope, rule)| {
+                let sender = match scope {
+                    Scope::Sender => sender_tag(envelope.sender.map(|s| s.get())),
+                    _ => String::new(),
+                };
+                Also {
+                    scope,
+                    key: also_key(
+                        scope,
+                        rule.algorithm,
+                        prefix,
+                        &envelope.tenant_id,
+                        &envelope.channel,
+                        &sender,
+                    ),
+                    rule,
+                }
+            })
+            .collect();
         let check = Check {
             key,
             rule,
+            // Read when the message was parsed: an invalid cost never gets this far.
+            cost: route::cost(&delivery.properties).unwrap_or(1),
+            also,
             notify_tag,
             message_id,
             redelivered: delivery.redelivered || retry,
@@ -580,6 +610,7 @@ impl Pipeline {
                     retry_after: check.wait_ms.div_ceil(1000),
                     notify_user: true,
                     turn_ms: 0,
+                    scope: Scope::Channel,
                 });
                 early
                     .or_else(|| self.cache.answer(check, rules.generation, asked_at))

@@ -9,8 +9,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::limit::{Answer, Decision, Rule};
-use crate::message::{Envelope, Invalid};
+use crate::limit::{Answer, Decision, Rule, Scope};
+use crate::message::{Envelope, ErrorCode, Invalid};
 
 /// What the limit said about one valid message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,19 +212,18 @@ fn routed<'a>(
             window_seconds,
             retry_after,
             notify_user,
+            scope,
             ..
         } => {
-            let notice = |omit| {
-                rejection(
-                    envelope,
-                    message_id(envelope, properties),
-                    limit,
-                    window_seconds,
-                    retry_after,
-                    notify_user,
-                    omit,
-                )
+            let limited = Limited {
+                limit,
+                window_seconds,
+                retry_after,
+                notify_user,
+                scope,
             };
+            let notice =
+                |omit| rejection(envelope, message_id(envelope, properties), limited, omit);
             let (mut body, mut properties) = notice(false);
             if body.len() as u64 > max_body {
                 (body, properties) = notice(true);
@@ -340,6 +339,62 @@ fn header_int(headers: &Option<FieldTable>, name: &str) -> Option<u64> {
         AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
         AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
         _ => None,
+    }
+}
+
+/// The header a message's cost comes in.
+pub const COST: &str = "x-gate-cost";
+/// The largest cost a message may say.
+pub const MAX_COST: u64 = 1_000_000;
+
+/// The units a message counts against every limit (`x-gate-cost`): 1 when absent; an
+/// integer 0–1,000,000, as any AMQP integer type or as decimal digits in a string. Any
+/// other value makes the message invalid (`invalid_cost`).
+pub fn cost(inbound: &BasicProperties) -> Result<u64, Invalid> {
+    let Some(value) = header(inbound.headers(), COST) else {
+        return Ok(1);
+    };
+    let number = match value {
+        AMQPValue::LongString(text) => {
+            let text = String::from_utf8_lossy(text.as_bytes());
+            text.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| text.parse::<u64>().ok())
+                .flatten()
+        }
+        AMQPValue::ShortString(text) => {
+            let text = text.as_str();
+            text.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| text.parse::<u64>().ok())
+                .flatten()
+        }
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        _ => header_int(inbound.headers(), COST),
+    };
+    match number {
+        Some(cost) if cost <= MAX_COST => Ok(cost),
+        _ => Err(Invalid {
+            code: ErrorCode::InvalidCost,
+            detail: format!(
+                "header {COST} must be an integer from 0 to {MAX_COST}, not {}",
+                describe(value)
+            ),
+        }),
+    }
+}
+
+/// A header value as an operator would write it, cut short.
+fn describe(value: &AMQPValue) -> String {
+    let text = match value {
+        AMQPValue::LongString(text) => format!("{:?}", String::from_utf8_lossy(text.as_bytes())),
+        AMQPValue::ShortString(text) => format!("{:?}", text.as_str()),
+        other => format!("{other:?}"),
+    };
+    match text.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
     }
 }
 
@@ -519,6 +574,16 @@ pub fn dead_letter_properties(inbound: &BasicProperties, invalid: &Invalid) -> B
     )
 }
 
+/// What a rejection notice says of the limit that rejected.
+#[derive(Debug, Clone, Copy)]
+pub struct Limited {
+    pub limit: u64,
+    pub window_seconds: u64,
+    pub retry_after: u64,
+    pub notify_user: bool,
+    pub scope: Scope,
+}
+
 /// The notification body, field for field as the contract gives it.
 #[derive(Serialize)]
 struct Rejection<'a> {
@@ -527,6 +592,8 @@ struct Rejection<'a> {
     message_id: Option<&'a str>,
     tenant_id: &'a str,
     channel: &'a str,
+    /// The limit that decided: `channel`, `tenant` or `sender`.
+    scope: &'static str,
     limit: u64,
     window_seconds: u64,
     retry_after_seconds: u64,
@@ -547,12 +614,16 @@ struct Rejection<'a> {
 pub fn rejection(
     envelope: &Envelope<'_>,
     message_id: Option<&str>,
-    limit: u64,
-    window_seconds: u64,
-    retry_after: u64,
-    notify_user: bool,
+    limited: Limited,
     omit: bool,
 ) -> (Vec<u8>, BasicProperties) {
+    let Limited {
+        limit,
+        window_seconds,
+        retry_after,
+        notify_user,
+        scope,
+    } = limited;
     let message: &RawValue =
         serde_json::from_slice(envelope.raw).expect("the envelope's body was parsed as JSON");
     let body = Rejection {
@@ -560,6 +631,7 @@ pub fn rejection(
         message_id,
         tenant_id: &envelope.tenant_id,
         channel: &envelope.channel,
+        scope: scope.as_str(),
         limit,
         window_seconds,
         retry_after_seconds: retry_after,
@@ -602,6 +674,14 @@ pub fn header<'a>(headers: &'a Option<FieldTable>, name: &str) -> Option<&'a AMQ
 mod tests {
     use super::*;
     use crate::message::{ErrorCode, parse};
+
+    const LIMITED: Limited = Limited {
+        limit: 30,
+        window_seconds: 60,
+        retry_after: 42,
+        notify_user: true,
+        scope: Scope::Channel,
+    };
 
     fn full_properties() -> BasicProperties {
         let mut headers = FieldTable::default();
@@ -686,13 +766,13 @@ mod tests {
         let props = full_properties();
         let id = message_id(&envelope, &props);
         assert_eq!(id, Some("amqp-id"));
-        let (bytes, p) = rejection(&envelope, id, 30, 60, 42, true, false);
+        let (bytes, p) = rejection(&envelope, id, LIMITED, false);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
                 "type": "rate_limited", "message_id": "amqp-id", "tenant_id": "acme",
-                "channel": "slack", "limit": 30, "window_seconds": 60,
+                "channel": "slack", "scope": "channel", "limit": 30, "window_seconds": 60,
                 "retry_after_seconds": 42, "notify_user": true, "channel_metadata": null,
                 "sender": {"u": "U1"}, "thread_id": "t1",
                 "message": serde_json::from_slice::<serde_json::Value>(body).unwrap(),
@@ -899,6 +979,7 @@ mod tests {
                 retry_after: 4,
                 notify_user: true,
                 turn_ms: 0,
+                scope: Scope::Channel,
             },
             false,
         );
@@ -962,6 +1043,7 @@ mod tests {
         retry_after: 42,
         notify_user: true,
         turn_ms: 0,
+        scope: Scope::Channel,
     };
 
     #[test]
@@ -1159,7 +1241,7 @@ mod tests {
         let id = "i".repeat(256);
         let body = format!(r#"{{"tenant_id":"acme","channel":"slack","id":"{id}"}}"#);
         let envelope = parse(body.as_bytes(), 1 << 20).unwrap();
-        let (bytes, p) = rejection(&envelope, Some(&id), 30, 60, 42, true, false);
+        let (bytes, p) = rejection(&envelope, Some(&id), LIMITED, false);
         assert_eq!(p.correlation_id(), &None);
         let note: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(note["message_id"], id.as_str());

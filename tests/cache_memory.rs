@@ -10,7 +10,7 @@ use common::rss_mib;
 
 use konstruct_gate::config::Algorithm;
 use konstruct_gate::limit::cache::{MAX_ENTRIES, MAX_TOLD};
-use konstruct_gate::limit::{Answer, Check, Decision, RejectionCache, Rule};
+use konstruct_gate::limit::{Answer, Check, Decision, RejectionCache, Rule, Scope};
 
 /// What the README promises for the cache at its bound.
 const DOCUMENTED_BOUND_MIB: f64 = 64.0;
@@ -32,6 +32,7 @@ fn a_million_flooding_keys_stay_within_the_bound() {
         retry_after: 3_000,
         notify_user: true,
         turn_ms: 0,
+        scope: Scope::Channel,
     });
     let before = rss_mib(std::process::id());
     let t0 = Instant::now();
@@ -45,6 +46,8 @@ fn a_million_flooding_keys_stay_within_the_bound() {
             redelivered: false,
             done_key: String::new(),
             wait_ms: 0,
+            cost: 1,
+            also: Vec::new(),
         };
         cache.learn(
             &check,

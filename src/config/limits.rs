@@ -69,7 +69,48 @@ pub struct LimitsConfig {
     pub quiet_rejections: QuietRejections,
     /// With `duplicates = "drop"`: how long an id's confirmed output is remembered.
     pub duplicate_window_seconds: u64,
+    /// Limits every message must pass besides its (tenant, channel) one, all or none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<AlsoLimit>,
     pub overrides: Vec<Override>,
+}
+
+/// Which limit a rule or an override is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One (tenant, channel): the Python router's key.
+    #[default]
+    Channel,
+    /// All channels of one tenant together.
+    Tenant,
+    /// One sender in one (tenant, channel), as for quiet rejections.
+    Sender,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Channel => "channel",
+            Scope::Tenant => "tenant",
+            Scope::Sender => "sender",
+        }
+    }
+}
+
+/// `[[limits.also]]`: a limit every message must pass too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlsoLimit {
+    pub scope: Scope,
+    pub requests: u64,
+    pub window_seconds: u64,
+    /// Defaults to `limits.algorithm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
+    /// `token_bucket` only; `requests` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -108,6 +149,7 @@ impl Default for LimitsConfig {
             duplicates: Duplicates::Forward,
             quiet_rejections: QuietRejections::Publish,
             duplicate_window_seconds: 600,
+            also: Vec::new(),
             overrides: Vec::new(),
         }
     }
@@ -161,6 +203,10 @@ pub struct Override {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// Which limit it changes: the (tenant, channel) one when left out, else the tenant's
+    /// budget or the sender limit of `[[limits.also]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,8 +256,29 @@ impl LimitsConfig {
                 limits.redis_overrides_refresh_ms
             ));
         }
+        for (i, also) in limits.also.iter().enumerate() {
+            let key = format!("limits.also[{i}]");
+            if also.scope == Scope::Channel {
+                return fail(format!(
+                    "{key}.scope = \"channel\" is the limit [limits] itself sets; use \"tenant\" or \"sender\""
+                ));
+            }
+            check_limit_numbers(
+                &key,
+                Some(also.requests),
+                Some(also.window_seconds),
+                also.burst,
+            )?;
+            if limits.also[..i].iter().any(|a| a.scope == also.scope) {
+                return fail(format!(
+                    "{key} repeats scope \"{}\": one limit per scope",
+                    also.scope.as_str()
+                ));
+            }
+        }
         for (i, o) in limits.overrides.iter().enumerate() {
             let key = format!("limits.overrides[{i}]");
+            check_override_scope(&key, o, &limits.also)?;
             if !valid_tenant_id(&o.tenant) {
                 return fail(format!(
                     "{key}.tenant {:?} is not a valid tenant_id (1-128 of A-Z a-z 0-9 . _ -, first alphanumeric)",
@@ -228,15 +295,44 @@ impl LimitsConfig {
             check_limit_numbers(&key, o.requests, o.window_seconds, o.burst)?;
             let duplicate = limits.overrides[..i]
                 .iter()
-                .any(|p| p.tenant == o.tenant && p.channel == o.channel);
+                .any(|p| p.tenant == o.tenant && p.channel == o.channel && p.scope == o.scope);
             if duplicate {
                 return fail(format!(
-                    "{key} repeats an earlier override for the same tenant and channel"
+                    "{key} repeats an earlier override for the same tenant, channel and scope"
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// What an override of a `[[limits.also]]` scope may say: a tenant's budget has no channel,
+/// neither takes `shadow` or `on_limit` (those are the message's, from its (tenant,
+/// channel) rule), and a scope `[[limits.also]]` leaves out needs its whole limit.
+pub fn check_override_scope(key: &str, o: &Override, also: &[AlsoLimit]) -> Result<(), String> {
+    let scope = o.scope.unwrap_or_default();
+    if scope == Scope::Channel {
+        return Ok(());
+    }
+    if scope == Scope::Tenant && o.channel.is_some() {
+        return Err(format!(
+            "{key} sets scope \"tenant\" for a channel; a tenant's budget covers all its channels"
+        ));
+    }
+    if o.shadow.is_some() || o.on_limit.is_some() {
+        return Err(format!(
+            "{key}: shadow and on_limit belong to the (tenant, channel) limit, not to scope \"{}\"",
+            scope.as_str()
+        ));
+    }
+    let configured = also.iter().any(|a| a.scope == scope);
+    if !configured && (o.requests.is_none() || o.window_seconds.is_none()) {
+        return Err(format!(
+            "{key} overrides scope \"{}\", which [[limits.also]] does not set: give both requests and window_seconds",
+            scope.as_str()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Answer, Check, Decision, is_line_tag};
+use super::{Answer, Check, Decision, Scope, is_line_tag};
 
 /// Keys remembered at most (about 30 MiB, see the memory test); beyond this the entry that
 /// expires first is evicted.
@@ -45,7 +45,9 @@ struct Entry {
     seq: u64,
     limit: u64,
     window_seconds: u64,
-    /// Senders Redis has already marked as told in this window, by [`sender_id`].
+    /// Which limit the key is (a tenant's budget is shared by all its channels).
+    scope: Scope,
+    /// Senders Redis has already marked as told in this window, by [`told_id`].
     told: HashSet<u64>,
 }
 
@@ -86,24 +88,61 @@ fn sender_id(tag: &str) -> u64 {
     })
 }
 
+/// A sender told about a (tenant, channel)'s rejections: senders are told per (tenant,
+/// channel), whichever limit rejected.
+fn told_id(check: &Check) -> u64 {
+    check
+        .key
+        .bytes()
+        .fold(sender_id(&check.notify_tag), |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+/// The key of `check`'s limit of `scope`.
+fn key_of(check: &Check, scope: Scope) -> Option<&str> {
+    match scope {
+        Scope::Channel => Some(check.key.as_str()),
+        _ => check
+            .also
+            .iter()
+            .find(|a| a.scope == scope)
+            .map(|a| a.key.as_str()),
+    }
+}
+
 impl RejectionCache {
-    /// The answer for `check` without Redis, when the cache has one.
+    /// The answer for `check` without Redis, when the cache has one: some limit of the
+    /// message has no unit left (with several, the one that frees last answers).
     pub fn answer(&self, check: &Check, generation: u64, now: Instant) -> Option<Decision> {
         // A redelivery may have been allowed the first time; with `duplicates = "drop"`,
         // only Redis knows whether the id had its output already; a deferring rule's place
-        // in line is kept in Redis.
-        if check.redelivered || !check.done_key.is_empty() || is_line_tag(&check.notify_tag) {
+        // in line is kept in Redis; a cost of 0 always passes.
+        if check.redelivered
+            || !check.done_key.is_empty()
+            || is_line_tag(&check.notify_tag)
+            || check.cost == 0
+        {
             return None;
         }
         let mut inner = self.inner.lock().expect("never poisoned");
         inner.forget_all_unless(generation);
-        let entry = inner.entries.get_mut(check.key.as_str())?;
-        if now >= entry.until {
-            inner.remove(&check.key);
-            return None;
+        let keys =
+            std::iter::once(check.key.as_str()).chain(check.also.iter().map(|a| a.key.as_str()));
+        let mut found: Option<(&str, Instant)> = None;
+        for key in keys {
+            let Some(until) = inner.entries.get(key).map(|e| e.until) else {
+                continue;
+            };
+            if now >= until {
+                inner.remove(key);
+            } else if found.is_none_or(|(_, later)| until > later) {
+                found = Some((key, until));
+            }
         }
+        let entry = inner.entries.get(found?.0)?;
         let once_per_window = !check.notify_tag.is_empty();
-        if once_per_window && !entry.told.contains(&sender_id(&check.notify_tag)) {
+        if once_per_window && !entry.told.contains(&told_id(check)) {
             return None;
         }
         // Redis reported whole seconds, so the true wait is at most a second longer than
@@ -115,6 +154,7 @@ impl RejectionCache {
             retry_after: (left.as_millis().div_ceil(1000) as u64).saturating_add(1),
             notify_user: !once_per_window,
             turn_ms: 0,
+            scope: entry.scope,
         })
     }
 
@@ -124,15 +164,20 @@ impl RejectionCache {
             limit,
             window_seconds,
             retry_after,
+            scope,
             ..
         } = answer.decision
         else {
             return;
         };
-        // A line's answer is this message's turn, not the key's.
-        if is_line_tag(&check.notify_tag) {
+        // A line's answer is this message's turn, not the key's. A rejection of a cost
+        // above 1 says nothing of a smaller one.
+        if is_line_tag(&check.notify_tag) || check.cost != 1 {
             return;
         }
+        let Some(limit_key) = key_of(check, scope) else {
+            return;
+        };
         // `retry_after` is rounded up to whole seconds: the key surely cannot allow before
         // one second less than that. Nothing to remember below that, nor from a replayed
         // decision, whose wait was measured when it was first made.
@@ -147,7 +192,7 @@ impl RejectionCache {
         inner.sweep(decided_at);
         let seq = inner.next_seq;
         inner.next_seq += 1;
-        let key: Arc<str> = match inner.entries.get_key_value(check.key.as_str()) {
+        let key: Arc<str> = match inner.entries.get_key_value(limit_key) {
             Some((key, entry)) => {
                 let (key, old) = (key.clone(), (entry.until, entry.seq));
                 inner.by_expiry.remove(&old);
@@ -159,7 +204,7 @@ impl RejectionCache {
                 {
                     inner.entries.remove(&evicted);
                 }
-                Arc::from(check.key.as_str())
+                Arc::from(limit_key)
             }
         };
         inner.by_expiry.insert((until, seq), key.clone());
@@ -168,12 +213,13 @@ impl RejectionCache {
             seq,
             limit,
             window_seconds,
+            scope,
             told: HashSet::new(),
         });
-        entry.until = until;
-        entry.seq = seq;
+        (entry.until, entry.seq) = (until, seq);
+        (entry.limit, entry.window_seconds, entry.scope) = (limit, window_seconds, scope);
         if !check.notify_tag.is_empty() && entry.told.len() < MAX_TOLD {
-            entry.told.insert(sender_id(&check.notify_tag));
+            entry.told.insert(told_id(check));
         }
     }
 
@@ -209,6 +255,8 @@ mod tests {
             redelivered: false,
             done_key: String::new(),
             wait_ms: 0,
+            cost: 1,
+            also: Vec::new(),
         }
     }
 
@@ -223,6 +271,7 @@ mod tests {
             retry_after: 42,
             notify_user: true,
             turn_ms: 0,
+            scope: Scope::Channel,
         }
     }
 
@@ -323,6 +372,7 @@ mod tests {
             retry_after: 2,
             notify_user: true,
             turn_ms: 0,
+            scope: Scope::Channel,
         };
         cache.learn(&keyed("short".into()), &fresh(short), 1, t0);
         // Learning after the short entry expired sweeps it.

@@ -10,7 +10,10 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::Rules;
-use crate::config::{Algorithm, LimitsConfig, OnLimit, Override, check_limit_numbers};
+use crate::config::{
+    Algorithm, AlsoLimit, LimitsConfig, OnLimit, Override, Scope, check_limit_numbers,
+    check_override_scope,
+};
 use crate::message::{valid_channel, valid_tenant_id};
 
 /// The Redis hash of live overrides, under the configured key prefix.
@@ -43,6 +46,16 @@ impl LiveRules {
 
     pub fn snapshot(&self) -> Arc<Rules> {
         self.current.load_full()
+    }
+
+    /// The file's `[[limits.also]]`, which overrides of those scopes start from.
+    pub fn file_also(&self) -> Vec<AlsoLimit> {
+        self.sources
+            .lock()
+            .expect("never poisoned")
+            .file
+            .also
+            .clone()
     }
 
     /// The overrides read from Redis last, in force now.
@@ -81,7 +94,7 @@ impl LiveRules {
             !sources
                 .redis
                 .iter()
-                .any(|r| r.tenant == o.tenant && r.channel == o.channel)
+                .any(|r| r.tenant == o.tenant && r.channel == o.channel && r.scope == o.scope)
         });
         limits.overrides.extend(sources.redis.iter().cloned());
         let mut rules = Rules::from_config(&limits);
@@ -108,6 +121,39 @@ pub struct RedisOverride {
     pub on_limit: Option<OnLimit>,
 }
 
+/// The hash field of an override: `tenant` or `tenant:channel`, and `@tenant` or
+/// `@sender` after it for an override of that `[[limits.also]]` scope.
+pub fn override_field(tenant: &str, channel: Option<&str>, scope: Option<Scope>) -> String {
+    let mut field = tenant.to_owned();
+    if let Some(channel) = channel {
+        field.push(':');
+        field.push_str(channel);
+    }
+    if let Some(scope) = scope.filter(|s| *s != Scope::Channel) {
+        field.push('@');
+        field.push_str(scope.as_str());
+    }
+    field
+}
+
+/// The tenant, channel and scope a hash field names ([`override_field`]), if it is one.
+pub fn parse_field(field: &str) -> Option<(String, Option<String>, Option<Scope>)> {
+    let (target, scope) = match field.split_once('@') {
+        Some((target, "tenant")) => (target, Some(Scope::Tenant)),
+        Some((target, "sender")) => (target, Some(Scope::Sender)),
+        Some(_) => return None,
+        None => (field, None),
+    };
+    let (tenant, channel) = match target.split_once(':') {
+        Some((t, c)) => (t, Some(c)),
+        None => (target, None),
+    };
+    if !valid_tenant_id(tenant) || channel.is_some_and(|c| !valid_channel(c)) {
+        return None;
+    }
+    Some((tenant.to_owned(), channel.map(str::to_owned), scope))
+}
+
 /// Fields of the hash that are markers of the gate's own, not overrides: `~reset:…`,
 /// written by `konstruct-gate limits reset`, tells every gate to forget what it cached.
 pub const MARKER_PREFIX: char = '~';
@@ -119,6 +165,7 @@ pub const MARKER_PREFIX: char = '~';
 pub fn parse_overrides(
     entries: HashMap<String, String>,
     previous: &[Override],
+    also: &[AlsoLimit],
 ) -> (Vec<Override>, Vec<String>) {
     let mut overrides = Vec::new();
     let mut errors = Vec::new();
@@ -128,20 +175,16 @@ pub fn parse_overrides(
         if field.starts_with(MARKER_PREFIX) {
             continue;
         }
-        let (tenant, channel) = match field.split_once(':') {
-            Some((t, c)) => (t.to_owned(), Some(c.to_owned())),
-            None => (field.clone(), None),
-        };
-        if !valid_tenant_id(&tenant) || channel.as_deref().is_some_and(|c| !valid_channel(c)) {
+        let Some((tenant, channel, scope)) = parse_field(&field) else {
             errors.push(format!(
-                "override field {field:?} is not `tenant` or `tenant:channel`"
+                "override field {field:?} is not `tenant` or `tenant:channel`, with `@tenant` or `@sender` for those scopes"
             ));
             continue;
-        }
+        };
         let keep_previous = |overrides: &mut Vec<Override>| {
             if let Some(p) = previous
                 .iter()
-                .find(|p| p.tenant == tenant && p.channel == channel)
+                .find(|p| p.tenant == tenant && p.channel == channel && p.scope == scope)
             {
                 overrides.push(p.clone());
             }
@@ -162,9 +205,26 @@ pub fn parse_overrides(
             keep_previous(&mut overrides);
             continue;
         }
+        let candidate = Override {
+            tenant: tenant.clone(),
+            channel: channel.clone(),
+            scope,
+            requests: parsed.requests,
+            window_seconds: parsed.window_seconds,
+            algorithm: parsed.algorithm,
+            burst: parsed.burst,
+            shadow: parsed.shadow,
+            on_limit: parsed.on_limit,
+        };
+        if let Err(e) = check_override_scope(&key, &candidate, also) {
+            errors.push(e);
+            keep_previous(&mut overrides);
+            continue;
+        }
         overrides.push(Override {
             tenant,
             channel,
+            scope,
             requests: parsed.requests,
             window_seconds: parsed.window_seconds,
             algorithm: parsed.algorithm,
@@ -204,7 +264,7 @@ mod tests {
             ("globex".to_owned(), r#"{"requests": 0}"#.to_owned()),
             ("initech".to_owned(), r#"{"limit": 5}"#.to_owned()),
         ]);
-        let (overrides, errors) = parse_overrides(entries, &[]);
+        let (overrides, errors) = parse_overrides(entries, &[], &[]);
         assert_eq!(overrides.len(), 2);
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(live.set_redis_overrides(overrides.clone()));
@@ -232,6 +292,7 @@ mod tests {
         let (first, errors) = parse_overrides(
             HashMap::from([("acme".to_owned(), r#"{"requests": 7}"#.to_owned())]),
             &[],
+            &[],
         );
         assert!(errors.is_empty());
         let huge = HashMap::from([
@@ -245,7 +306,7 @@ mod tests {
                 r#"{"window_seconds": 40000000}"#.to_owned(),
             ),
         ]);
-        let (overrides, errors) = parse_overrides(huge, &first);
+        let (overrides, errors) = parse_overrides(huge, &first, &[]);
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(
             errors[1].contains("requests") && errors[1].contains("globex"),

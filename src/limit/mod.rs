@@ -39,7 +39,22 @@ pub enum Decision {
         /// gives turns at the pace of the limit; 0 where there is none): it is parked
         /// until then instead of coming back with all the others.
         turn_ms: u64,
+        /// The limit that rejected it (with several, the one with the longest wait);
+        /// `limit`, `window_seconds` and `retry_after` are that limit's.
+        scope: Scope,
     },
+}
+
+/// Which limit a rule is: the (tenant, channel) window, or one `[[limits.also]]` adds.
+pub use crate::config::Scope;
+
+/// One limit `[[limits.also]]` adds to a message's check: its scope, the key of its state
+/// (`also_key`) and its rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Also {
+    pub scope: Scope,
+    pub key: String,
+    pub rule: Rule,
 }
 
 /// One message to count: its key, its rule, and who is told when it is rejected.
@@ -60,6 +75,28 @@ pub struct Check {
     /// A parked message back before its turn (the longest step is shorter than its wait):
     /// milliseconds until then. It is parked again without asking Redis.
     pub wait_ms: u64,
+    /// Units the message counts (`x-gate-cost`, 1 when absent) against every limit.
+    pub cost: u64,
+    /// The other limits it must pass too, all or none with `rule` (`[[limits.also]]`).
+    pub also: Vec<Also>,
+}
+
+impl Check {
+    /// Checked by the composing script (`composed.lua`): other limits apply, or the cost
+    /// is not 1. A message of cost 1 under its (tenant, channel) limit alone keeps the
+    /// algorithm's own script, with its line of turns.
+    pub fn is_composed(&self) -> bool {
+        self.cost != 1 || !self.also.is_empty()
+    }
+
+    /// The rule of limit `index` as the composing script numbers them (0: the (tenant,
+    /// channel) one, then `also` in order), and its scope.
+    pub fn limit_at(&self, index: usize) -> Option<(Scope, Rule)> {
+        match index {
+            0 => Some((Scope::Channel, self.rule)),
+            i => self.also.get(i - 1).map(|a| (a.scope, a.rule)),
+        }
+    }
 }
 
 /// A decision and whether Redis replayed it: the message's id was already decided in this
@@ -145,6 +182,7 @@ impl Decision {
                 retry_after: reset_after,
                 notify_user,
                 turn_ms: 0,
+                scope: Scope::Channel,
             }
         }
     }
@@ -170,6 +208,7 @@ impl Decision {
                 retry_after: seconds(retry_ms),
                 notify_user: notify == 1,
                 turn_ms: 0,
+                scope: Scope::Channel,
             }
         }
     }
@@ -197,6 +236,41 @@ pub fn key_for(algorithm: Algorithm, prefix: &str, tenant_id: &str, channel: &st
         Algorithm::SlidingWindow => format!("{{{counter}}}:sliding"),
         Algorithm::TokenBucket => format!("{{{counter}}}:bucket"),
     }
+}
+
+/// The key of a `[[limits.also]]` limit's state. A tenant's budget is
+/// `{key_prefix}{tenant_id}:budget` (no channel key can take that name: a channel key has
+/// `:ratelimit:` in it), a sender's is named after its (tenant, channel) counter and lives in
+/// its cluster slot; each algorithm other than the fixed window keeps a key of its own.
+pub fn also_key(
+    scope: Scope,
+    algorithm: Algorithm,
+    prefix: &str,
+    tenant_id: &str,
+    channel: &str,
+    sender: &str,
+) -> String {
+    let base = match scope {
+        Scope::Channel => return key_for(algorithm, prefix, tenant_id, channel),
+        Scope::Tenant => format!("{prefix}{tenant_id}:budget"),
+        Scope::Sender => format!(
+            "{{{}}}:sender:{sender}",
+            counter_key(prefix, tenant_id, channel)
+        ),
+    };
+    match (algorithm, scope) {
+        (Algorithm::FixedWindow, _) => base,
+        (Algorithm::SlidingWindow, Scope::Tenant) => format!("{{{base}}}:sliding"),
+        (Algorithm::TokenBucket, Scope::Tenant) => format!("{{{base}}}:bucket"),
+        (Algorithm::SlidingWindow, _) => format!("{base}:sliding"),
+        (Algorithm::TokenBucket, _) => format!("{base}:bucket"),
+    }
+}
+
+/// Where the composing script keeps a decision by message id: a string per id beside the
+/// (tenant, channel) state, in its slot.
+pub fn composed_seen_key(base: &str, message_id: &str) -> String {
+    format!("{base}:all:seen-at:{message_id}")
 }
 
 /// What the companion keys of a state key (`key_for`) start with: `{counter}` for the fixed
@@ -391,6 +465,7 @@ mod tests {
                 retry_after: 42,
                 notify_user: false,
                 turn_ms: 0,
+                scope: Scope::Channel,
             }
         );
     }

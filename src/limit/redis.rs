@@ -15,7 +15,10 @@ use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};
 
 use super::store::{Failure, Lua, Store};
-use super::{Answer, Check, Decision, companion_base, is_line_tag, notified_key, seen_key};
+use super::{
+    Answer, Check, Decision, Scope, companion_base, composed_seen_key, is_line_tag, notified_key,
+    seen_key,
+};
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
 
@@ -103,6 +106,7 @@ pub const SLIDING_WINDOW: &str = concat!(
 );
 pub const TOKEN_BUCKET: &str =
     concat!(include_str!("notice.lua"), include_str!("token_bucket.lua"));
+pub const COMPOSED: &str = concat!(include_str!("notice.lua"), include_str!("composed.lua"));
 const CLAIM_NOTICE: &str = concat!(include_str!("notice.lua"), include_str!("claim_notice.lua"));
 
 /// The answer for each check of a batch, in order.
@@ -115,6 +119,7 @@ pub struct Limiter {
     fixed_window: Lua,
     sliding_window: Lua,
     token_bucket: Lua,
+    composed: Lua,
     mark_forwarded: Lua,
     claim_notice: Lua,
     timeout: Duration,
@@ -133,6 +138,7 @@ impl Limiter {
             fixed_window: Lua::new(FIXED_WINDOW),
             sliding_window: Lua::new(SLIDING_WINDOW),
             token_bucket: Lua::new(TOKEN_BUCKET),
+            composed: Lua::new(COMPOSED),
             claim_notice: Lua::new(CLAIM_NOTICE),
             mark_forwarded: Lua::new(include_str!("mark_forwarded.lua")),
             timeout: Duration::from_millis(config.timeout_ms),
@@ -175,11 +181,7 @@ impl Limiter {
     /// carried, and no other.
     pub async fn check_batch(&self, checks: &[&Check]) -> Checked {
         let started = Instant::now();
-        let groups = self.groups(
-            checks
-                .iter()
-                .map(|c| (algorithm_index(c.rule.algorithm), c.key.as_str())),
-        );
+        let groups = self.groups(checks.iter().map(|c| (script_index(c), c.key.as_str())));
         let answers = futures::future::join_all(
             groups
                 .iter()
@@ -343,6 +345,9 @@ impl Limiter {
         let Some(&first) = indices.first() else {
             return Ok(Vec::new());
         };
+        if checks[first].is_composed() {
+            return self.composed_group(checks, indices).await;
+        }
         let algorithm = checks[first].rule.algorithm;
         let script = match algorithm {
             Algorithm::FixedWindow => &self.fixed_window,
@@ -422,6 +427,68 @@ impl Limiter {
             .collect())
     }
 
+    /// One call of the composing script (`composed.lua`) for checks with other limits or a
+    /// cost other than 1.
+    async fn composed_group(
+        &self,
+        checks: &[&Check],
+        indices: &[usize],
+    ) -> Result<Checked, CheckError> {
+        let fill = |cmd: &mut Cmd| {
+            let keys: usize = indices.iter().map(|&i| 4 + checks[i].also.len()).sum();
+            cmd.arg(keys);
+            for &i in indices {
+                let check = checks[i];
+                let algorithm = check.rule.algorithm;
+                let key = check.key.as_str();
+                let base = companion_base(algorithm, key);
+                cmd.arg(key);
+                match check.message_id.as_str() {
+                    "" => cmd.arg(key),
+                    id => cmd.arg(composed_seen_key(&base, id)),
+                };
+                match check.notify_tag.as_str() {
+                    tag if tag.is_empty() || is_line_tag(tag) => cmd.arg(key),
+                    tag => cmd.arg(notified_key(&base, tag)),
+                };
+                match check.done_key.as_str() {
+                    "" => cmd.arg(key),
+                    done => cmd.arg(done),
+                };
+                for also in &check.also {
+                    cmd.arg(&also.key);
+                }
+            }
+            cmd.arg("").arg(indices.len());
+            for &i in indices {
+                let check = checks[i];
+                cmd.arg(1 + check.also.len())
+                    .arg(check.cost)
+                    .arg(&check.notify_tag)
+                    .arg(&check.message_id);
+                let rules = std::iter::once(check.rule).chain(check.also.iter().map(|a| a.rule));
+                for rule in rules {
+                    cmd.arg(algorithm_code(rule.algorithm))
+                        .arg(rule.requests)
+                        .arg(rule.window_seconds.saturating_mul(1000))
+                        .arg(rule.burst);
+                }
+            }
+        };
+        let mut conn = self.store.conn().await?;
+        let flat: Vec<Value> = self.composed.run(&mut conn, fill).await?;
+        if flat.len() != indices.len() * 7 {
+            return Err(CheckError::Redis(
+                "the composing script returned an unexpected number of values".into(),
+            ));
+        }
+        Ok(flat
+            .chunks_exact(7)
+            .zip(indices)
+            .map(|(values, &i)| composed_answer(checks[i], values))
+            .collect())
+    }
+
     /// Notes, in the background, that the outputs of these checks' decisions were
     /// confirmed, so that a replay of one is known to be a duplicate. Best effort: a replay
     /// without the note is only less precise (no `x-ratelimit-replayed`), never wrong about
@@ -437,11 +504,11 @@ impl Limiter {
             .iter()
             .map(|check| {
                 let algorithm = check.rule.algorithm;
-                let key = seen_key(
-                    algorithm,
-                    &companion_base(algorithm, &check.key),
-                    &check.message_id,
-                );
+                let base = companion_base(algorithm, &check.key);
+                if check.is_composed() {
+                    return (composed_seen_key(&base, &check.message_id), String::new());
+                }
+                let key = seen_key(algorithm, &base, &check.message_id);
                 match algorithm {
                     Algorithm::FixedWindow => (key, check.message_id.clone()),
                     Algorithm::SlidingWindow | Algorithm::TokenBucket => (key, String::new()),
@@ -564,36 +631,7 @@ fn unix_ms() -> u64 {
 /// One key's values as a script returned them: `{"err", error text, …}` when the key
 /// could not be counted, else the algorithm's numbers.
 fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
-    let text = |v: &Value| match v {
-        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        Value::SimpleString(text) => text.clone(),
-        other => format!("{other:?}"),
-    };
-    if matches!(&values[0], Value::BulkString(b) if b == b"err") {
-        let reason = text(&values[1]);
-        // Redis refuses a script's writes as a whole when it is out of memory, a replica
-        // (READONLY) or cannot persist (MISCONF): that is Redis failing, not this key.
-        if !is_key_fault(&reason) {
-            return Err(CheckError::Redis(reason.into()));
-        }
-        return Err(CheckError::Key {
-            key: check.key.clone(),
-            reason,
-        });
-    }
-    let numbers: Option<Vec<i64>> = values
-        .iter()
-        .map(|v| match v {
-            Value::Int(n) => Some(*n),
-            _ => None,
-        })
-        .collect();
-    let Some(v) = numbers else {
-        return Err(CheckError::Key {
-            key: check.key.clone(),
-            reason: "a rate-limit script returned a value that is not a number".into(),
-        });
-    };
+    let v = numbers(check, values)?;
     let rule = check.rule;
     let (mut decision, replayed, notify) = match check.rule.algorithm {
         Algorithm::FixedWindow => (
@@ -616,26 +654,90 @@ fn answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
         *turn_ms = notify.max(0) as u64;
         *notify_user = true;
     }
+    Ok(settle(decision, replayed))
+}
+
+/// One check's values as the composing script returned them: {allowed, the deciding
+/// limit (1-based), remaining, reset_ms, retry_ms, notify, replayed}.
+fn composed_answer(check: &Check, values: &[Value]) -> Result<Answer, CheckError> {
+    let v = numbers(check, values)?;
+    let (scope, rule) = check
+        .limit_at((v[1].max(1) - 1) as usize)
+        .unwrap_or((Scope::Channel, check.rule));
+    let seconds = |ms: i64| (ms.max(1) as u64).div_ceil(1000);
+    let decision = if v[0] == 1 {
+        Decision::Allowed {
+            limit: rule.requests,
+            remaining: v[2].max(0) as u64,
+            reset_after: seconds(v[3]),
+        }
+    } else {
+        Decision::Rejected {
+            limit: rule.requests,
+            window_seconds: rule.window_seconds,
+            retry_after: seconds(v[4]),
+            notify_user: v[5] == 1,
+            turn_ms: 0,
+            scope,
+        }
+    };
+    Ok(settle(decision, v[6]))
+}
+
+/// A script's numbers, or the error it returned for this check.
+fn numbers(check: &Check, values: &[Value]) -> Result<Vec<i64>, CheckError> {
+    let text = |v: &Value| match v {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(text) => text.clone(),
+        other => format!("{other:?}"),
+    };
+    if matches!(&values[0], Value::BulkString(b) if b == b"err") {
+        let reason = text(&values[1]);
+        // Redis refuses a script's writes as a whole when it is out of memory, a replica
+        // (READONLY) or cannot persist (MISCONF): that is Redis failing, not this key.
+        if !is_key_fault(&reason) {
+            return Err(CheckError::Redis(reason.into()));
+        }
+        return Err(CheckError::Key {
+            key: check.key.clone(),
+            reason,
+        });
+    }
+    values
+        .iter()
+        .map(|v| match v {
+            Value::Int(n) => Some(*n),
+            _ => None,
+        })
+        .collect::<Option<Vec<i64>>>()
+        .ok_or_else(|| CheckError::Key {
+            key: check.key.clone(),
+            reason: "a rate-limit script returned a value that is not a number".into(),
+        })
+}
+
+/// A decision with what the script said of its replay: 3 a duplicate (nothing decided,
+/// nothing output), 2 replayed after its output was confirmed, 1 replayed, 0 fresh.
+fn settle(mut decision: Decision, replayed: i64) -> Answer {
     if replayed == 3 {
-        // A duplicate: nothing was decided, and nothing will be output.
-        return Ok(Answer {
+        return Answer {
             replayed: true,
             forwarded_before: true,
             duplicate: true,
             ..Answer::fresh(decision)
-        });
+        };
     }
     let forwarded_before = replayed == 2;
     // The user was told when the first rejection went out: no second reply.
     if let Decision::Rejected { notify_user, .. } = &mut decision {
         *notify_user &= !forwarded_before;
     }
-    Ok(Answer {
+    Answer {
         decision,
         replayed: replayed != 0,
         forwarded_before,
         duplicate: false,
-    })
+    }
 }
 
 /// Errors a script meets on one key's own data; anything else is Redis failing.
@@ -651,10 +753,22 @@ fn is_key_fault(reason: &str) -> bool {
     .any(|fault| reason.contains(fault))
 }
 
-fn algorithm_index(algorithm: Algorithm) -> usize {
-    match algorithm {
+/// Which script decides `check`: its algorithm's, or the composing one.
+fn script_index(check: &Check) -> usize {
+    if check.is_composed() {
+        return 3;
+    }
+    match check.rule.algorithm {
         Algorithm::FixedWindow => 0,
         Algorithm::SlidingWindow => 1,
         Algorithm::TokenBucket => 2,
+    }
+}
+
+fn algorithm_code(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::FixedWindow => "f",
+        Algorithm::SlidingWindow => "s",
+        Algorithm::TokenBucket => "b",
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Algorithm, LimitsConfig, Notify, OnLimit, OnRedisError, Override};
+use crate::config::{Algorithm, LimitsConfig, Notify, OnLimit, OnRedisError, Override, Scope};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
@@ -67,8 +67,21 @@ pub struct Rules {
     /// `on_limit = "defer"`.
     pub can_defer: bool,
     global: Rule,
+    /// `[[limits.also]]`: the tenant's budget and the sender limit, where set.
+    global_also: AlsoRules,
     /// Keyed by tenant, so a lookup borrows the message's strings instead of building a key.
     tenants: HashMap<String, TenantRules>,
+}
+
+/// The limits of scope tenant and sender (in that order), each with whether it set a burst.
+type AlsoRules = [Option<(Rule, bool)>; 2];
+
+fn also_index(scope: Scope) -> Option<usize> {
+    match scope {
+        Scope::Channel => None,
+        Scope::Tenant => Some(0),
+        Scope::Sender => Some(1),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +89,10 @@ struct TenantRules {
     tenant: Rule,
     tenant_has_burst: bool,
     channels: HashMap<String, Rule>,
+    /// The tenant's own budget and sender limit (overrides of those scopes).
+    also: AlsoRules,
+    /// Sender limits overridden for one of its channels.
+    channel_senders: HashMap<String, Rule>,
 }
 
 impl Rules {
@@ -89,25 +106,91 @@ impl Rules {
             defer: limits.on_limit == OnLimit::Defer,
         };
         let global_has_burst = limits.burst.is_some();
-        let mut tenants: HashMap<String, TenantRules> = HashMap::new();
-        // Tenant-wide overrides first, so channel overrides can inherit from them.
-        for o in limits.overrides.iter().filter(|o| o.channel.is_none()) {
-            let (rule, has_burst) = Rule::overridden(global, global_has_burst, o);
-            tenants.entry(o.tenant.clone()).or_insert(TenantRules {
-                tenant: rule,
-                tenant_has_burst: has_burst,
-                channels: HashMap::new(),
-            });
+        let mut global_also: AlsoRules = [None, None];
+        for also in &limits.also {
+            if let Some(i) = also_index(also.scope) {
+                let rule = Rule {
+                    algorithm: also.algorithm.unwrap_or(limits.algorithm),
+                    requests: also.requests,
+                    window_seconds: also.window_seconds,
+                    burst: also.burst.unwrap_or(also.requests),
+                    shadow: false,
+                    defer: false,
+                };
+                global_also[i] = Some((rule, also.burst.is_some()));
+            }
         }
-        for o in limits.overrides.iter() {
+        // An override of a scope `[[limits.also]]` leaves out starts from the override
+        // alone (validation asked it for requests and window_seconds).
+        let also_base = |base: Option<(Rule, bool)>| {
+            base.unwrap_or((
+                Rule {
+                    algorithm: limits.algorithm,
+                    requests: 1,
+                    window_seconds: 1,
+                    burst: 1,
+                    shadow: false,
+                    defer: false,
+                },
+                false,
+            ))
+        };
+        let fresh = |global_also: AlsoRules| TenantRules {
+            tenant: global,
+            tenant_has_burst: global_has_burst,
+            channels: HashMap::new(),
+            also: global_also,
+            channel_senders: HashMap::new(),
+        };
+        let mut tenants: HashMap<String, TenantRules> = HashMap::new();
+        let scoped = |o: &&Override| o.scope.unwrap_or_default() == Scope::Channel;
+        // Tenant-wide overrides first, so channel overrides can inherit from them.
+        for o in limits
+            .overrides
+            .iter()
+            .filter(scoped)
+            .filter(|o| o.channel.is_none())
+        {
+            let (rule, has_burst) = Rule::overridden(global, global_has_burst, o);
+            let entry = tenants
+                .entry(o.tenant.clone())
+                .or_insert_with(|| fresh(global_also));
+            entry.tenant = rule;
+            entry.tenant_has_burst = has_burst;
+        }
+        for o in limits.overrides.iter().filter(scoped) {
             let Some(channel) = &o.channel else { continue };
-            let entry = tenants.entry(o.tenant.clone()).or_insert(TenantRules {
-                tenant: global,
-                tenant_has_burst: global_has_burst,
-                channels: HashMap::new(),
-            });
+            let entry = tenants
+                .entry(o.tenant.clone())
+                .or_insert_with(|| fresh(global_also));
             let (rule, _) = Rule::overridden(entry.tenant, entry.tenant_has_burst, o);
             entry.channels.insert(channel.clone(), rule);
+        }
+        // Then the other scopes: a tenant's own first, so its channels' sender limits
+        // inherit from it.
+        for o in limits.overrides.iter().filter(|o| o.channel.is_none()) {
+            let Some(i) = o.scope.and_then(also_index) else {
+                continue;
+            };
+            let entry = tenants
+                .entry(o.tenant.clone())
+                .or_insert_with(|| fresh(global_also));
+            let (base, has_burst) = also_base(entry.also[i]);
+            let (mut rule, has_burst) = Rule::overridden(base, has_burst, o);
+            (rule.shadow, rule.defer) = (false, false);
+            entry.also[i] = Some((rule, has_burst));
+        }
+        for o in limits.overrides.iter() {
+            let (Some(channel), Some(Scope::Sender)) = (&o.channel, o.scope) else {
+                continue;
+            };
+            let entry = tenants
+                .entry(o.tenant.clone())
+                .or_insert_with(|| fresh(global_also));
+            let (base, has_burst) = also_base(entry.also[1]);
+            let (mut rule, _) = Rule::overridden(base, has_burst, o);
+            (rule.shadow, rule.defer) = (false, false);
+            entry.channel_senders.insert(channel.clone(), rule);
         }
         // A shadow rule only reports what it would do: it never parks anything.
         let defers = |r: &Rule| r.defer && !r.shadow;
@@ -129,8 +212,35 @@ impl Rules {
                 drop_quiet: limits.quiet_rejections == crate::config::QuietRejections::Drop,
             },
             global,
+            global_also,
             tenants,
         }
+    }
+
+    /// The limits besides the (tenant, channel) one that a message of `tenant_id` on
+    /// `channel` must pass: the tenant's budget, then its sender's limit, where set.
+    pub fn also_for(&self, tenant_id: &str, channel: &str) -> Vec<(Scope, Rule)> {
+        let (also, sender) = match self.tenants.get(tenant_id) {
+            None => (&self.global_also, None),
+            Some(t) => (&t.also, t.channel_senders.get(channel).copied()),
+        };
+        let mut out = Vec::new();
+        if let Some((rule, _)) = also[0] {
+            out.push((Scope::Tenant, rule));
+        }
+        if let Some(rule) = sender.or(also[1].map(|(rule, _)| rule)) {
+            out.push((Scope::Sender, rule));
+        }
+        out
+    }
+
+    /// Whether some limit of scope tenant or sender is set anywhere.
+    pub fn composes(&self) -> bool {
+        self.global_also.iter().any(Option::is_some)
+            || self
+                .tenants
+                .values()
+                .any(|t| t.also.iter().any(Option::is_some) || !t.channel_senders.is_empty())
     }
 
     pub fn rule_for(&self, tenant_id: &str, channel: &str) -> Rule {
