@@ -163,6 +163,92 @@ proptest! {
     }
 }
 
+/// One composed check of cost `cost` against a fixed-window channel counter of limit 3
+/// and a fixed-window tenant budget of limit 10, with no id: {allowed, decider, …}.
+fn check_two(
+    con: &mut redis::Connection,
+    channel: &str,
+    budget: &str,
+    cost: u64,
+) -> Vec<redis::Value> {
+    redis::cmd("EVAL")
+        .arg(COMPOSED)
+        .arg(5)
+        .arg(vec![channel, channel, channel, channel, budget])
+        .arg(vec!["", "1", "2", &cost.to_string(), "", ""])
+        .arg(vec!["f", "3", "60000", "3", "f", "10", "60000", "10"])
+        .query(con)
+        .unwrap()
+}
+
+#[test]
+fn a_counter_written_by_hand_fails_its_check_before_any_limit_is_counted() {
+    let mut con = redis_sync();
+    let prefix = unique("composed-bad");
+    let channel = limit::counter_key(&prefix, "acme", "slack");
+    let budget = limit::also_key(
+        Scope::Tenant,
+        Algorithm::FixedWindow,
+        &prefix,
+        "acme",
+        "",
+        "",
+    );
+    for bad in ["1.5", "1e3", " 5", "0x10", "abc"] {
+        let _: () = redis::cmd("SET")
+            .arg(&budget)
+            .arg(bad)
+            .query(&mut con)
+            .unwrap();
+        let got = check_two(&mut con, &channel, &budget, 1);
+        assert_eq!(got[0], redis::Value::BulkString(b"err".to_vec()), "{bad}");
+        let count: Option<i64> = redis::cmd("GET").arg(&channel).query(&mut con).unwrap();
+        assert_eq!(
+            count, None,
+            "the channel was not counted beside a budget holding {bad:?}"
+        );
+    }
+    let _: () = redis::cmd("DEL").arg(&budget).query(&mut con).unwrap();
+}
+
+#[test]
+fn a_cost_of_zero_passes_a_counter_the_router_pushed_past_its_limit() {
+    let mut con = redis_sync();
+    let prefix = unique("composed-zero");
+    let channel = limit::counter_key(&prefix, "acme", "slack");
+    let budget = limit::also_key(
+        Scope::Tenant,
+        Algorithm::FixedWindow,
+        &prefix,
+        "acme",
+        "",
+        "",
+    );
+    // The router (and the fixed window's own script) counts rejected attempts too.
+    let _: () = redis::cmd("SET")
+        .arg(&channel)
+        .arg(7)
+        .arg("EX")
+        .arg(60)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        check_two(&mut con, &channel, &budget, 1)[0],
+        redis::Value::Int(0)
+    );
+    assert_eq!(
+        check_two(&mut con, &channel, &budget, 0)[0],
+        redis::Value::Int(1)
+    );
+    let count: i64 = redis::cmd("GET").arg(&channel).query(&mut con).unwrap();
+    assert_eq!(count, 7, "neither message counted");
+    let _: () = redis::cmd("DEL")
+        .arg(&channel)
+        .arg(&budget)
+        .query(&mut con)
+        .unwrap();
+}
+
 /// A message from `sender` (a Slack-like user id) in `channel` of `tenant`.
 fn from(id: &str, tenant: &str, channel: &str, sender: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({

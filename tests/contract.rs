@@ -151,6 +151,7 @@ async fn over_the_limit_a_rate_limited_notification_is_published() {
             "message_id": "over-1",
             "tenant_id": "acme",
             "channel": "slack",
+            "scope": "channel",
             "limit": 2,
             "window_seconds": 60,
             "retry_after_seconds": retry,

@@ -41,6 +41,42 @@ pub struct DrainArgs {
     /// Skip Shovel and time the gate alone.
     #[arg(long)]
     pub gate_only: bool,
+    /// Extra limits (`[[limits.also]]`: 1 a tenant budget, 2 also a sender limit, each
+    /// letting every message through) per gate run; several, comma-separated, are timed
+    /// in turn within each pair (`--also 0,1,2`), so they see the same machine.
+    #[arg(long, value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub also: Vec<u8>,
+}
+
+/// A configuration file with `extra` limits of `[[limits.also]]`, each letting every
+/// message through; `None` for none.
+fn also_config(extra: u8, requests: u64) -> Result<Option<tempfile_path::Path>> {
+    if extra == 0 {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    for scope in ["tenant", "sender"].iter().take(extra as usize) {
+        text.push_str(&format!(
+            "[[limits.also]]\nscope = \"{scope}\"\nrequests = {requests}\nwindow_seconds = 600\n\n"
+        ));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "gate-bench-also-{}-{extra}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).context("writing the extra limits' configuration")?;
+    Ok(Some(tempfile_path::Path(path)))
+}
+
+/// A file removed when dropped.
+mod tempfile_path {
+    pub struct Path(pub std::path::PathBuf);
+
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 }
 
 #[derive(Serialize, Debug)]
@@ -54,6 +90,8 @@ struct Pair {
     gate_cpu_us_per_msg: f64,
     gate_peak_rss_mib: f64,
     redis_calls_per_msg: f64,
+    /// Extra limits the gate checked each message against.
+    also: u8,
 }
 
 pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: bool) -> Result<()> {
@@ -94,11 +132,17 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
                 purge(&channel, &queues.orchestrator).await?;
                 Some((rate, cpu))
             };
+            for &also in &args.also {
             fill(&conn, &queues.inbound, args.messages, args.tenants, channels).await?;
             let mut run_queues = queues.clone();
-            run_queues.key_prefix = format!("{}{i}:", queues.key_prefix);
+            run_queues.key_prefix = format!("{}{i}-{also}:", queues.key_prefix);
+            let config = also_config(also, args.requests)?;
+            let extra: Vec<(&str, String)> = config
+                .iter()
+                .map(|p| ("KONSTRUCT_GATE_CONFIG", p.0.display().to_string()))
+                .collect();
             let before = ServerCpu::now();
-            let gate = time_gate(&channel, &run_queues, &settings, args.messages, args.instances).await?;
+            let gate = time_gate(&channel, &run_queues, &settings, args.messages, args.instances, &extra).await?;
             let servers = ServerCpu::now().since(before);
             let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / args.messages as f64;
             for q in queues.outputs() {
@@ -114,10 +158,11 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
                 gate_cpu_us_per_msg: gate.cpu.as_secs_f64() * 1e6 / args.messages as f64,
                 gate_peak_rss_mib: gate.peak_rss as f64 / (1024.0 * 1024.0),
                 redis_calls_per_msg: gate.redis_calls as f64 / args.messages as f64,
+                also,
             };
             if !json {
                 println!(
-                    "pair {}: shovel {:>6} msg/s (broker {:>5} µs/msg) | gate {:>6.0} msg/s (gate {:>5.1}, broker {:>5.1}, redis {:>4.1} µs/msg) | ratio {:>5} | peak RSS {:>5.1} MiB | Redis calls/msg {:.2}",
+                    "pair {}, {also} extra limit(s): shovel {:>6} msg/s (broker {:>5} µs/msg) | gate {:>6.0} msg/s (gate {:>5.1}, broker {:>5.1}, redis {:>4.1} µs/msg) | ratio {:>5} | peak RSS {:>5.1} MiB | Redis calls/msg {:.2}",
                     i + 1,
                     pair.shovel_msgs_per_s.map_or("-".into(), |s| format!("{s:.0}")),
                     pair.shovel_broker_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.1}")),
@@ -131,6 +176,7 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
                 );
             }
             pairs.push(pair);
+            }
         }
         Ok(())
     }
@@ -146,7 +192,26 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
         .iter()
         .map(|p| p.gate_peak_rss_mib)
         .fold(0.0, f64::max);
+    let by_also: Vec<serde_json::Value> = args
+        .also
+        .iter()
+        .map(|&also| {
+            let runs: Vec<&Pair> = pairs.iter().filter(|p| p.also == also).collect();
+            let mut rate: Vec<f64> = runs.iter().map(|p| p.gate_msgs_per_s).collect();
+            let mut gate: Vec<f64> = runs.iter().map(|p| p.gate_cpu_us_per_msg).collect();
+            let mut redis: Vec<f64> = runs.iter().map(|p| p.gate_redis_cpu_us_per_msg).collect();
+            let mut broker: Vec<f64> = runs.iter().map(|p| p.gate_broker_cpu_us_per_msg).collect();
+            serde_json::json!({
+                "also": also,
+                "median_gate_msgs_per_s": median(&mut rate),
+                "median_gate_cpu_us_per_msg": median(&mut gate),
+                "median_redis_cpu_us_per_msg": median(&mut redis),
+                "median_broker_cpu_us_per_msg": median(&mut broker),
+            })
+        })
+        .collect();
     let summary = serde_json::json!({
+        "by_extra_limits": by_also,
         "messages": args.messages,
         "tenants": args.tenants,
         "channels": args.channels,
@@ -178,6 +243,24 @@ pub async fn run(args: DrainArgs, amqp_url: String, redis_url: String, json: boo
                 .unwrap_or(f64::NAN),
             peak_rss,
         );
+        if args.also.len() > 1 {
+            for row in &by_also {
+                println!(
+                    "median with {} extra limit(s): {:.0} msg/s, gate {:.1} µs/msg, Redis {:.1} µs/msg, broker {:.1} µs/msg",
+                    row["also"],
+                    row["median_gate_msgs_per_s"].as_f64().unwrap_or(f64::NAN),
+                    row["median_gate_cpu_us_per_msg"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    row["median_redis_cpu_us_per_msg"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    row["median_broker_cpu_us_per_msg"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -287,10 +370,11 @@ async fn time_gate(
     settings: &GateSettings,
     n: u64,
     instances: usize,
+    extra: &[(&str, String)],
 ) -> Result<GateRun> {
     let calls_before = redis_script_calls(&settings.redis_url).await?;
     let gates = (0..instances)
-        .map(|_| GateProcess::spawn(settings, queues))
+        .map(|_| GateProcess::spawn_with(settings, queues, extra))
         .collect::<Result<Vec<_>>>()?;
     let elapsed =
         time_until_delivered(channel, &queues.outputs(), n, Duration::from_secs(600)).await?;

@@ -293,9 +293,11 @@ impl LimitsConfig {
                 ));
             }
             check_limit_numbers(&key, o.requests, o.window_seconds, o.burst)?;
-            let duplicate = limits.overrides[..i]
-                .iter()
-                .any(|p| p.tenant == o.tenant && p.channel == o.channel && p.scope == o.scope);
+            let duplicate = limits.overrides[..i].iter().any(|p| {
+                p.tenant == o.tenant
+                    && p.channel == o.channel
+                    && p.scope.unwrap_or_default() == o.scope.unwrap_or_default()
+            });
             if duplicate {
                 return fail(format!(
                     "{key} repeats an earlier override for the same tenant, channel and scope"

@@ -217,16 +217,23 @@ impl Config {
         self.redis.validate()?;
         self.check_liveness()?;
         self.limits.validate().map_err(ConfigError)?;
-        if self.redis.mode == RedisMode::Cluster
-            && let Some(i) = self
+        if self.redis.mode == RedisMode::Cluster {
+            if let Some(i) = self
                 .limits
                 .also
                 .iter()
                 .position(|a| a.scope == Scope::Tenant)
-        {
-            return Err(ConfigError(format!(
-                "limits.also[{i}]: {TENANT_BUDGET_IN_A_CLUSTER}"
-            )));
+            {
+                return Err(ConfigError(format!(
+                    "limits.also[{i}]: {TENANT_BUDGET_IN_A_CLUSTER}"
+                )));
+            }
+            let budget = |o: &Override| o.scope == Some(Scope::Tenant);
+            if let Some(i) = self.limits.overrides.iter().position(budget) {
+                return Err(ConfigError(format!(
+                    "limits.overrides[{i}]: {TENANT_BUDGET_IN_A_CLUSTER}"
+                )));
+            }
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(ConfigError(format!(

@@ -218,7 +218,17 @@ impl RejectionCache {
         });
         (entry.until, entry.seq) = (until, seq);
         (entry.limit, entry.window_seconds, entry.scope) = (limit, window_seconds, scope);
-        if !check.notify_tag.is_empty() && entry.told.len() < MAX_TOLD {
+        // Several limits may have told a sender for different lengths of time: a composed
+        // check's sender counts as told here only when this answer told them.
+        let told = !check.is_composed()
+            || matches!(
+                answer.decision,
+                Decision::Rejected {
+                    notify_user: true,
+                    ..
+                }
+            );
+        if !check.notify_tag.is_empty() && told && entry.told.len() < MAX_TOLD {
             entry.told.insert(told_id(check));
         }
     }

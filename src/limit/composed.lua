@@ -15,8 +15,8 @@
 --   ARGV      n (its limits), cost, the sender's notification tag ("" to notify every
 --             rejection), the message id ("" when it has none), then for each limit:
 --             algorithm ("f", "s" or "b"), requests, window in milliseconds, burst
---   KEYS      the first limit's state (the (tenant, channel) one), its decision by id
---             ({state base}:all:seen-at:{id}), its senders told (notice.lua), the id's
+--   KEYS      the first limit's state (the (tenant, channel) one), its decisions by id
+--             (the hash {state base}:all:seen, field: the id), its senders told (notice.lua), the id's
 --             confirmed-output marker ({counter}:done:{id}), then the other limits'
 --             states; a companion that is not used is the first state again
 -- Returns     for each check {allowed (1/0), the deciding limit (1-based), remaining,
@@ -48,7 +48,15 @@ end
 
 local function fixed(key, requests, window, cost)
   local stored = redis.call('GET', key)
-  local count = stored and number_in(key, stored, 'counter') or 0
+  local count = 0
+  if stored then
+    -- Only what INCRBY will take: a counter it would refuse fails here, before any limit
+    -- of the message is counted.
+    if not string.match(stored, '^%-?%d+$') or #stored > 18 then
+      error({err = 'the counter at ' .. key .. ' does not hold a number'})
+    end
+    count = tonumber(stored)
+  end
   local pttl = redis.call('PTTL', key)
   local reset = pttl > 0 and pttl or window
   local ok = count + cost <= requests
@@ -99,13 +107,13 @@ local function sliding(key, requests, window, cost)
 end
 
 local function bucket(key, requests, window, burst, cost)
-  -- In whole microseconds, so TAT stays an exact integer however many costs it adds up
-  -- (token_bucket.lua's fractional interval differs by under a microsecond).
-  local interval = math.max(1, math.floor(window * 1000 / requests))
+  local interval = math.max(1, window * 1000 / requests)
   local stored = redis.call('GET', key)
   local tat = stored and number_in(key, stored, 'token bucket') or now_us
   if tat < now_us then tat = now_us end
-  local new_tat = tat + cost * interval
+  -- TAT is kept in whole microseconds (as token_bucket.lua keeps it): a cost moves it on by
+  -- its span rounded down, so costs that add up to the burst exactly fit it exactly.
+  local new_tat = tat + math.floor(cost * interval)
   local allow_at = new_tat - burst * interval
   local ok = now_us >= allow_at
   local wait = 0
@@ -129,7 +137,7 @@ local function check(a, k)
     return 0, 1, 0, 0, 0, 0, 3
   end
   if id ~= '' then
-    local seen = redis.call('GET', seen_key)
+    local seen = redis.call('HGET', seen_key, id)
     if seen then
       local v = {}
       for value in string.gmatch(seen, '[^:]+') do v[#v + 1] = tonumber(value) end
@@ -161,6 +169,9 @@ local function check(a, k)
     else
       ok, remaining, reset, wait, take = bucket(key, requests, window, burst, cost)
     end
+    -- A cost of 0 always passes, whatever the limits hold (a counter the router pushed
+    -- past its limit, a limit lowered below its state).
+    ok = ok or cost == 0
     all_ok = all_ok and ok
     limits[j] = {ok = ok, remaining = remaining, reset = reset, wait = wait, take = take}
   end
@@ -186,8 +197,13 @@ local function check(a, k)
   local allowed = all_ok and 1 or 0
   if id ~= '' then
     -- string.format, not `..`: Lua writes numbers from 1e14 on as "1e+14".
-    redis.call('SET', seen_key, string.format('%d:%d:%d:%d:%d:%d', allowed, decider, d.remaining,
-      math.floor(now + reset_ms), math.floor(now + retry_ms), notify), 'PX', math.min(longest, SEEN_MAX_MS))
+    redis.call('HSET', seen_key, id, string.format('%d:%d:%d:%d:%d:%d', allowed, decider, d.remaining,
+      math.floor(now + reset_ms), math.floor(now + retry_ms), notify))
+    -- One hash per (tenant, channel), living as long as its longest window from its first
+    -- id (at most an hour; its expiry is set once, not pushed on by every message).
+    if redis.call('PTTL', seen_key) < 0 then
+      redis.call('PEXPIRE', seen_key, math.max(1, math.min(longest, SEEN_MAX_MS)))
+    end
   end
   return allowed, decider, d.remaining, reset_ms, retry_ms, notify, 0
 end

@@ -267,10 +267,10 @@ pub fn also_key(
     }
 }
 
-/// Where the composing script keeps a decision by message id: a string per id beside the
-/// (tenant, channel) state, in its slot.
-pub fn composed_seen_key(base: &str, message_id: &str) -> String {
-    format!("{base}:all:seen-at:{message_id}")
+/// Where the composing script keeps its decisions by message id: one hash beside the
+/// (tenant, channel) state, in its slot (field: the id).
+pub fn composed_seen_key(base: &str) -> String {
+    format!("{base}:all:seen")
 }
 
 /// What the companion keys of a state key (`key_for`) start with: `{counter}` for the fixed

@@ -445,7 +445,7 @@ impl Limiter {
                 cmd.arg(key);
                 match check.message_id.as_str() {
                     "" => cmd.arg(key),
-                    id => cmd.arg(composed_seen_key(&base, id)),
+                    _ => cmd.arg(composed_seen_key(&base)),
                 };
                 match check.notify_tag.as_str() {
                     tag if tag.is_empty() || is_line_tag(tag) => cmd.arg(key),
@@ -506,7 +506,7 @@ impl Limiter {
                 let algorithm = check.rule.algorithm;
                 let base = companion_base(algorithm, &check.key);
                 if check.is_composed() {
-                    return (composed_seen_key(&base, &check.message_id), String::new());
+                    return (composed_seen_key(&base), check.message_id.clone());
                 }
                 let key = seen_key(algorithm, &base, &check.message_id);
                 match algorithm {
