@@ -495,13 +495,22 @@ impl Admin {
     }
 
     /// Starts `target`'s window afresh: deletes its state, its line and its senders told (of
-    /// every algorithm, each key by name), then tells every gate to forget its cached
+    /// every algorithm, each key by name) and its senders' limits, then tells every gate to forget its cached
     /// rejections. Decisions kept by message id stay: a redelivery is still counted once,
     /// and a duplicate still dropped. Returns how many keys were deleted.
     pub async fn reset(&mut self, target: &Target) -> Result<u64, AdminError> {
         let channel = target.channel.as_deref().unwrap_or_default();
         let prefix = &self.config.redis.key_prefix;
         let counter = counter_key(prefix, &target.tenant, channel);
+        let senders = also_key(
+            Scope::Sender,
+            Algorithm::FixedWindow,
+            prefix,
+            &target.tenant,
+            channel,
+            "",
+        );
+        let pattern = format!("{}*", glob_escape(&senders));
         let mut deleted = 0;
         let keys = match target.scope {
             None => window_keys(prefix, &target.tenant, channel),
@@ -524,6 +533,31 @@ impl Admin {
             let n: u64 = self.query(redis::cmd("DEL").arg(key)).await?;
             deleted += n;
         }
+        // The (tenant, channel)'s senders' limits, one key per sender (and algorithm), all
+        // in the counter's slot: found there by a SCAN of their common name.
+        if target.scope.is_none() {
+            let mut cursor = "0".to_owned();
+            loop {
+                let cmd = redis::cmd("SCAN")
+                    .arg(&cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .to_owned();
+                let (next, found): (String, Vec<String>) = self.query_at(&counter, cmd).await?;
+                for key in found {
+                    let n: u64 = self
+                        .query_at(&counter, redis::cmd("DEL").arg(key).to_owned())
+                        .await?;
+                    deleted += n;
+                }
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
         // One counter for every reset, so the hash does not grow with them.
         let marker = format!("{MARKER_PREFIX}resets");
         let _: i64 = self
@@ -537,6 +571,18 @@ impl Admin {
             .await?;
         Ok(deleted)
     }
+}
+
+/// `text` with the characters a SCAN pattern reads (`* ? [ ] \\`) escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// How often `set` reads and merges again when another operator's write came between.

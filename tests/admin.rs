@@ -399,3 +399,116 @@ async fn a_reset_lets_every_algorithm_tell_a_sender_again() {
         broker.cleanup().await;
     }
 }
+
+/// A message of acme's on `channel` from `sender`.
+fn from(id: &str, channel: &str, sender: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id, "tenant_id": "acme", "channel": channel,
+        "sender": {"user_id": sender},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_tenant_budget_set_live_holds_on_every_gate_and_usage_and_reset_show_it() {
+    let names = Names::new("admin-budget");
+    let broker = Broker::new(&names).await;
+    let mut config = names.config(30, 600);
+    config.limits.redis_overrides_refresh_ms = 200;
+    // A sender limit from the file that lets the test's messages through.
+    config.limits.also = vec![konstruct_gate::config::AlsoLimit {
+        scope: konstruct_gate::config::Scope::Sender,
+        requests: 100,
+        window_seconds: 600,
+        algorithm: None,
+        burst: None,
+    }];
+    let gates = [
+        TestGate::start(config.clone()).await,
+        TestGate::start(config).await,
+    ];
+    // No `[[limits.also]]` of scope tenant: the override gives the whole limit.
+    let refused = cli(&names, &["set", "acme@tenant", "--requests", "4"], &[]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "a budget needs its window too"
+    );
+    let out = json(&cli(
+        &names,
+        &[
+            "set",
+            "acme@tenant",
+            "--requests",
+            "4",
+            "--window-seconds",
+            "600",
+            "--json",
+        ],
+        &[],
+    ));
+    assert_eq!(
+        (out["target"].as_str(), out["override"]["requests"].as_u64()),
+        (Some("acme@tenant"), Some(4))
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for (i, channel) in [
+        "slack", "slack", "slack", "whatsapp", "whatsapp", "whatsapp",
+    ]
+    .iter()
+    .enumerate()
+    {
+        broker
+            .publish(
+                &from(&format!("m{i}"), channel, "U1"),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    broker.collect(&names.orchestrator, 4, WAIT).await;
+    for d in broker.collect(&names.notifications, 2, WAIT).await {
+        let note: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(
+            (note["scope"].as_str(), note["limit"].as_u64()),
+            (Some("tenant"), Some(4))
+        );
+    }
+    let usage = json(&cli(&names, &["usage", "acme@tenant", "--json"], &[]));
+    assert_eq!(
+        (usage["limit"].as_u64(), usage["remaining"].as_u64()),
+        (Some(4), Some(0)),
+        "{usage}"
+    );
+    let got = json(&cli(&names, &["get", "acme@tenant", "--json"], &[]));
+    assert_eq!(got["requests"]["source"], "redis acme@tenant", "{got}");
+
+    // A reset of the budget lets four more through; a reset of acme:slack also removes
+    // its senders' limits.
+    let out = json(&cli(&names, &["reset", "acme@tenant", "--json"], &[]));
+    assert!(out["keys_deleted"].as_u64().unwrap() >= 1, "{out}");
+    let usage = json(&cli(&names, &["usage", "acme@tenant", "--json"], &[]));
+    assert_eq!(usage["remaining"], 4, "{usage}");
+    let mut redis = connect_redis().await;
+    let senders = format!("{{{}acme:ratelimit:slack}}:sender:*", names.key_prefix);
+    let before: Vec<String> = redis::cmd("KEYS")
+        .arg(&senders)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!before.is_empty(), "the sender limit has a key");
+    let out = json(&cli(&names, &["reset", "acme:slack", "--json"], &[]));
+    assert!(out["keys_deleted"].as_u64().unwrap() >= 2, "{out}");
+    let after: Vec<String> = redis::cmd("KEYS")
+        .arg(&senders)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(after, Vec::<String>::new());
+
+    broker.assert_empty(&names.notifications).await;
+    for gate in gates {
+        gate.stop().await;
+    }
+    delete_overrides(&names).await;
+    broker.cleanup().await;
+}
