@@ -11,10 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{
-    Algorithm, Config, LimitsConfig, OnLimit, Override, RedisMode, Scope,
-    TENANT_BUDGET_IN_A_CLUSTER,
-};
+use crate::config::{Algorithm, Config, LimitsConfig, OnLimit, Override, Scope};
 use crate::limit::live::{
     MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, RedisOverride, override_field, parse_overrides,
 };
@@ -189,12 +186,6 @@ impl Admin {
         target: &Target,
         change: &RedisOverride,
     ) -> Result<(), AdminError> {
-        if target.scope == Some(Scope::Tenant) && config.redis.mode == RedisMode::Cluster {
-            return Err(AdminError::Invalid(format!(
-                "{}: {TENANT_BUDGET_IN_A_CLUSTER}",
-                target.field()
-            )));
-        }
         if *change == RedisOverride::default() {
             return Err(AdminError::Invalid(
                 "nothing to set: give at least one of --requests, --window-seconds, --algorithm, --burst, --shadow, --on-limit".into(),

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::amqp::Brokers;
-use crate::config::{Config, RedisMode, Scope, SecretUrl, TENANT_BUDGET_IN_A_CLUSTER};
+use crate::config::{Config, RedisMode, SecretUrl};
 use crate::health::Health;
 use crate::limit::live::{MARKER_PREFIX, OVERRIDES_KEY, RESETS_CHANNEL, parse_overrides};
 use crate::limit::{Limiter, LiveRules};
@@ -299,23 +299,11 @@ async fn keep_limits_live(
                             rules.forget_cached();
                         }
                         last_resets = Some(resets);
-                        let (mut overrides, mut errors) = parse_overrides(
+                        let (overrides, errors) = parse_overrides(
                             entries,
                             &rules.redis_overrides(),
                             &rules.file_also(),
                         );
-                        if config.redis.mode == RedisMode::Cluster {
-                            overrides.retain(|o| {
-                                let budget = o.scope == Some(Scope::Tenant);
-                                if budget {
-                                    errors.push(format!(
-                                        "override {}@tenant: {TENANT_BUDGET_IN_A_CLUSTER}",
-                                        o.tenant
-                                    ));
-                                }
-                                !budget
-                            });
-                        }
                         if errors != last_redis_errors {
                             for e in &errors {
                                 warn!(key = %overrides_key, "{e}; skipped, the rule in force stays");

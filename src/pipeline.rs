@@ -542,6 +542,7 @@ impl Pipeline {
                         &sender,
                     ),
                     rule,
+                    reserved: None,
                 }
             })
             .collect();

@@ -23,6 +23,9 @@ pub const BATCH_SIZE: &str = "konstruct_gate_batch_size";
 pub const SHADOW_REJECTIONS_TOTAL: &str = "konstruct_gate_shadow_rejections_total";
 pub const NEAR_LIMIT_TOTAL: &str = "konstruct_gate_near_limit_total";
 pub const LOCAL_REJECTIONS_TOTAL: &str = "konstruct_gate_local_rejections_total";
+/// Units reserved in a Redis Cluster's tenant budgets and given back (the message was
+/// not let through).
+pub const BUDGET_REFUNDS_TOTAL: &str = "konstruct_gate_budget_refunds_total";
 /// Messages waiting in each step of the defer ladder (label `step`, e.g. `5s`).
 pub const PARKED: &str = "konstruct_gate_messages_parked";
 
@@ -116,6 +119,7 @@ pub struct Metrics {
     pub shadow_rejections: Counter,
     pub near_limit: Counter,
     pub local_rejections: Counter,
+    pub budget_refunds: Counter,
 }
 
 impl Metrics {
@@ -142,6 +146,7 @@ impl Metrics {
             shadow_rejections: counter!(SHADOW_REJECTIONS_TOTAL),
             near_limit: counter!(NEAR_LIMIT_TOTAL),
             local_rejections: counter!(LOCAL_REJECTIONS_TOTAL),
+            budget_refunds: counter!(BUDGET_REFUNDS_TOTAL),
         };
         // Make every series visible from the first scrape, before any traffic.
         for c in [

@@ -27,11 +27,6 @@ use serde::{Deserialize, Serialize};
 
 use self::secret::with_password;
 
-/// Why a Redis Cluster takes no tenant budget: one message's keys must share a slot for
-/// the all-or-none decision, and a tenant's budget cannot share the slot of every one of its
-/// (tenant, channel) keys, which stay the Python router's.
-pub const TENANT_BUDGET_IN_A_CLUSTER: &str = "a tenant's budget (scope \"tenant\") needs redis.mode = \"standalone\" or \"sentinel\": in a Redis Cluster it would live in another slot than the (tenant, channel) counters, and a message's limits are decided in one atomic step";
-
 pub use self::amqp::{AmqpConfig, QueueType};
 pub use self::limits::{
     Algorithm, AlsoLimit, Duplicates, LimitsConfig, Notify, OnLimit, OnRedisError, Override,
@@ -217,24 +212,6 @@ impl Config {
         self.redis.validate()?;
         self.check_liveness()?;
         self.limits.validate().map_err(ConfigError)?;
-        if self.redis.mode == RedisMode::Cluster {
-            if let Some(i) = self
-                .limits
-                .also
-                .iter()
-                .position(|a| a.scope == Scope::Tenant)
-            {
-                return Err(ConfigError(format!(
-                    "limits.also[{i}]: {TENANT_BUDGET_IN_A_CLUSTER}"
-                )));
-            }
-            let budget = |o: &Override| o.scope == Some(Scope::Tenant);
-            if let Some(i) = self.limits.overrides.iter().position(budget) {
-                return Err(ConfigError(format!(
-                    "limits.overrides[{i}]: {TENANT_BUDGET_IN_A_CLUSTER}"
-                )));
-            }
-        }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(ConfigError(format!(
                 "log.level {:?} is not a valid filter: {e}",

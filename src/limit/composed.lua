@@ -14,7 +14,9 @@
 -- Then for each check, in order:
 --   ARGV      n (its limits), cost, the sender's notification tag ("" to notify every
 --             rejection), the message id ("" when it has none), then for each limit:
---             algorithm ("f", "s" or "b"), requests, window in milliseconds, burst
+--             algorithm ("f", "s" or "b"), requests, window in milliseconds, burst; or a
+--             tenant budget reserved beforehand: "r", 1/0 (it had room), its window, and
+--             "{remaining}:{reset_ms}:{wait_ms}" (its key is the first state again)
 --   KEYS      the first limit's state (the (tenant, channel) one), its decisions by id
 --             (the hash {state base}:all:seen, field: the id), its senders told (notice.lua), the id's
 --             confirmed-output marker ({counter}:done:{id}), then the other limits'
@@ -127,6 +129,13 @@ local function bucket(key, requests, window, burst, cost)
   end
 end
 
+-- A Redis Cluster's tenant budget, reserved in its own slot before this call (refund.lua
+-- gives the units back when the message is not let through): its answer, as given.
+local function reserved(ok, answer)
+  local remaining, reset, wait = string.match(answer, '^(%d+):(%d+):(%d+)$')
+  return ok == '1', tonumber(remaining), tonumber(reset), tonumber(wait), function() end
+end
+
 local function check(a, k)
   local n = tonumber(ARGV[a])
   local cost = tonumber(ARGV[a + 1])
@@ -166,6 +175,8 @@ local function check(a, k)
       ok, remaining, reset, wait, take = fixed(key, requests, window, cost)
     elseif algorithm == 's' then
       ok, remaining, reset, wait, take = sliding(key, requests, window, cost)
+    elseif algorithm == 'r' then
+      ok, remaining, reset, wait, take = reserved(ARGV[at + 1], ARGV[at + 3])
     else
       ok, remaining, reset, wait, take = bucket(key, requests, window, burst, cost)
     end

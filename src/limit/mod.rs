@@ -55,6 +55,18 @@ pub struct Also {
     pub scope: Scope,
     pub key: String,
     pub rule: Rule,
+    /// In a Redis Cluster, a tenant's budget is decided first in its own slot (the
+    /// message's cost reserved there); the composing call then takes this answer as given.
+    pub reserved: Option<Reserved>,
+}
+
+/// A tenant's budget's answer to a reservation (see [`Also::reserved`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    pub ok: bool,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub wait_ms: u64,
 }
 
 /// One message to count: its key, its rule, and who is told when it is rejected.

@@ -16,8 +16,8 @@ use redis::{Cmd, Value};
 
 use super::store::{Failure, Lua, Store};
 use super::{
-    Answer, Check, Decision, Scope, companion_base, composed_seen_key, is_line_tag, notified_key,
-    seen_key,
+    Answer, Check, Decision, Reserved, Rule, Scope, companion_base, composed_seen_key, is_line_tag,
+    notified_key, seen_key,
 };
 use crate::config::{Algorithm, ConfigError, RedisConfig};
 use crate::telemetry::Metrics;
@@ -107,6 +107,7 @@ pub const SLIDING_WINDOW: &str = concat!(
 pub const TOKEN_BUCKET: &str =
     concat!(include_str!("notice.lua"), include_str!("token_bucket.lua"));
 pub const COMPOSED: &str = concat!(include_str!("notice.lua"), include_str!("composed.lua"));
+pub const REFUND: &str = include_str!("refund.lua");
 const CLAIM_NOTICE: &str = concat!(include_str!("notice.lua"), include_str!("claim_notice.lua"));
 
 /// The answer for each check of a batch, in order.
@@ -120,6 +121,7 @@ pub struct Limiter {
     sliding_window: Lua,
     token_bucket: Lua,
     composed: Lua,
+    refund: Lua,
     mark_forwarded: Lua,
     claim_notice: Lua,
     timeout: Duration,
@@ -139,6 +141,7 @@ impl Limiter {
             sliding_window: Lua::new(SLIDING_WINDOW),
             token_bucket: Lua::new(TOKEN_BUCKET),
             composed: Lua::new(COMPOSED),
+            refund: Lua::new(REFUND),
             claim_notice: Lua::new(CLAIM_NOTICE),
             mark_forwarded: Lua::new(include_str!("mark_forwarded.lua")),
             timeout: Duration::from_millis(config.timeout_ms),
@@ -180,6 +183,181 @@ impl Limiter {
     /// (the connection pipelines them); a call that fails as a whole fails the checks it
     /// carried, and no other.
     pub async fn check_batch(&self, checks: &[&Check]) -> Checked {
+        if self.store.is_cluster() && checks.iter().any(|c| budget_of(c).is_some()) {
+            return self.check_reserving(checks).await;
+        }
+        self.check_plain(checks).await
+    }
+
+    /// A Redis Cluster and some tenant budgets: a budget cannot share a slot with every
+    /// (tenant, channel) counter of its tenant (those keys stay the router's), so it is
+    /// decided first, in its own slot: the message's cost is reserved when it fits. The
+    /// message's other limits are then decided as usual, with the budget's answer as given,
+    /// and a reservation whose message was not let through (rejected by another limit, a
+    /// replay, a duplicate, a failed call) is given back (`refund.lua`, to the same window
+    /// only). Never over a budget; until a refund lands, or when a gate dies between the
+    /// two phases, a budget counts a unit it did not let through.
+    async fn check_reserving(&self, checks: &[&Check]) -> Checked {
+        let budgeted: Vec<(usize, usize)> = checks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| budget_of(c).map(|j| (i, j)))
+            .collect();
+        let reserves: Vec<Check> = budgeted
+            .iter()
+            .map(|&(i, j)| {
+                let (check, budget) = (checks[i], &checks[i].also[j]);
+                Check {
+                    key: budget.key.clone(),
+                    rule: budget.rule,
+                    notify_tag: String::new(),
+                    message_id: String::new(),
+                    redelivered: false,
+                    done_key: String::new(),
+                    wait_ms: 0,
+                    cost: check.cost,
+                    also: Vec::new(),
+                }
+            })
+            .collect();
+        let refs: Vec<&Check> = reserves.iter().collect();
+        let groups = self.groups(refs.iter().map(|c| (3, c.key.as_str())));
+        let answers = futures::future::join_all(
+            groups
+                .iter()
+                .map(|indices| self.timed(|| self.composed_group(&refs, indices))),
+        )
+        .await;
+        let mut reserved: Vec<Option<Result<Answer, CheckError>>> = vec![None; refs.len()];
+        for (indices, answers) in groups.iter().zip(answers) {
+            match answers {
+                Ok(answers) => {
+                    for (&r, answer) in indices.iter().zip(answers) {
+                        reserved[r] = Some(answer);
+                    }
+                }
+                Err(e) => {
+                    for &r in indices {
+                        reserved[r] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // The second phase, each budget's answer in place of the budget.
+        let mut out: Vec<Option<Result<Answer, CheckError>>> = vec![None; checks.len()];
+        let mut second: Vec<Check> = Vec::with_capacity(checks.len());
+        let mut second_of: Vec<usize> = Vec::with_capacity(checks.len());
+        let mut taken: Vec<Option<usize>> = vec![None; checks.len()];
+        let mut r = 0;
+        for (i, check) in checks.iter().enumerate() {
+            let mut check = (*check).clone();
+            if let Some(&(_, j)) = budgeted.get(r).filter(|(at, _)| *at == i) {
+                let answer = reserved[r].take().expect("every reservation answered");
+                let answer = match answer {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        r += 1;
+                        continue;
+                    }
+                };
+                let reservation = match answer.decision {
+                    Decision::Allowed {
+                        remaining,
+                        reset_after,
+                        ..
+                    } => {
+                        taken[i] = Some(r);
+                        Reserved {
+                            ok: true,
+                            remaining,
+                            reset_ms: reset_after.saturating_mul(1000),
+                            wait_ms: 0,
+                        }
+                    }
+                    Decision::Rejected { retry_after, .. } => Reserved {
+                        ok: false,
+                        remaining: 0,
+                        reset_ms: retry_after.saturating_mul(1000),
+                        wait_ms: retry_after.saturating_mul(1000),
+                    },
+                };
+                check.also[j].reserved = Some(reservation);
+                r += 1;
+            }
+            second.push(check);
+            second_of.push(i);
+        }
+        let refs: Vec<&Check> = second.iter().collect();
+        let decided = self.check_plain(&refs).await;
+        let mut refunds = Vec::new();
+        for ((answer, &i), check) in decided.into_iter().zip(&second_of).zip(&second) {
+            let let_through = matches!(
+                &answer,
+                Ok(a) if !a.replayed && !a.duplicate && matches!(a.decision, Decision::Allowed { .. })
+            );
+            if let Some(r) = taken[i]
+                && !let_through
+                && check.cost > 0
+            {
+                let budget = &reserves[r];
+                let reset_ms = check
+                    .also
+                    .iter()
+                    .find_map(|a| a.reserved)
+                    .map_or(0, |a| a.reset_ms);
+                refunds.push((budget.key.clone(), budget.rule, check.cost, reset_ms));
+            }
+            out[i] = Some(answer);
+        }
+        self.refund(refunds);
+        out.into_iter()
+            .map(|a| a.expect("every check answered"))
+            .collect()
+    }
+
+    /// Gives reserved units back to tenant budgets (`refund.lua`), in the background: a
+    /// refund that does not land leaves the budget counting a unit it did not let
+    /// through, never one over.
+    fn refund(&self, refunds: Vec<(String, Rule, u64, u64)>) {
+        if refunds.is_empty() {
+            return;
+        }
+        self.metrics.budget_refunds.increment(refunds.len() as u64);
+        let groups = self.groups(refunds.iter().map(|(key, ..)| (0, key.as_str())));
+        let limiter = self.clone();
+        tokio::spawn(async move {
+            let (limiter, refunds) = (&limiter, &refunds);
+            let calls = groups.iter().map(|indices| async move {
+                let mut conn = limiter.store.conn().await?;
+                let fill = |cmd: &mut Cmd| {
+                    cmd.arg(indices.len());
+                    for &i in indices {
+                        cmd.arg(&refunds[i].0);
+                    }
+                    for &i in indices {
+                        let (_, rule, cost, reset_ms) = &refunds[i];
+                        cmd.arg(algorithm_code(rule.algorithm))
+                            .arg(cost)
+                            .arg(rule.requests)
+                            .arg(rule.window_seconds.saturating_mul(1000))
+                            .arg(reset_ms);
+                    }
+                };
+                limiter.refund.run::<i64>(&mut conn, fill).await
+            });
+            let done =
+                tokio::time::timeout(limiter.budget(), futures::future::join_all(calls)).await;
+            if let Ok(results) = done
+                && let Some(Err(e)) = results.into_iter().find(Result::is_err)
+            {
+                tracing::debug!(error = %e, "could not give reserved units back to a tenant budget");
+            }
+        });
+    }
+
+    /// Counts each check and decides, one script call per algorithm (and slot).
+    async fn check_plain(&self, checks: &[&Check]) -> Checked {
         let started = Instant::now();
         let groups = self.groups(checks.iter().map(|c| (script_index(c), c.key.as_str())));
         let answers = futures::future::join_all(
@@ -456,7 +634,11 @@ impl Limiter {
                     done => cmd.arg(done),
                 };
                 for also in &check.also {
-                    cmd.arg(&also.key);
+                    match also.reserved {
+                        // Decided in its own slot already: the first key stands in.
+                        Some(_) => cmd.arg(key),
+                        None => cmd.arg(&also.key),
+                    };
                 }
             }
             cmd.arg("").arg(indices.len());
@@ -466,12 +648,22 @@ impl Limiter {
                     .arg(check.cost)
                     .arg(&check.notify_tag)
                     .arg(&check.message_id);
-                let rules = std::iter::once(check.rule).chain(check.also.iter().map(|a| a.rule));
-                for rule in rules {
-                    cmd.arg(algorithm_code(rule.algorithm))
-                        .arg(rule.requests)
-                        .arg(rule.window_seconds.saturating_mul(1000))
-                        .arg(rule.burst);
+                let limits = std::iter::once((check.rule, None))
+                    .chain(check.also.iter().map(|a| (a.rule, a.reserved)));
+                for (rule, reserved) in limits {
+                    let window_ms = rule.window_seconds.saturating_mul(1000);
+                    match reserved {
+                        Some(r) => cmd
+                            .arg("r")
+                            .arg(u8::from(r.ok))
+                            .arg(window_ms)
+                            .arg(format!("{}:{}:{}", r.remaining, r.reset_ms, r.wait_ms)),
+                        None => cmd
+                            .arg(algorithm_code(rule.algorithm))
+                            .arg(rule.requests)
+                            .arg(window_ms)
+                            .arg(rule.burst),
+                    };
                 }
             }
         };
@@ -751,6 +943,14 @@ fn is_key_fault(reason: &str) -> bool {
     ]
     .iter()
     .any(|fault| reason.contains(fault))
+}
+
+/// Where `check`'s tenant budget is among its limits, when it has one not yet decided.
+fn budget_of(check: &Check) -> Option<usize> {
+    check
+        .also
+        .iter()
+        .position(|a| a.scope == Scope::Tenant && a.reserved.is_none())
 }
 
 /// Which script decides `check`: its algorithm's, or the composing one.
