@@ -110,7 +110,10 @@ async fn gateways_on_the_exchange_and_on_the_plain_queue_are_limited_exactly_ali
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooded_shard_never_holds_back_the_others() {
     const SHARDS: u16 = 16;
-    const FLOOD: usize = 20_000;
+    // Large enough that draining it takes seconds even with its rejections dropped: the
+    // quiet tenants must be through long before, not by a hair (a 20,000-message flood
+    // once drained before the test had read the quiet tenants' last message).
+    const FLOOD: usize = 60_000;
     let names = Names::new("shards-flood");
     let mut config = sharded(&names, SHARDS, 30, 600);
     config.limits.quiet_rejections = QuietRejections::Drop;
@@ -145,6 +148,7 @@ async fn a_flooded_shard_never_holds_back_the_others() {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + WAIT;
     let mut backlog_when_through = None;
+    let started = Instant::now();
     let mut total = 0;
     use futures::StreamExt;
     while total < quiet.len() * 2 + 30 {
@@ -158,13 +162,13 @@ async fn a_flooded_shard_never_holds_back_the_others() {
         let through = quiet.iter().filter(|t| seen.get(*t) == Some(&2)).count();
         if backlog_when_through.is_none() && through >= outside {
             let shard = konstruct_gate::shards::shard_queue(&names.inbound, flood_shard as u16);
-            backlog_when_through = Some(broker.depth(&shard).await);
+            backlog_when_through = Some((broker.depth(&shard).await, started.elapsed()));
         }
     }
     let _ = channel.close(200, ShortString::from("bye")).await;
-    let backlog = backlog_when_through.unwrap();
+    let (backlog, took) = backlog_when_through.unwrap();
     eprintln!(
-        "{outside} quiet tenants outside the flood's shard were through with {backlog} of the flood's {FLOOD} messages still waiting; {mates} shared its shard"
+        "{outside} quiet tenants outside the flood's shard were through after {took:?} with {backlog} of the flood's {FLOOD} messages still waiting; {mates} shared its shard"
     );
     assert!(
         backlog > 0,
