@@ -536,3 +536,92 @@ async fn in_shadow_a_spent_tenant_budget_forwards_marked_and_counts_nothing_more
     assert_eq!(counted, 1, "a message the budget rejects spends none of it");
     gate.stop().await;
 }
+
+const REFUND: &str = konstruct_gate::limit::redis::REFUND;
+
+/// Reserves `cost` in a budget of `requests` per minute under reservation `id`, as a
+/// cluster's first phase does; returns whether it fit.
+fn reserve(
+    con: &mut redis::Connection,
+    algorithm: &str,
+    key: &str,
+    seen: &str,
+    id: &str,
+    cost: u64,
+) -> bool {
+    let got: Vec<redis::Value> = redis::cmd("EVAL")
+        .arg(COMPOSED)
+        .arg(4)
+        .arg(vec![key, seen, key, key])
+        .arg(vec!["", "1", "1", &cost.to_string(), "", id])
+        .arg(vec![algorithm, "10", "60000", "10"])
+        .query(con)
+        .unwrap();
+    got[0] == redis::Value::Int(1)
+}
+
+fn refund(
+    con: &mut redis::Connection,
+    algorithm: &str,
+    key: &str,
+    seen: &str,
+    id: &str,
+    cost: u64,
+) -> i64 {
+    redis::cmd("EVAL")
+        .arg(REFUND)
+        .arg(2)
+        .arg(vec![key, seen])
+        .arg(vec![algorithm, &cost.to_string(), "10", "60000", id])
+        .query(con)
+        .unwrap()
+}
+
+#[test]
+fn a_reservation_goes_back_once_and_only_to_the_window_it_was_taken_from() {
+    let mut con = redis_sync();
+    let prefix = unique("composed-refund");
+    let key = format!("{prefix}acme:budget");
+    let seen = format!("{{{key}}}:all:seen");
+    // The same window: given back, once.
+    assert!(reserve(&mut con, "f", &key, &seen, "m1", 3));
+    assert_eq!(refund(&mut con, "f", &key, &seen, "m1", 3), 1);
+    assert_eq!(
+        refund(&mut con, "f", &key, &seen, "m1", 3),
+        0,
+        "a second refund gives nothing"
+    );
+    let count: i64 = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
+    assert_eq!(count, 0);
+    // A window that started since keeps its count.
+    assert!(reserve(&mut con, "f", &key, &seen, "m2", 3));
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(5)
+        .arg("PX")
+        .arg(45_000)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(refund(&mut con, "f", &key, &seen, "m2", 3), 0);
+    let count: i64 = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
+    assert_eq!(count, 5, "the new window's count stays");
+    // A token bucket another message moved since is left alone: giving the reservation back
+    // then would credit time the full bucket never had.
+    let bucket = format!("{{{key}}}:bucket");
+    let bucket_seen = format!("{{{bucket}}}:all:seen");
+    assert!(reserve(&mut con, "b", &bucket, &bucket_seen, "a", 3));
+    assert!(reserve(&mut con, "b", &bucket, &bucket_seen, "b", 1));
+    let tat: String = redis::cmd("GET").arg(&bucket).query(&mut con).unwrap();
+    assert_eq!(refund(&mut con, "b", &bucket, &bucket_seen, "a", 3), 0);
+    let after: String = redis::cmd("GET").arg(&bucket).query(&mut con).unwrap();
+    assert_eq!(tat, after);
+    // The last reservation is given back: the bucket is as if it had never been made.
+    assert_eq!(refund(&mut con, "b", &bucket, &bucket_seen, "b", 1), 1);
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .arg(&seen)
+        .arg(&bucket)
+        .arg(&bucket_seen)
+        .query(&mut con)
+        .unwrap();
+}

@@ -207,11 +207,22 @@ impl Limiter {
             .iter()
             .map(|&(i, j)| {
                 let (check, budget) = (checks[i], &checks[i].also[j]);
+                // Reserved under the message's id (a retry or a redelivery gets the same
+                // reservation back, never a second one), else under an id of its own; the
+                // record says which window the units were taken from.
+                let id = match check.message_id.as_str() {
+                    "" => format!(
+                        "~reserve-{:016x}-{}",
+                        crate::amqp::process_nonce(),
+                        RESERVATIONS.fetch_add(1, Ordering::Relaxed)
+                    ),
+                    id => id.to_owned(),
+                };
                 Check {
                     key: budget.key.clone(),
                     rule: budget.rule,
                     notify_tag: String::new(),
-                    message_id: String::new(),
+                    message_id: id,
                     redelivered: false,
                     done_key: String::new(),
                     wait_ms: 0,
@@ -267,7 +278,11 @@ impl Limiter {
                         reset_after,
                         ..
                     } => {
-                        taken[i] = Some(r);
+                        // Only units this call took are given back: a reservation replayed
+                        // from an earlier delivery belongs to that one's outcome.
+                        if !answer.replayed {
+                            taken[i] = Some(r);
+                        }
                         Reserved {
                             ok: true,
                             remaining,
@@ -292,21 +307,30 @@ impl Limiter {
         let decided = self.check_plain(&refs).await;
         let mut refunds = Vec::new();
         for ((answer, &i), check) in decided.into_iter().zip(&second_of).zip(&second) {
-            let let_through = matches!(
-                &answer,
-                Ok(a) if !a.replayed && !a.duplicate && matches!(a.decision, Decision::Allowed { .. })
-            );
+            // Given back when the message was surely not let through by this call: decided
+            // otherwise, or refused before the script ran. A call that timed out or broke
+            // may have run and let it through: its reservation stays (the budget then falls
+            // short, never over).
+            let give_back = match &answer {
+                Ok(a) => {
+                    a.replayed || a.duplicate || matches!(a.decision, Decision::Rejected { .. })
+                }
+                Err(CheckError::Key { .. } | CheckError::Busy(_) | CheckError::Redis(_)) => true,
+                Err(_) => false,
+            };
             if let Some(r) = taken[i]
-                && !let_through
+                && give_back
                 && check.cost > 0
             {
                 let budget = &reserves[r];
-                let reset_ms = check
-                    .also
-                    .iter()
-                    .find_map(|a| a.reserved)
-                    .map_or(0, |a| a.reset_ms);
-                refunds.push((budget.key.clone(), budget.rule, check.cost, reset_ms));
+                let base = companion_base(budget.rule.algorithm, &budget.key);
+                refunds.push(Refund {
+                    key: budget.key.clone(),
+                    seen: composed_seen_key(&base),
+                    rule: budget.rule,
+                    cost: check.cost,
+                    id: budget.message_id.clone(),
+                });
             }
             out[i] = Some(answer);
         }
@@ -319,39 +343,49 @@ impl Limiter {
     /// Gives reserved units back to tenant budgets (`refund.lua`), in the background: a
     /// refund that does not land leaves the budget counting a unit it did not let
     /// through, never one over.
-    fn refund(&self, refunds: Vec<(String, Rule, u64, u64)>) {
+    fn refund(&self, refunds: Vec<Refund>) {
         if refunds.is_empty() {
             return;
         }
-        self.metrics.budget_refunds.increment(refunds.len() as u64);
-        let groups = self.groups(refunds.iter().map(|(key, ..)| (0, key.as_str())));
+        let groups = self.groups(refunds.iter().map(|r| (0, r.key.as_str())));
         let limiter = self.clone();
         tokio::spawn(async move {
             let (limiter, refunds) = (&limiter, &refunds);
             let calls = groups.iter().map(|indices| async move {
                 let mut conn = limiter.store.conn().await?;
                 let fill = |cmd: &mut Cmd| {
-                    cmd.arg(indices.len());
+                    cmd.arg(indices.len() * 2);
                     for &i in indices {
-                        cmd.arg(&refunds[i].0);
+                        cmd.arg(&refunds[i].key).arg(&refunds[i].seen);
                     }
                     for &i in indices {
-                        let (_, rule, cost, reset_ms) = &refunds[i];
-                        cmd.arg(algorithm_code(rule.algorithm))
-                            .arg(cost)
-                            .arg(rule.requests)
-                            .arg(rule.window_seconds.saturating_mul(1000))
-                            .arg(reset_ms);
+                        let r = &refunds[i];
+                        cmd.arg(algorithm_code(r.rule.algorithm))
+                            .arg(r.cost)
+                            .arg(r.rule.requests)
+                            .arg(r.rule.window_seconds.saturating_mul(1000))
+                            .arg(&r.id);
                     }
                 };
                 limiter.refund.run::<i64>(&mut conn, fill).await
             });
             let done =
                 tokio::time::timeout(limiter.budget(), futures::future::join_all(calls)).await;
-            if let Ok(results) = done
-                && let Some(Err(e)) = results.into_iter().find(Result::is_err)
-            {
-                tracing::debug!(error = %e, "could not give reserved units back to a tenant budget");
+            match done {
+                Ok(results) => {
+                    for result in results {
+                        match result {
+                            Ok(given) => limiter
+                                .metrics
+                                .budget_refunds
+                                .increment(given.max(0) as u64),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "could not give reserved units back to a tenant budget")
+                            }
+                        }
+                    }
+                }
+                Err(_) => tracing::debug!("giving reserved units back to tenant budgets timed out"),
             }
         });
     }
@@ -943,6 +977,20 @@ fn is_key_fault(reason: &str) -> bool {
     ]
     .iter()
     .any(|fault| reason.contains(fault))
+}
+
+/// Reservations made by this process, for the ids of those of messages without one.
+static RESERVATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Units reserved in a tenant budget to give back (`refund.lua`).
+struct Refund {
+    key: String,
+    /// The budget's decisions by id, where the reservation's record is.
+    seen: String,
+    rule: Rule,
+    cost: u64,
+    /// The reservation's id.
+    id: String,
 }
 
 /// Where `check`'s tenant budget is among its limits, when it has one not yet decided.
