@@ -181,10 +181,9 @@ fn check_two(
         .unwrap()
 }
 
-#[test]
-fn a_counter_written_by_hand_fails_its_check_before_any_limit_is_counted() {
-    let mut con = redis_sync();
-    let prefix = unique("composed-bad");
+/// acme's Slack counter and tenant budget (fixed windows), under a prefix of their own.
+fn channel_and_budget(label: &str) -> (String, String) {
+    let prefix = unique(label);
     let channel = limit::counter_key(&prefix, "acme", "slack");
     let budget = limit::also_key(
         Scope::Tenant,
@@ -194,6 +193,13 @@ fn a_counter_written_by_hand_fails_its_check_before_any_limit_is_counted() {
         "",
         "",
     );
+    (channel, budget)
+}
+
+#[test]
+fn a_counter_written_by_hand_fails_its_check_before_any_limit_is_counted() {
+    let mut con = redis_sync();
+    let (channel, budget) = channel_and_budget("composed-bad");
     for bad in ["1.5", "1e3", " 5", "0x10", "abc"] {
         let _: () = redis::cmd("SET")
             .arg(&budget)
@@ -214,16 +220,7 @@ fn a_counter_written_by_hand_fails_its_check_before_any_limit_is_counted() {
 #[test]
 fn a_cost_of_zero_passes_a_counter_the_router_pushed_past_its_limit() {
     let mut con = redis_sync();
-    let prefix = unique("composed-zero");
-    let channel = limit::counter_key(&prefix, "acme", "slack");
-    let budget = limit::also_key(
-        Scope::Tenant,
-        Algorithm::FixedWindow,
-        &prefix,
-        "acme",
-        "",
-        "",
-    );
+    let (channel, budget) = channel_and_budget("composed-zero");
     // The router (and the fixed window's own script) counts rejected attempts too.
     let _: () = redis::cmd("SET")
         .arg(&channel)

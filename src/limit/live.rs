@@ -221,17 +221,7 @@ pub fn parse_overrides(
             keep_previous(&mut overrides);
             continue;
         }
-        overrides.push(Override {
-            tenant,
-            channel,
-            scope,
-            requests: parsed.requests,
-            window_seconds: parsed.window_seconds,
-            algorithm: parsed.algorithm,
-            burst: parsed.burst,
-            shadow: parsed.shadow,
-            on_limit: parsed.on_limit,
-        });
+        overrides.push(candidate);
     }
     (overrides, errors)
 }

@@ -336,4 +336,87 @@ mod tests {
         );
         assert_eq!(rules.rule_for("x", "y").algorithm, Algorithm::FixedWindow);
     }
+
+    #[test]
+    fn extra_limits_come_from_also_then_the_tenants_overrides_then_its_channels() {
+        use crate::config::AlsoLimit;
+        let scoped = |tenant: &str, channel: Option<&str>, scope, requests| Override {
+            scope: Some(scope),
+            ..o(tenant, channel, Some(requests), None)
+        };
+        let limits = LimitsConfig {
+            also: vec![AlsoLimit {
+                scope: Scope::Sender,
+                requests: 10,
+                window_seconds: 60,
+                algorithm: None,
+                burst: None,
+            }],
+            overrides: vec![
+                // A budget only acme has, whole (requests and window).
+                Override {
+                    window_seconds: Some(3600),
+                    ..scoped("acme", None, Scope::Tenant, 500)
+                },
+                scoped("acme", Some("slack"), Scope::Sender, 3),
+                // A channel override of the (tenant, channel) limit changes no other.
+                o("acme", Some("teams"), Some(7), None),
+            ],
+            ..LimitsConfig::default()
+        };
+        assert_eq!(limits.validate(), Ok(()));
+        let rules = Rules::from_config(&limits);
+        assert!(rules.composes());
+        assert_eq!(
+            rules.also_for("other", "slack"),
+            [(Scope::Sender, rule(10, 60))]
+        );
+        assert_eq!(
+            rules.also_for("acme", "whatsapp"),
+            [
+                (Scope::Tenant, rule(500, 3600)),
+                (Scope::Sender, rule(10, 60))
+            ]
+        );
+        assert_eq!(
+            rules.also_for("acme", "slack"),
+            [
+                (Scope::Tenant, rule(500, 3600)),
+                (Scope::Sender, rule(3, 60))
+            ]
+        );
+        assert_eq!(rules.rule_for("acme", "teams").requests, 7);
+        assert_eq!(rules.rule_for("acme", "slack").requests, 30);
+        assert!(!Rules::from_config(&LimitsConfig::default()).composes());
+    }
+
+    #[test]
+    fn an_extra_scope_is_refused_where_it_cannot_apply() {
+        let refused = |o: Override| {
+            let limits = LimitsConfig {
+                overrides: vec![o],
+                ..LimitsConfig::default()
+            };
+            limits.validate().unwrap_err()
+        };
+        let budget = |channel| Override {
+            scope: Some(Scope::Tenant),
+            ..o("acme", channel, Some(5), Some(60))
+        };
+        assert!(refused(budget(Some("slack"))).contains("covers all its channels"));
+        assert!(
+            refused(Override {
+                window_seconds: None,
+                ..budget(None)
+            })
+            .contains("give both requests and window_seconds")
+        );
+        assert!(
+            refused(Override {
+                shadow: Some(true),
+                ..budget(None)
+            })
+            .contains("shadow and on_limit")
+        );
+    }
 }
