@@ -644,8 +644,13 @@ impl Pipeline {
         for (&i, answer) in asked.iter().zip(answers) {
             decided[i] = Some(match answer {
                 Ok(answer) => {
-                    self.cache
-                        .learn(&checks[i], &answer, rules.generation, asked_at);
+                    // In a cluster a tenant budget may reject only because of reservations
+                    // on their way back (given back within moments): not remembered.
+                    let reserved = budget_rejected_in_a_cluster(self.limiter.is_cluster(), &answer);
+                    if !reserved {
+                        self.cache
+                            .learn(&checks[i], &answer, rules.generation, asked_at);
+                    }
                     Decided::Verdict(Verdict::Checked(answer), true)
                 }
                 Err(error) => {
@@ -715,6 +720,19 @@ fn as_routed(verdict: Verdict, redelivered: bool, retry: bool) -> Verdict {
 }
 
 /// The verdict of a message that may have been published already: a forward is marked.
+/// A Redis Cluster's tenant budget rejected: decided against its reservations, which may
+/// be given back at once.
+fn budget_rejected_in_a_cluster(cluster: bool, answer: &Answer) -> bool {
+    cluster
+        && matches!(
+            answer.decision,
+            Decision::Rejected {
+                scope: Scope::Tenant,
+                ..
+            }
+        )
+}
+
 fn maybe_sent(verdict: Verdict) -> Verdict {
     match verdict {
         Verdict::Checked(a) => Verdict::Checked(Answer {
