@@ -27,13 +27,7 @@
 --             limit of a rejection is the one with the longest wait among those that
 --             rejected; of an allowed message, the one with the fewest units left.
 local SEEN_MAX_MS = 3600000
-local now_us
-if ARGV[1] ~= '' then
-  now_us = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now_us = clock_us()
 local now = now_us / 1000
 
 local function number_in(key, text, what)

@@ -103,6 +103,16 @@ local function take_turn(line_key, tag, now, free_in, share)
   return wait
 end
 
+-- Now in microseconds, for the scripts whose ARGV[1] may carry a clock (tests pass one):
+-- that clock, or Redis's when it is "".
+local function clock_us()
+  if ARGV[1] ~= '' then
+    return tonumber(ARGV[1])
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
 -- Now by Redis's clock, in milliseconds.
 local function redis_now_ms()
   local t = redis.call('TIME')

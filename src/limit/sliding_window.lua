@@ -22,13 +22,7 @@
 --               replayed (0/1/2, 3: a duplicate whose output was confirmed)} for each key, or {"err", error text, 0, 0, 0, 0} when this
 --               key could not be checked (the others are decided as usual).
 local SEEN_MAX_MS = 3600000
-local now_us
-if ARGV[1] ~= '' then
-  now_us = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now_us = clock_us()
 local now = now_us / 1000
 
 local function check(i, key, seen_key, notified_key, done_key)
