@@ -355,20 +355,8 @@ pub fn cost(inbound: &BasicProperties) -> Result<u64, Invalid> {
         return Ok(1);
     };
     let number = match value {
-        AMQPValue::LongString(text) => {
-            let text = String::from_utf8_lossy(text.as_bytes());
-            text.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| text.parse::<u64>().ok())
-                .flatten()
-        }
-        AMQPValue::ShortString(text) => {
-            let text = text.as_str();
-            text.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| text.parse::<u64>().ok())
-                .flatten()
-        }
+        AMQPValue::LongString(text) => digits(&String::from_utf8_lossy(text.as_bytes())),
+        AMQPValue::ShortString(text) => digits(text.as_str()),
         AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
         AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
         _ => header_int(inbound.headers(), COST),
@@ -383,6 +371,14 @@ pub fn cost(inbound: &BasicProperties) -> Result<u64, Invalid> {
             ),
         }),
     }
+}
+
+/// A number written as decimal digits alone (no sign, no spaces).
+fn digits(text: &str) -> Option<u64> {
+    text.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| text.parse().ok())
+        .flatten()
 }
 
 /// A header value as an operator would write it, cut short.
